@@ -1,0 +1,5 @@
+"""pgfleet: snapshots of a PostgreSQL fleet's workload statistics."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,272 @@
+"""The ``pgfleet`` command line.
+
+Every failure a user can cause (bad argument, bad config, unreachable server
+or repository) ends as one ``pgfleet: error: ...`` line on stderr and a
+non-zero exit; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+
+from pgfleet import __version__
+from pgfleet.config import Config, load
+from pgfleet.connections import connect_repository, connect_repository_async, first_line
+from pgfleet.errors import ConfigError, PgfleetError, RepositoryError
+from pgfleet.repository import schema, servers
+
+EXIT_ERROR = 1
+EXIT_PARTIAL = 3  # a snapshot was stored but some sources failed
+
+
+def _interval(text: str) -> timedelta:
+    """Parse '7d', '12h', '30m', '3600s' or '3600' (seconds)."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    t = text.strip().lower()
+    try:
+        if t and t[-1] in units:
+            return timedelta(seconds=float(t[:-1]) * units[t[-1]])
+        return timedelta(seconds=float(t))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use e.g. 7d, 12h, 30m or seconds"
+        ) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return v
+
+
+def _port(text: str) -> int:
+    v = _positive_int(text)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text}: must be between 1 and 65535")
+    return v
+
+
+def _server_options(p: argparse.ArgumentParser, *, update: bool) -> None:
+    p.add_argument("--host", help="host name or address of the monitored server")
+    p.add_argument("--port", type=_port)
+    p.add_argument("--user", dest="username", help="role to connect as (pg_monitor is enough)")
+    p.add_argument("--dbname", help="database to connect to (default postgres)")
+    p.add_argument(
+        "--password-ref",
+        help="where the password is: env:VARIABLE or file:/path (never the password itself); "
+        "omit to use libpq's passfile, service file or PGPASSWORD",
+    )
+    p.add_argument("--options", help="extra libpq parameters, e.g. 'sslmode=require'")
+    p.add_argument("--frequency", type=_positive_int, help="seconds between snapshots (default 300)")
+    p.add_argument(
+        "--coalesce", type=_positive_int, help="snapshots between aggregations (default 100)"
+    )
+    p.add_argument("--retention", type=_interval, help="how long data is kept (default 7d)")
+    if update:
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--enable", dest="enabled", action="store_const", const=True)
+        g.add_argument("--disable", dest="enabled", action="store_const", const=False)
+    else:
+        p.add_argument("--disabled", dest="enabled", action="store_false", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgfleet", description="Watch a fleet of PostgreSQL servers."
+    )
+    parser.add_argument("--version", action="version", version=f"pgfleet {__version__}")
+    parser.add_argument("-c", "--config", help="configuration file (TOML; default $PGFLEET_CONFIG)")
+    parser.add_argument(
+        "--repository", metavar="DSN", help="repository connection string (default $PGFLEET_REPOSITORY)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    repo = sub.add_parser("repo", help="create or upgrade the repository schema")
+    rsub = repo.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rsub.add_parser("init", help="create the schema (idempotent)")
+    rsub.add_parser("upgrade", help="apply new migrations in place, keeping all data")
+    rsub.add_parser("status", help="show the schema version")
+
+    srv = sub.add_parser("server", help="manage monitored servers")
+    ssub = srv.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = ssub.add_parser("add", help="register a server")
+    p.add_argument("alias")
+    _server_options(p, update=False)
+    p = ssub.add_parser("list", help="list servers")
+    p.add_argument("--json", action="store_true")
+    p = ssub.add_parser("update", help="change a server's settings")
+    p.add_argument("alias")
+    _server_options(p, update=True)
+    p = ssub.add_parser("remove", help="unregister a server")
+    p.add_argument("alias")
+    p.add_argument("--purge", action="store_true", help="also delete its collected data now")
+
+    snap = sub.add_parser("snapshot", help="take one snapshot now")
+    g = snap.add_mutually_exclusive_group(required=True)
+    g.add_argument("server", nargs="?", help="alias of a registered server (remote mode)")
+    g.add_argument("--local", action="store_true", help="snapshot the repository's own instance")
+    snap.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    demo = sub.add_parser("demo", help="run a self-contained demo on embedded PostgreSQL")
+    demo.add_argument("--seconds", type=_positive_int, default=60)
+    demo.add_argument("--frequency", type=_positive_int, default=5)
+    demo.add_argument("--workdir", default=".demo")
+    return parser
+
+
+def _repo_dsn(args: argparse.Namespace, cfg: Config) -> str:
+    return str(args.repository or cfg.repository.dsn)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("host", "port", "username", "dbname", "password_ref", "options",
+            "frequency", "coalesce", "retention", "enabled")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def cmd_repo(args: argparse.Namespace, cfg: Config) -> int:
+    with connect_repository(_repo_dsn(args, cfg)) as conn:
+        if args.action == "status":
+            have = schema.current_version(conn)
+            latest = schema.latest_version()
+            if have is None:
+                print(f"not initialised (this pgfleet ships schema version {latest})")
+                return EXIT_ERROR
+            state = "up to date" if have == latest else f"pgfleet ships {latest}: run 'pgfleet repo upgrade'"
+            print(f"schema version {have} ({state})")
+            return 0
+        before = schema.current_version(conn)
+        if args.action == "upgrade" and before is None:
+            raise RepositoryError("the repository is not initialised: run 'pgfleet repo init'")
+        applied = schema.upgrade(conn)
+        version = schema.current_version(conn)
+        if applied:
+            names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
+            print(f"repository at schema version {version} (applied {names})")
+        else:
+            print(f"repository already at schema version {version}; built-in sources refreshed")
+    return 0
+
+
+def _server_dict(s: servers.Server) -> dict[str, Any]:
+    return {
+        "srvid": s.srvid, "alias": s.alias, "host": s.host, "port": s.port,
+        "username": s.username, "dbname": s.dbname, "password_ref": s.password_ref,
+        "options": s.options, "frequency": s.frequency, "coalesce": s.coalesce,
+        "retention_seconds": int(s.retention.total_seconds()), "enabled": s.enabled,
+    }
+
+
+def cmd_server(args: argparse.Namespace, cfg: Config) -> int:
+    with connect_repository(_repo_dsn(args, cfg)) as conn:
+        schema.require_current(conn)
+        if args.action == "add":
+            s = servers.add(conn, args.alias, **_settings(args))
+            print(f"server {s.alias!r} added (srvid {s.srvid})")
+        elif args.action == "update":
+            s = servers.update(conn, args.alias, **_settings(args))
+            print(f"server {s.alias!r} updated")
+        elif args.action == "remove":
+            s = servers.remove(conn, args.alias, purge=args.purge)
+            extra = " and its data purged" if args.purge else "; its data stays until retention removes it"
+            print(f"server {s.alias!r} removed{extra}")
+        else:
+            rows = servers.list_servers(conn)
+            if args.json:
+                print(json.dumps([_server_dict(s) for s in rows], indent=2))
+            else:
+                _print_table(
+                    ["srvid", "alias", "host", "port", "user", "dbname", "freq", "retention", "enabled"],
+                    [[s.srvid, s.alias, s.host, s.port, s.username, s.dbname, s.frequency,
+                      _fmt_interval(s.retention), "yes" if s.enabled else "no"] for s in rows],
+                )
+    return 0
+
+
+def _fmt_interval(td: timedelta) -> str:
+    secs = int(td.total_seconds())
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs % n == 0:
+            return f"{secs // n}{unit}"
+    return f"{secs}s"
+
+
+def _print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [headers, *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def cmd_snapshot(args: argparse.Namespace, cfg: Config) -> int:
+    from pgfleet import collector
+
+    async def run() -> collector.SnapshotResult:
+        dsn = _repo_dsn(args, cfg)
+        with connect_repository(dsn) as conn:  # clear errors before going async
+            schema.require_current(conn)
+            server = None if args.local else servers.get(conn, args.server)
+        repo = await connect_repository_async(dsn)
+        async with repo:
+            if server is None:
+                return await collector.snapshot_local(repo)
+            return await collector.snapshot_remote(repo, server, cfg.collector)
+
+    result = asyncio.run(run())
+    if args.json:
+        print(json.dumps({
+            "server": result.alias, "srvid": result.srvid, "stored": result.stored,
+            "skipped": dict(result.skipped), "errors": dict(result.errors),
+            "rows": result.rows, "ms": round(result.seconds * 1000, 1),
+        }, indent=2))
+    else:
+        print(result.summary())
+    for module, message in result.errors:
+        print(f"pgfleet: error: server {result.alias!r}: {module}: {message}", file=sys.stderr)
+    return EXIT_PARTIAL if result.errors else 0
+
+
+def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
+    from pgfleet import demo
+
+    return demo.run(seconds=args.seconds, frequency=args.frequency, workdir=args.workdir)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
+    "repo": cmd_repo,
+    "server": cmd_server,
+    "snapshot": cmd_snapshot,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = load(args.config)
+        return COMMANDS[args.command](args, cfg)
+    except PgfleetError as e:
+        print(f"pgfleet: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except psycopg.OperationalError as e:
+        # The repository went away mid-command.
+        print(f"pgfleet: error: repository: {first_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["ConfigError", "main"]

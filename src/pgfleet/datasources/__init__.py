@@ -1,0 +1,95 @@
+"""Built-in datasources: one module per metric family, SQL in ``sql/``.
+
+A datasource's source query returns ``ts timestamptz`` (when the statistics
+were read) and then the declared columns, in order; the declaration says what
+each column *is*, so the repository's generic
+metric machinery (``pgfleet.create_metric_source``) knows how to store it:
+
+- ``key``: identifies an entry (a database, a statement, a table...).
+- ``counter``: cumulative since the last reset; stored as a reset-safe delta.
+- ``delta``: already a per-snapshot delta (the source resets it itself).
+- ``gauge``: a current value; stored only when it changed.
+- ``once``: an attribute fixed for an entry (a query text): stored once per key.
+- ``epoch``: changes when the entry's counters restarted (``stats_reset``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Literal
+
+Kind = Literal["key", "counter", "delta", "gauge", "once", "epoch"]
+
+KINDS: tuple[str, ...] = ("key", "counter", "delta", "gauge", "once", "epoch")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # a PostgreSQL type name, as used in the repository tables
+    kind: Kind
+
+
+@dataclass(frozen=True)
+class Datasource:
+    """One metric family, collected through the registry contract."""
+
+    module: str
+    columns: tuple[Column, ...]
+    # server_version_num threshold -> SQL file in sql/; the highest threshold
+    # not above the server's version wins.  A version below every threshold
+    # means the source does not exist there (e.g. pg_stat_io before 16).
+    queries: dict[int, str]
+    extension: str | None = None
+    per_database: bool = False
+    on_standby: bool = True
+    priority: int = 10
+    # SQL run on the monitored server right after the source query.
+    cleanup: str | None = None
+    # Key column whose value bounds "vanished entry" detection: an entry is only
+    # considered gone if another entry with the same scope value was seen.
+    scope: str | None = None
+    description: str = field(default="", compare=False)
+
+    @property
+    def src_function(self) -> str:
+        return f"pgfleet.{self.module}_src"
+
+    @property
+    def tmp_table(self) -> str:
+        return f"pgfleet.{self.module}_src_tmp"
+
+    def names(self, kind: Kind) -> list[str]:
+        return [c.name for c in self.columns if c.kind == kind]
+
+    def query_for(self, server_version_num: int) -> str | None:
+        """Return the source SQL for a server version, or None if not available."""
+        eligible = [v for v in self.queries if v <= server_version_num]
+        if not eligible:
+            return None
+        return load_sql(self.queries[max(eligible)])
+
+
+@functools.cache
+def load_sql(name: str) -> str:
+    text = resources.files(__package__).joinpath("sql", name).read_text(encoding="utf-8")
+    return text.strip().rstrip(";")
+
+
+@functools.cache
+def builtin() -> dict[str, Datasource]:
+    """Every built-in datasource, keyed by module name, in priority order."""
+    found: list[Datasource] = []
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        ds = getattr(mod, "DATASOURCE", None)
+        if isinstance(ds, Datasource):
+            found.append(ds)
+    found.sort(key=lambda d: (d.priority, d.module))
+    return {d.module: d for d in found}

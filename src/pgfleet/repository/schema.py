@@ -1,0 +1,117 @@
+"""Create or upgrade the repository schema from numbered SQL migrations.
+
+Migrations are ``migrations/NNNN_name.sql``; each is applied once, in order,
+in one transaction with the others, under an advisory lock so two concurrent
+``repo upgrade`` runs cannot interleave.  An upgrade only ever adds: collected
+data survives it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import psycopg
+
+from pgfleet.errors import RepositoryError
+
+_MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    """Every shipped migration, in version order."""
+    found = []
+    for entry in resources.files(__package__).joinpath("migrations").iterdir():
+        m = _MIGRATION_RE.match(entry.name)
+        if m:
+            found.append(Migration(int(m[1]), m[2], entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    return found
+
+
+def latest_version() -> int:
+    return migrations()[-1].version
+
+
+def current_version(conn: psycopg.Connection[object]) -> int | None:
+    """The repository's schema version, or None if it was never initialised."""
+    row = conn.execute(
+        "SELECT to_regclass('pgfleet.schema_migrations') IS NOT NULL"
+    ).fetchone()
+    if not row or not row[0]:
+        return None
+    row = conn.execute("SELECT max(version) FROM pgfleet.schema_migrations").fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def upgrade(conn: psycopg.Connection[object]) -> list[Migration]:
+    """Apply the missing migrations and (re)install the built-in sources.
+
+    Return the migrations applied (empty if the schema was up to date).
+    """
+    from pgfleet.repository import sources
+
+    with conn.transaction():
+        # Transaction-level: released by commit or rollback, even if the
+        # process dies half-way (the transaction is then rolled back whole).
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('pgfleet.migrate'))")
+        conn.execute("CREATE SCHEMA IF NOT EXISTS pgfleet")
+        conn.execute(
+            """CREATE TABLE IF NOT EXISTS pgfleet.schema_migrations (
+                   version integer PRIMARY KEY,
+                   name text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        have = current_version(conn) or 0
+        known = migrations()
+        if have > known[-1].version:
+            raise RepositoryError(
+                f"repository schema version {have} is newer than this pgfleet knows "
+                f"({known[-1].version}): upgrade pgfleet"
+            )
+        applied = []
+        for mig in known:
+            if mig.version <= have:
+                continue
+            try:
+                conn.execute(mig.sql)  # type: ignore[call-overload]  # many statements, no params
+            except psycopg.Error as e:
+                raise RepositoryError(
+                    f"migration {mig.version:04d}_{mig.name} failed: {_first_line(e)}"
+                ) from e
+            conn.execute(
+                "INSERT INTO pgfleet.schema_migrations (version, name) VALUES (%s, %s)",
+                (mig.version, mig.name),
+            )
+            applied.append(mig)
+        sources.install_builtin(conn)
+    return applied
+
+
+def require_current(conn: psycopg.Connection[object]) -> None:
+    """Raise a clear error unless the repository schema is initialised and current."""
+    have = current_version(conn)
+    if have is None:
+        raise RepositoryError("the repository is not initialised: run 'pgfleet repo init'")
+    if have < latest_version():
+        raise RepositoryError(
+            f"the repository schema is at version {have}, this pgfleet needs "
+            f"{latest_version()}: run 'pgfleet repo upgrade'"
+        )
+    if have > latest_version():
+        raise RepositoryError(
+            f"repository schema version {have} is newer than this pgfleet knows "
+            f"({latest_version()}): upgrade pgfleet"
+        )
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
