@@ -1,0 +1,211 @@
+"""The generic metric storage behind the built-in sources.
+
+Checks the storage bars: reset-safe rates, nothing written for unchanged
+entries, retention that drops whole partitions, index-driven series reads.
+"""
+
+from __future__ import annotations
+
+from tests.fix_repository import add_server, connect, scalar
+
+PGSS_CALLS = """
+SELECT coalesce(sum(c.calls), 0)
+  FROM pgfleet.pg_stat_statements_series(%s, now() - interval '1 day', now()) c
+  JOIN pgfleet.pg_stat_statements_once o
+       ON o.srvid = %s AND (o.datname, o.rolname, o.toplevel, o.queryid)
+                         = (c.datname, c.rolname, c.toplevel, c.queryid)
+ WHERE o.query LIKE 'SELECT count(*) FROM marker%%'
+"""
+
+
+def _setup(repo, run_cli, cluster, new_database, *extra):
+    mon = new_database(cluster)
+    with connect(mon) as conn:
+        conn.execute("CREATE TABLE marker (id int)")
+    add_server(run_cli, "m", mon, *extra)
+    srvid = scalar(repo, "SELECT srvid FROM pgfleet.servers WHERE alias = 'm'")
+    return mon, srvid
+
+
+def _run_marker(mon: str, times: int) -> None:
+    with connect(mon) as conn:
+        for _ in range(times):
+            conn.execute("SELECT count(*) FROM marker")
+
+
+def test_counter_resets_never_go_negative(repo, run_cli, pg18, new_database):
+    mon, srvid = _setup(repo, run_cli, pg18, new_database)
+    _run_marker(mon, 3)
+    assert run_cli("snapshot", "m").rc == 0  # baseline
+    _run_marker(mon, 10)
+    assert run_cli("snapshot", "m").rc == 0  # +10
+    with connect(mon) as conn:
+        conn.execute("SELECT pg_stat_statements_reset()")
+        conn.execute("SELECT pg_stat_reset()")
+    _run_marker(mon, 4)
+    assert run_cli("snapshot", "m").rc == 0  # reset, then +4
+    _run_marker(mon, 2)
+    assert run_cli("snapshot", "m").rc == 0  # +2
+
+    assert scalar(repo, PGSS_CALLS, (srvid, srvid)) == 16
+    with connect(repo) as conn:
+        negatives = conn.execute(
+            """
+            SELECT count(*) FROM pgfleet.pg_stat_statements_series(%s, now() - interval '1 day', now())
+             WHERE calls < 0 OR total_exec_time < 0 OR rows < 0 OR shared_blks_hit < 0""",
+            (srvid,),
+        ).fetchone()[0]
+        assert negatives == 0
+        negatives = conn.execute(
+            """
+            SELECT count(*) FROM pgfleet.pg_stat_database_series(%s, now() - interval '1 day', now())
+             WHERE xact_commit < 0 OR blks_hit < 0 OR tup_returned < 0""",
+            (srvid,),
+        ).fetchone()[0]
+        assert negatives == 0
+        # A rate over a range: transactions per second, never absurd.
+        rate = conn.execute(
+            """
+            SELECT sum(xact_commit) / 86400.0
+              FROM pgfleet.pg_stat_database_series(%s, now() - interval '1 day', now())""",
+            (srvid,),
+        ).fetchone()[0]
+        assert 0 < rate < 1
+
+
+def test_unchanged_entries_cost_nothing(repo, run_cli, pg18, new_database):
+    mon, srvid = _setup(repo, run_cli, pg18, new_database)
+    _run_marker(mon, 1)
+    assert run_cli("snapshot", "m").rc == 0
+    assert run_cli("snapshot", "m").rc == 0
+    before = scalar(
+        repo, "SELECT count(*) FROM pgfleet.settings_current WHERE srvid = %s", (srvid,)
+    )
+    pgss_before = scalar(
+        repo, "SELECT count(*) FROM pgfleet.pg_stat_statements_current WHERE srvid = %s", (srvid,)
+    )
+    assert run_cli("snapshot", "m").rc == 0
+    # Settings did not change: not a single row.
+    assert (
+        scalar(repo, "SELECT count(*) FROM pgfleet.settings_current WHERE srvid = %s", (srvid,))
+        == before
+    )
+    # Only the statements that ran since (the collector's own source queries
+    # among them) wrote rows, not every known statement.
+    known = scalar(
+        repo, "SELECT count(*) FROM pgfleet.pg_stat_statements_last WHERE srvid = %s", (srvid,)
+    )
+    written = (
+        scalar(
+            repo,
+            "SELECT count(*) FROM pgfleet.pg_stat_statements_current WHERE srvid = %s",
+            (srvid,),
+        )
+        - pgss_before
+    )
+    assert written < known / 2, (written, known)
+
+
+def test_settings_changes_over_time(repo, run_cli, pg18, new_database):
+    mon, srvid = _setup(repo, run_cli, pg18, new_database)
+    assert run_cli("snapshot", "m").rc == 0
+    with connect(mon) as conn:
+        conn.execute("ALTER SYSTEM SET work_mem = '7MB'")
+        conn.execute("SELECT pg_reload_conf()")
+    try:
+        assert run_cli("snapshot", "m").rc == 0
+        values = [
+            r[0]
+            for r in _all(
+                repo,
+                """
+            SELECT setting FROM pgfleet.settings_series(%s, now() - interval '1 hour', now())
+             WHERE name = 'work_mem' ORDER BY ts""",
+                (srvid,),
+            )
+        ]
+        assert values == ["4096", "7168"]
+    finally:
+        with connect(mon) as conn:
+            conn.execute("ALTER SYSTEM RESET work_mem")
+            conn.execute("SELECT pg_reload_conf()")
+
+
+def _all(dsn, query, params=()):
+    with connect(dsn) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def test_aggregate_then_purge_drops_partitions(repo, run_cli, pg18, new_database):
+    mon, srvid = _setup(repo, run_cli, pg18, new_database, "--coalesce", "2")
+    for _ in range(2):
+        _run_marker(mon, 2)
+        assert run_cli("snapshot", "m").rc == 0
+    with connect(repo) as conn:
+        # Aggregated: current emptied into one history row per key.
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM pgfleet.pg_stat_database_current WHERE srvid = %s", (srvid,)
+            ).fetchone()[0]
+            == 0
+        )
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM pgfleet.pg_stat_database_history WHERE srvid = %s", (srvid,)
+            ).fetchone()[0]
+            > 0
+        )
+        # The series reads history and current alike.
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM pgfleet.pg_stat_database_series(%s, "
+                "now() - interval '1 hour', now())",
+                (srvid,),
+            ).fetchone()[0]
+            > 0
+        )
+        # An old day of data, as if collected 20 days ago.
+        conn.execute(
+            "SELECT pgfleet.metric_partition('pg_stat_database', "
+            "(now() - interval '20 days')::date)"
+        )
+        conn.execute(
+            """INSERT INTO pgfleet.pg_stat_database_history (srvid, datname, ts_start, ts_end, ts)
+                        VALUES (%s, 'old', now() - interval '20 days', now() - interval '20 days',
+                                ARRAY[now() - interval '20 days'])""",
+            (srvid,),
+        )
+        old_part = conn.execute("""
+            SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'pgfleet.pg_stat_database_history'::regclass
+             ORDER BY c.relname LIMIT 1""").fetchone()[0]
+        conn.execute("SELECT pgfleet.pg_stat_database_purge(%s)", (srvid,))
+        assert (
+            conn.execute("SELECT to_regclass('pgfleet.' || %s)", (old_part,)).fetchone()[0] is None
+        )
+        # Recent data is untouched.
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM pgfleet.pg_stat_database_history WHERE srvid = %s", (srvid,)
+            ).fetchone()[0]
+            > 0
+        )
+
+
+def test_series_read_is_index_driven(repo, run_cli, pg18, new_database):
+    mon, srvid = _setup(repo, run_cli, pg18, new_database, "--coalesce", "1")
+    _run_marker(mon, 1)
+    assert run_cli("snapshot", "m").rc == 0
+    with connect(repo) as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                """
+            EXPLAIN SELECT * FROM pgfleet.pg_stat_statements_series(%s, now() - interval '7 days', now())
+             WHERE queryid = 42""",
+                (srvid,),
+            ).fetchall()
+        )
+    assert "pg_stat_statements_history" in plan
+    assert "Seq Scan" not in plan, plan

@@ -1,0 +1,128 @@
+"""Repository creation and in-place upgrades."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+
+from pgfleet.errors import RepositoryError
+from pgfleet.repository import schema
+from tests.fix_repository import connect, scalar
+
+
+def test_init_is_idempotent(run_cli, repo):
+    res = run_cli("repo", "init")
+    assert res.rc == 0, res.err
+    assert f"already at schema version {schema.latest_version()}" in res.out
+    res = run_cli("repo", "status")
+    assert res.rc == 0 and "up to date" in res.out
+
+
+def test_upgrade_keeps_collected_data(pg18, new_database, monitored, run_cli):
+    """An old repository holding data is upgraded in place; nothing is lost."""
+    dsn = new_database(pg18)
+    first = schema.migrations()[0]
+    with connect(dsn) as conn:
+        # A repository as the first release left it.
+        conn.execute("CREATE SCHEMA pgfleet")
+        conn.execute(
+            "CREATE TABLE pgfleet.schema_migrations (version integer PRIMARY KEY, "
+            "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        conn.execute(first.sql)
+        conn.execute(
+            "INSERT INTO pgfleet.schema_migrations VALUES (%s, %s)", (first.version, first.name)
+        )
+        conn.execute("INSERT INTO pgfleet.servers (alias, host, port) VALUES ('old', 'h', 5432)")
+        conn.execute(
+            "INSERT INTO pgfleet.snapshot_state (srvid, snapshots) "
+            "SELECT srvid, 42 FROM pgfleet.servers WHERE alias = 'old'"
+        )
+        conn.execute(
+            "SELECT pgfleet.record_error(srvid, 'x', 'kept') FROM pgfleet.servers "
+            "WHERE alias = 'old'"
+        )
+    res = run_cli("repo", "upgrade", env={"PGFLEET_REPOSITORY": dsn})
+    assert res.rc == 0, res.err
+    assert "applied" in res.out
+    assert (
+        scalar(dsn, "SELECT max(version) FROM pgfleet.schema_migrations") == schema.latest_version()
+    )
+    assert (
+        scalar(
+            dsn,
+            "SELECT snapshots FROM pgfleet.snapshot_state s JOIN pgfleet.servers "
+            "USING (srvid) WHERE alias = 'old'",
+        )
+        == 42
+    )
+    assert scalar(dsn, "SELECT message FROM pgfleet.snapshot_errors") == "kept"
+
+    # Collected data survives a later upgrade, which also re-installs the
+    # built-in sources.
+    mon = new_database(monitored)
+    add_server_env = {"PGFLEET_REPOSITORY": dsn}
+    p = psycopg.conninfo.conninfo_to_dict(mon)
+    assert (
+        run_cli(
+            "server",
+            "add",
+            "mon",
+            "--host",
+            p["host"],
+            "--port",
+            str(p["port"]),
+            "--user",
+            "postgres",
+            "--dbname",
+            p["dbname"],
+            env=add_server_env,
+        ).rc
+        == 0
+    )
+    assert run_cli("snapshot", "mon", env=add_server_env).rc == 0
+    before = scalar(dsn, "SELECT count(*) FROM pgfleet.pg_stat_database_current")
+    assert before and before > 0
+    assert run_cli("repo", "upgrade", env=add_server_env).rc == 0
+    assert scalar(dsn, "SELECT count(*) FROM pgfleet.pg_stat_database_current") == before
+
+
+def test_concurrent_upgrades_serialise(pg18, new_database):
+    dsn = new_database(pg18)
+    errors: list[BaseException] = []
+
+    def upgrade() -> None:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                schema.upgrade(conn)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=upgrade) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert scalar(dsn, "SELECT count(*) FROM pgfleet.schema_migrations") == len(schema.migrations())
+
+
+def test_newer_repository_is_refused(repo):
+    with connect(repo) as conn:
+        conn.execute("INSERT INTO pgfleet.schema_migrations VALUES (9999, 'future')")
+        with pytest.raises(RepositoryError, match="newer than this pgfleet"):
+            schema.upgrade(conn)
+        with pytest.raises(RepositoryError, match="newer than this pgfleet"):
+            schema.require_current(conn)
+
+
+def test_uninitialised_repository_is_named(pg18, new_database, run_cli):
+    dsn = new_database(pg18)
+    res = run_cli("server", "list", env={"PGFLEET_REPOSITORY": dsn})
+    assert res.rc == 1
+    assert (
+        res.err.strip()
+        == "pgfleet: error: the repository is not initialised: run 'pgfleet repo init'"
+    )

@@ -1,0 +1,249 @@
+"""The datasource contract from the ground up: a user's own source in plain SQL.
+
+``my_datasource`` returns a single integer counter ``my_counter`` with a
+timestamp.  It is written and registered with nothing but SQL, collected in
+local and in remote mode, aggregated, purged by retention and unregistered.
+"""
+
+from __future__ import annotations
+
+
+from tests.fix_repository import add_server, connect, scalar
+
+# What a monitored server needs: the counter and the query_source function.
+MONITORED_SQL = """
+CREATE TABLE my_counter_table (my_counter integer NOT NULL);
+INSERT INTO my_counter_table VALUES (41);
+CREATE FUNCTION public.my_datasource_src(srvid integer)
+RETURNS TABLE (ts timestamptz, my_counter integer) LANGUAGE sql AS
+$$ SELECT now(), my_counter FROM my_counter_table $$;
+"""
+
+# What the repository needs: the same source (local data for srvid 0, the
+# transient table otherwise), storage, and the four operations.
+REPOSITORY_SQL = """
+CREATE TABLE my_counter_table (my_counter integer NOT NULL);
+INSERT INTO my_counter_table VALUES (7);
+
+CREATE UNLOGGED TABLE public.my_datasource_src_tmp (
+    srvid integer NOT NULL,
+    ts timestamptz NOT NULL,
+    my_counter integer NOT NULL
+);
+
+CREATE FUNCTION public.my_datasource_src(_srvid integer)
+RETURNS TABLE (ts timestamptz, my_counter integer) LANGUAGE plpgsql AS $$
+BEGIN
+    IF _srvid = 0 THEN
+        RETURN QUERY SELECT now(), t.my_counter FROM my_counter_table t;
+    ELSE
+        RETURN QUERY SELECT t.ts, t.my_counter FROM public.my_datasource_src_tmp t
+                      WHERE t.srvid = _srvid;
+    END IF;
+END $$;
+
+CREATE TABLE public.my_datasource_history (
+    srvid integer NOT NULL, ts timestamptz NOT NULL, my_counter integer NOT NULL);
+CREATE TABLE public.my_datasource_daily (
+    srvid integer NOT NULL, day date NOT NULL, min_counter integer, max_counter integer,
+    PRIMARY KEY (srvid, day));
+
+CREATE FUNCTION public.my_datasource_snapshot(_srvid integer) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO public.my_datasource_history SELECT _srvid, * FROM public.my_datasource_src(_srvid);
+$$;
+
+CREATE FUNCTION public.my_datasource_aggregate(_srvid integer) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO public.my_datasource_daily
+    SELECT srvid, ts::date, min(my_counter), max(my_counter)
+      FROM public.my_datasource_history WHERE srvid = _srvid GROUP BY 1, 2
+    ON CONFLICT (srvid, day) DO UPDATE
+       SET min_counter = least(my_datasource_daily.min_counter, excluded.min_counter),
+           max_counter = greatest(my_datasource_daily.max_counter, excluded.max_counter);
+$$;
+
+CREATE FUNCTION public.my_datasource_purge(_srvid integer) RETURNS void
+LANGUAGE sql AS $$
+    DELETE FROM public.my_datasource_history h
+     USING pgfleet.servers s
+     WHERE s.srvid = _srvid AND h.srvid = _srvid AND h.ts < now() - s.retention;
+$$;
+
+CREATE FUNCTION public.my_datasource_unregister(_srvid integer) RETURNS boolean
+LANGUAGE sql AS $$
+    DELETE FROM pgfleet.functions WHERE module = 'my_datasource';
+    SELECT true;
+$$;
+
+INSERT INTO pgfleet.functions (module, operation, function_name, query_source, added_manually)
+VALUES ('my_datasource', 'snapshot',   'public.my_datasource_snapshot',   'public.my_datasource_src', true),
+       ('my_datasource', 'aggregate',  'public.my_datasource_aggregate',  NULL, true),
+       ('my_datasource', 'unregister', 'public.my_datasource_unregister', NULL, true),
+       ('my_datasource', 'purge',      'public.my_datasource_purge',      NULL, true);
+"""
+
+
+def test_my_datasource_local_and_remote(repo, run_cli, monitored, new_database):
+    with connect(repo) as conn:
+        conn.execute(REPOSITORY_SQL)
+    mon = new_database(monitored)
+    with connect(mon) as conn:
+        conn.execute(MONITORED_SQL)
+    add_server(run_cli, "mon", mon, "--coalesce", "2")
+
+    # Local mode: srvid 0 reads the repository's own counter.
+    res = run_cli("snapshot", "--local")
+    assert res.rc == 0, res.err
+    assert "my_datasource" not in res.err
+    # Remote mode: the collector ran my_datasource_src(0) on the monitored
+    # server and staged the rows in the transient table.
+    res = run_cli("snapshot", "mon")
+    assert res.rc == 0, res.err
+    with connect(repo) as conn:
+        rows = conn.execute(
+            "SELECT srvid, my_counter FROM public.my_datasource_history ORDER BY srvid"
+        ).fetchall()
+        srvid = conn.execute("SELECT srvid FROM pgfleet.servers WHERE alias = 'mon'").fetchone()[0]
+    assert rows == [(0, 7), (srvid, 41)]
+    # Transient rows never outlive the snapshot's transaction.
+    assert scalar(repo, "SELECT count(*) FROM public.my_datasource_src_tmp") == 0
+
+    # coalesce = 2: the second snapshot aggregates.
+    with connect(mon) as conn:
+        conn.execute("UPDATE my_counter_table SET my_counter = 45")
+    assert run_cli("snapshot", "mon").rc == 0
+    with connect(repo) as conn:
+        daily = conn.execute(
+            "SELECT min_counter, max_counter FROM public.my_datasource_daily WHERE srvid = %s",
+            (srvid,),
+        ).fetchall()
+        state = conn.execute(
+            "SELECT snapshots, aggregates, last_aggregate IS NOT NULL FROM pgfleet.snapshot_state "
+            "WHERE srvid = %s",
+            (srvid,),
+        ).fetchone()
+    assert daily == [(41, 45)]
+    assert state == (2, 1, True)
+
+    # Purge runs after every 10 aggregates and honours retention: an old row
+    # goes, the recent ones stay.
+    with connect(repo) as conn:
+        conn.execute(
+            "INSERT INTO public.my_datasource_history VALUES (%s, now() - interval '30 days', 1)",
+            (srvid,),
+        )
+    assert run_cli("server", "update", "mon", "--retention", "7d", "--coalesce", "1").rc == 0
+    for _ in range(9):
+        assert run_cli("snapshot", "mon").rc == 0
+    with connect(repo) as conn:
+        assert conn.execute(
+            "SELECT aggregates, last_purge IS NOT NULL FROM pgfleet.snapshot_state WHERE srvid = %s",
+            (srvid,),
+        ).fetchone() == (10, True)
+        oldest = conn.execute(
+            "SELECT min(ts) > now() - interval '1 day', count(*) FROM public.my_datasource_history "
+            "WHERE srvid = %s",
+            (srvid,),
+        ).fetchone()
+    assert oldest == (True, 11)
+
+    # Unregister: the registry rows go, snapshots no longer touch the source,
+    # and what it collected is kept.
+    with connect(repo) as conn:
+        conn.execute("SELECT pgfleet.unregister_module('my_datasource')")
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM pgfleet.functions WHERE module = 'my_datasource'"
+            ).fetchone()[0]
+            == 0
+        )
+    assert run_cli("snapshot", "mon").rc == 0
+    assert (
+        scalar(repo, "SELECT count(*) FROM public.my_datasource_history WHERE srvid = %s", (srvid,))
+        == 11
+    )
+
+
+def test_user_source_missing_on_server_is_an_error_not_a_loss(repo, run_cli, pg18, new_database):
+    """A source whose function is absent on the server fails alone."""
+    with connect(repo) as conn:
+        conn.execute(REPOSITORY_SQL)
+    mon = new_database(pg18)  # no my_datasource_src there
+    add_server(run_cli, "bare", mon)
+    res = run_cli("snapshot", "bare")
+    assert res.rc == 3
+    assert "my_datasource: function public.my_datasource_src(integer) does not exist" in res.err
+    assert len(res.err.strip().splitlines()) == 1
+    with connect(repo) as conn:
+        srvid = conn.execute("SELECT srvid FROM pgfleet.servers WHERE alias = 'bare'").fetchone()[0]
+        # The built-in sources were stored all the same.
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM pgfleet.pg_stat_database_current WHERE srvid = %s", (srvid,)
+            ).fetchone()[0]
+            > 0
+        )
+        assert conn.execute(
+            "SELECT source FROM pgfleet.snapshot_errors WHERE srvid = %s", (srvid,)
+        ).fetchall() == [("my_datasource",)]
+
+
+def test_failing_snapshot_function_loses_nothing_else(repo, run_cli, pg18, new_database):
+    with connect(repo) as conn:
+        conn.execute(REPOSITORY_SQL)
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION public.my_datasource_snapshot(_srvid integer) RETURNS void "
+            "LANGUAGE plpgsql AS $$ BEGIN INSERT INTO public.my_datasource_history "
+            "SELECT _srvid, * FROM public.my_datasource_src(_srvid); "
+            "RAISE EXCEPTION 'my_datasource is broken'; END $$"
+        )
+    mon = new_database(pg18)
+    with connect(mon) as conn:
+        conn.execute(MONITORED_SQL)
+    add_server(run_cli, "mon", mon)
+    res = run_cli("snapshot", "mon")
+    assert res.rc == 3
+    assert "my_datasource is broken" in res.err
+    with connect(repo) as conn:
+        # Its own partial insert was rolled back with its subtransaction...
+        assert conn.execute("SELECT count(*) FROM public.my_datasource_history").fetchone()[0] == 0
+        # ...and the other sources were stored.
+        assert (
+            conn.execute("SELECT count(*) FROM pgfleet.pg_stat_database_current").fetchone()[0] > 0
+        )
+        assert conn.execute("SELECT count(*) FROM public.my_datasource_src_tmp").fetchone()[0] == 0
+
+
+def test_registry_shape(repo):
+    with connect(repo) as conn:
+        cols = [
+            r[0]
+            for r in conn.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = 'pgfleet.functions'::regclass "
+                "AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+            ).fetchall()
+        ]
+        assert cols == [
+            "module",
+            "operation",
+            "function_name",
+            "query_source",
+            "query_cleanup",
+            "added_manually",
+            "enabled",
+            "priority",
+        ]
+        # Built-in sources are registered through the same contract, and
+        # their transient tables follow the naming and shape rules.
+        bad = conn.execute("""
+            SELECT f.query_source FROM pgfleet.functions f
+             WHERE f.operation = 'snapshot' AND NOT f.added_manually
+               AND NOT EXISTS (
+                   SELECT 1 FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = 1
+                    WHERE c.oid = to_regclass(f.query_source || '_tmp')
+                      AND c.relpersistence = 'u' AND a.attname = 'srvid'
+                      AND a.atttypid = 'integer'::regtype AND a.attnotnull)""").fetchall()
+        assert bad == []
+        ops = conn.execute("SELECT DISTINCT operation FROM pgfleet.functions ORDER BY 1").fetchall()
+        assert ops == [("aggregate",), ("purge",), ("snapshot",), ("unregister",)]
