@@ -1,0 +1,199 @@
+"""Fixtures starting real PostgreSQL clusters, once per test session.
+
+- `pg18`: the embedded PostgreSQL 18, with pg_stat_statements.
+- `pg15`: Debian's PostgreSQL 15, with the extensions pgfleet knows about;
+  its tests are skipped if it isn't installed.
+- `pg15_standby`: a hot standby of `pg15`.
+- `monitored`: each of `pg15` and `pg18` in turn.
+- `new_database`: a factory of fresh databases, one per test for isolation.
+- `new_cluster`: a factory of private embedded clusters, destroyed after the
+  test, for tests that must stop or crash their server.
+
+All the data lives in one temporary directory, removed at the end.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import os
+import re
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pgfleet.cluster import Cluster
+from pgfleet.errors import ClusterError
+
+PG15_BIN = Path("/usr/lib/postgresql/15/bin")
+PG15_PRELOAD = ["pg_stat_statements", "pg_qualstats", "pg_stat_kcache", "pg_wait_sampling"]
+PG15_EXTENSIONS = [*PG15_PRELOAD, "hypopg"]
+
+# Every cluster we start, so that none outlives the run even if a teardown
+# blows up or pytest dies of an internal error.
+_started: list[Cluster] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for cluster in reversed(_started):
+        with contextlib.suppress(Exception):
+            cluster.kill()
+
+
+@pytest.fixture(scope="session")
+def clusters_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The directory holding all the clusters of the session."""
+    path = tmp_path_factory.mktemp("clusters")
+    if os.geteuid() == 0:
+        _open_to_others(tmp_path_factory.getbasetemp(), path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _open_to_others(basetemp: Path, path: Path) -> None:
+    """Let the unprivileged OS user running the servers reach `path`.
+
+    pytest makes its temp dirs 0700, root-owned when we're root; add o+x (not
+    o+r: others may pass, not list) to those it made on our way to `path`.
+    """
+    dirs = [path, *path.relative_to(basetemp).parents]
+    dirs = [basetemp / d for d in dirs]
+    if basetemp.parent.name.startswith("pytest-of-"):
+        dirs.append(basetemp.parent)
+    for d in dirs:
+        mode = d.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            d.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
+def _start(cluster: Cluster, what: str) -> Cluster:
+    """Init and start `cluster`, or fail its fixture with one clear message."""
+    _started.append(cluster)
+    try:
+        if not cluster.initialized:
+            cluster.init()
+        cluster.start()
+    except ClusterError as ex:
+        error = str(ex)
+    else:
+        return cluster
+    # Out of the except block, lest pytest print the ClusterError twice.
+    pytest.fail(f"{what} is unusable: {error}\n{_log_tail(cluster)}", pytrace=False)
+
+
+def _log_tail(cluster: Cluster) -> str:
+    tail = cluster.log_tail(15)
+    return f"--- last lines of {cluster.log_file}:\n{tail}" if tail else "(no server log)"
+
+
+def _teardown(cluster: Cluster) -> None:
+    try:
+        cluster.destroy()
+    except ClusterError:
+        cluster.kill()
+
+
+@pytest.fixture(scope="session")
+def pg18(clusters_dir: Path) -> Iterator[Cluster]:
+    """The embedded PostgreSQL 18, with pg_stat_statements in every new database."""
+    cluster = Cluster.embedded(
+        clusters_dir / "pg18", shared_preload_libraries=["pg_stat_statements"], name="pg18"
+    )
+    _start(cluster, "the embedded PostgreSQL 18")
+    for dbname in ("postgres", "template1"):
+        cluster.create_extension("pg_stat_statements", dbname)
+    yield cluster
+    _teardown(cluster)
+
+
+@pytest.fixture(scope="session")
+def pg15(clusters_dir: Path) -> Iterator[Cluster]:
+    """Debian's PostgreSQL 15, with all the extensions pgfleet reads in every new database."""
+    if not (PG15_BIN / "postgres").exists():
+        pytest.skip(f"PostgreSQL 15 is not installed ({PG15_BIN}): run `make venv` as root")
+    libdir = PG15_BIN.parent / "lib"
+    if missing := [ext for ext in PG15_EXTENSIONS if not (libdir / f"{ext}.so").exists()]:
+        pytest.skip(f"PostgreSQL 15 lacks {', '.join(missing)}: run `make venv` as root")
+
+    cluster = Cluster.debian(
+        15,
+        clusters_dir / "pg15",
+        shared_preload_libraries=PG15_PRELOAD,
+        # pg_qualstats samples 1/max_connections of the queries by default:
+        # tests want to see theirs.
+        settings={"pg_qualstats.sample_rate": 1},
+        name="pg15",
+    )
+    _start(cluster, "Debian's PostgreSQL 15")
+    for dbname in ("postgres", "template1"):
+        for ext in PG15_EXTENSIONS:
+            cluster.create_extension(ext, dbname)
+    yield cluster
+    _teardown(cluster)
+
+
+@pytest.fixture(scope="session")
+def pg15_standby(pg15: Cluster, clusters_dir: Path) -> Iterator[Cluster]:
+    """A hot standby of `pg15`; call its `wait_replay()` before looking for your changes."""
+    try:
+        standby = pg15.standby(clusters_dir / "pg15_standby", name="pg15_standby")
+    except ClusterError as ex:
+        error = str(ex)
+    else:
+        _started.append(standby)
+        yield standby
+        _teardown(standby)
+        return
+    pytest.fail(f"the standby of PostgreSQL 15 is unusable: {error}", pytrace=False)
+
+
+@pytest.fixture(params=["pg15", "pg18"])
+def monitored(request: pytest.FixtureRequest) -> Cluster:
+    """Each monitored server version in turn."""
+    cluster: Cluster = request.getfixturevalue(request.param)
+    return cluster
+
+
+_db_numbers = itertools.count(1)
+_cluster_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def new_database(request: pytest.FixtureRequest) -> Callable[[Cluster], str]:
+    """A factory: ``new_database(cluster)`` creates an empty database and returns its dsn.
+
+    The databases are left behind: their clusters go at the end of the session.
+    """
+
+    def new_database(cluster: Cluster) -> str:
+        # Named after the test, for whoever has to read a server log.
+        slug = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")
+        return cluster.create_database(f"t{next(_db_numbers)}_{slug}"[:63])
+
+    return new_database
+
+
+@pytest.fixture
+def new_cluster(clusters_dir: Path) -> Iterator[Callable[..., Cluster]]:
+    """A factory: ``new_cluster(name, **kwargs)`` starts a private embedded cluster.
+
+    `kwargs` go to `Cluster.embedded()`. The clusters are destroyed after the test.
+    """
+    made: list[Cluster] = []
+
+    def new_cluster(name: str, **kwargs: Any) -> Cluster:
+        # Numbered, as parametrized tests would ask for the same name.
+        datadir = clusters_dir / f"{name}-{next(_cluster_numbers)}"
+        cluster = Cluster.embedded(datadir, name=name, **kwargs)
+        made.append(cluster)
+        return _start(cluster, f"the cluster {name!r}")
+
+    yield new_cluster
+    for cluster in reversed(made):
+        _teardown(cluster)
