@@ -7,7 +7,6 @@ local and in remote mode, aggregated, purged by retention and unregistered.
 
 from __future__ import annotations
 
-
 from tests.fix_repository import add_server, connect, scalar
 
 # What a monitored server needs: the counter and the query_source function.

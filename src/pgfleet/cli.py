@@ -69,7 +69,9 @@ def _server_options(p: argparse.ArgumentParser, *, update: bool) -> None:
         "omit to use libpq's passfile, service file or PGPASSWORD",
     )
     p.add_argument("--options", help="extra libpq parameters, e.g. 'sslmode=require'")
-    p.add_argument("--frequency", type=_positive_int, help="seconds between snapshots (default 300)")
+    p.add_argument(
+        "--frequency", type=_positive_int, help="seconds between snapshots (default 300)"
+    )
     p.add_argument(
         "--coalesce", type=_positive_int, help="snapshots between aggregations (default 100)"
     )
@@ -89,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pgfleet {__version__}")
     parser.add_argument("-c", "--config", help="configuration file (TOML; default $PGFLEET_CONFIG)")
     parser.add_argument(
-        "--repository", metavar="DSN", help="repository connection string (default $PGFLEET_REPOSITORY)"
+        "--repository",
+        metavar="DSN",
+        help="repository connection string (default $PGFLEET_REPOSITORY)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -131,8 +135,18 @@ def _repo_dsn(args: argparse.Namespace, cfg: Config) -> str:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("host", "port", "username", "dbname", "password_ref", "options",
-            "frequency", "coalesce", "retention", "enabled")
+    keys = (
+        "host",
+        "port",
+        "username",
+        "dbname",
+        "password_ref",
+        "options",
+        "frequency",
+        "coalesce",
+        "retention",
+        "enabled",
+    )
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -144,7 +158,11 @@ def cmd_repo(args: argparse.Namespace, cfg: Config) -> int:
             if have is None:
                 print(f"not initialised (this pgfleet ships schema version {latest})")
                 return EXIT_ERROR
-            state = "up to date" if have == latest else f"pgfleet ships {latest}: run 'pgfleet repo upgrade'"
+            state = (
+                "up to date"
+                if have == latest
+                else f"pgfleet ships {latest}: run 'pgfleet repo upgrade'"
+            )
             print(f"schema version {have} ({state})")
             return 0
         before = schema.current_version(conn)
@@ -162,10 +180,18 @@ def cmd_repo(args: argparse.Namespace, cfg: Config) -> int:
 
 def _server_dict(s: servers.Server) -> dict[str, Any]:
     return {
-        "srvid": s.srvid, "alias": s.alias, "host": s.host, "port": s.port,
-        "username": s.username, "dbname": s.dbname, "password_ref": s.password_ref,
-        "options": s.options, "frequency": s.frequency, "coalesce": s.coalesce,
-        "retention_seconds": int(s.retention.total_seconds()), "enabled": s.enabled,
+        "srvid": s.srvid,
+        "alias": s.alias,
+        "host": s.host,
+        "port": s.port,
+        "username": s.username,
+        "dbname": s.dbname,
+        "password_ref": s.password_ref,
+        "options": s.options,
+        "frequency": s.frequency,
+        "coalesce": s.coalesce,
+        "retention_seconds": int(s.retention.total_seconds()),
+        "enabled": s.enabled,
     }
 
 
@@ -180,7 +206,11 @@ def cmd_server(args: argparse.Namespace, cfg: Config) -> int:
             print(f"server {s.alias!r} updated")
         elif args.action == "remove":
             s = servers.remove(conn, args.alias, purge=args.purge)
-            extra = " and its data purged" if args.purge else "; its data stays until retention removes it"
+            extra = (
+                " and its data purged"
+                if args.purge
+                else "; its data stays until retention removes it"
+            )
             print(f"server {s.alias!r} removed{extra}")
         else:
             rows = servers.list_servers(conn)
@@ -188,9 +218,31 @@ def cmd_server(args: argparse.Namespace, cfg: Config) -> int:
                 print(json.dumps([_server_dict(s) for s in rows], indent=2))
             else:
                 _print_table(
-                    ["srvid", "alias", "host", "port", "user", "dbname", "freq", "retention", "enabled"],
-                    [[s.srvid, s.alias, s.host, s.port, s.username, s.dbname, s.frequency,
-                      _fmt_interval(s.retention), "yes" if s.enabled else "no"] for s in rows],
+                    [
+                        "srvid",
+                        "alias",
+                        "host",
+                        "port",
+                        "user",
+                        "dbname",
+                        "freq",
+                        "retention",
+                        "enabled",
+                    ],
+                    [
+                        [
+                            s.srvid,
+                            s.alias,
+                            s.host,
+                            s.port,
+                            s.username,
+                            s.dbname,
+                            s.frequency,
+                            _fmt_interval(s.retention),
+                            "yes" if s.enabled else "no",
+                        ]
+                        for s in rows
+                    ],
                 )
     return 0
 
@@ -226,11 +278,20 @@ def cmd_snapshot(args: argparse.Namespace, cfg: Config) -> int:
 
     result = asyncio.run(run())
     if args.json:
-        print(json.dumps({
-            "server": result.alias, "srvid": result.srvid, "stored": result.stored,
-            "skipped": dict(result.skipped), "errors": dict(result.errors),
-            "rows": result.rows, "ms": round(result.seconds * 1000, 1),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "server": result.alias,
+                    "srvid": result.srvid,
+                    "stored": result.stored,
+                    "skipped": dict(result.skipped),
+                    "errors": dict(result.errors),
+                    "rows": result.rows,
+                    "ms": round(result.seconds * 1000, 1),
+                },
+                indent=2,
+            )
+        )
     else:
         print(result.summary())
     for module, message in result.errors:

@@ -154,7 +154,7 @@ async def _copy_out(
     conn: psycopg.AsyncConnection[Any], srvid: int, query: sql.Composable | str, spool: IO[bytes]
 ) -> None:
     stmt = sql.SQL("COPY (SELECT {}::integer AS srvid, * FROM ({}) s) TO STDOUT").format(
-        sql.Literal(srvid), sql.SQL(query) if isinstance(query, str) else query  # type: ignore[arg-type]
+        sql.Literal(srvid), sql.SQL(query) if isinstance(query, str) else query
     )
     async with conn.cursor().copy(stmt) as copy:
         async for data in copy:
@@ -216,14 +216,19 @@ async def fetch(
                 row = await cur.fetchone()
                 if not row or not row[0]:
                     result.errors.append(
-                        (src.module, f"function {src.query_source}(integer) does not exist on the server")
+                        (
+                            src.module,
+                            f"function {src.query_source}(integer) does not exist on the server",
+                        )
                     )
                     spool.close()
                     continue
                 *schema, name = src.query_source.split(".")
                 await _copy_out(
-                    conn, srvid,
-                    sql.SQL("SELECT * FROM {}(0)").format(sql.Identifier(*schema, name)), spool,
+                    conn,
+                    srvid,
+                    sql.SQL("SELECT * FROM {}(0)").format(sql.Identifier(*schema, name)),
+                    spool,
                 )
             if src.query_cleanup:
                 conn = await session.conn()
@@ -254,6 +259,11 @@ async def store(
         for st in staged:
             tmp = st.source.tmp_table
             assert tmp is not None
+            if st.spool.tell() == 0:
+                # No rows: nothing to stage or truncate, but the snapshot
+                # function still runs (every entry it knew has vanished).
+                loaded.append(st)
+                continue
             try:
                 async with repo.transaction():  # a savepoint per source
                     st.spool.seek(0)
@@ -284,7 +294,7 @@ async def store(
         failed = {m for m, _ in result.errors}
         result.stored = [m for m in modules if m not in failed]
         # Transient rows only ever live inside this transaction.
-        tables = {st.source.query_source: st.source.tmp_table for st in loaded}
+        tables = {st.source.query_source: st.source.tmp_table for st in loaded if st.spool.tell()}
         if tables:
             await repo.execute(
                 sql.SQL("TRUNCATE {}").format(
@@ -293,10 +303,13 @@ async def store(
             )
 
 
-async def record_failure(repo: psycopg.AsyncConnection[Any], srvid: int, source: str, message: str) -> None:
+async def record_failure(
+    repo: psycopg.AsyncConnection[Any], srvid: int, source: str, message: str
+) -> None:
     async with repo.transaction():
         await repo.execute(
-            "INSERT INTO pgfleet.snapshot_state (srvid) VALUES (%s) ON CONFLICT DO NOTHING", (srvid,)
+            "INSERT INTO pgfleet.snapshot_state (srvid) VALUES (%s) ON CONFLICT DO NOTHING",
+            (srvid,),
         )
         await repo.execute("SELECT pgfleet.record_error(%s, %s, %s)", (srvid, source, message))
 
@@ -370,7 +383,8 @@ async def snapshot_local(repo: psycopg.AsyncConnection[Any]) -> SnapshotResult:
         )
         result.errors.extend(await cur.fetchall())
         await repo.execute(
-            "UPDATE pgfleet.snapshot_state SET server_version_num = %s, in_recovery = %s WHERE srvid = 0",
+            "UPDATE pgfleet.snapshot_state SET server_version_num = %s, in_recovery = %s"
+            " WHERE srvid = 0",
             (info.version_num, info.in_recovery),
         )
     failed = {m for m, _ in result.errors}

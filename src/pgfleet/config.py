@@ -49,7 +49,9 @@ T = TypeVar("T")
 
 def _build(cls: type[T], data: Any, path: str, origin: str) -> T:
     if not isinstance(data, dict):
-        raise ConfigError(f"invalid configuration {origin!r}: {path or 'top level'}: expected a table")
+        raise ConfigError(
+            f"invalid configuration {origin!r}: {path or 'top level'}: expected a table"
+        )
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)

@@ -38,13 +38,17 @@ def resolve_password(ref: str | None) -> str | None:
     if kind == "env":
         value = os.environ.get(target)
         if value is None:
-            raise ConfigError(f"password reference {ref!r}: environment variable {target} is not set")
+            raise ConfigError(
+                f"password reference {ref!r}: environment variable {target} is not set"
+            )
         return value
     if kind == "file":
         try:
             return Path(target).read_text(encoding="utf-8").strip()
         except OSError as e:
-            raise ConfigError(f"password reference {ref!r}: cannot read {target}: {e.strerror}") from None
+            raise ConfigError(
+                f"password reference {ref!r}: cannot read {target}: {e.strerror}"
+            ) from None
     raise ConfigError(f"invalid password reference {ref!r}: use env:VARIABLE or file:/path")
 
 
@@ -59,20 +63,26 @@ def server_conninfo(server: Server, cfg: CollectorConfig, *, dbname: str | None 
     params["application_name"] = cfg.application_name
     params["connect_timeout"] = max(1, round(cfg.connect_timeout))
     ms = round(cfg.statement_timeout * 1000)
-    params["options"] = f"-c statement_timeout={ms} -c lock_timeout={ms} " + params.get("options", "")
+    params["options"] = f"-c statement_timeout={ms} -c lock_timeout={ms} " + params.get(
+        "options", ""
+    )
     password = resolve_password(server.password_ref)
     if password is not None:
         params["password"] = password
     return make_conninfo(**params)
 
 
-async def connect_server(server: Server, cfg: CollectorConfig, *, dbname: str | None = None) -> psycopg.AsyncConnection[Any]:
+async def connect_server(
+    server: Server, cfg: CollectorConfig, *, dbname: str | None = None
+) -> psycopg.AsyncConnection[Any]:
     try:
         return await psycopg.AsyncConnection.connect(
             server_conninfo(server, cfg, dbname=dbname), autocommit=True
         )
     except psycopg.OperationalError as e:
-        raise ServerError(f"server {server.alias!r}: cannot connect: {_connect_reason(e)}") from None
+        raise ServerError(
+            f"server {server.alias!r}: cannot connect: {_connect_reason(e)}"
+        ) from None
 
 
 def _connect_reason(e: psycopg.OperationalError) -> str:
@@ -82,12 +92,12 @@ def _connect_reason(e: psycopg.OperationalError) -> str:
     text = " ".join(str(e).split())
     marker = "failed: "
     idx = text.rfind(marker)
-    reason = text[idx + len(marker):] if idx >= 0 else text
+    reason = text[idx + len(marker) :] if idx >= 0 else text
     where = ""
     if "connection to server at" in text:
         start = text.find("connection to server at")
         end = text.find(" failed", start)
-        where = text[start + len("connection to server at "):end] + ": " if end > 0 else ""
+        where = text[start + len("connection to server at ") : end] + ": " if end > 0 else ""
     return f"{where}{reason}".strip()
 
 
@@ -109,6 +119,8 @@ async def connect_repository_async(dsn: str) -> psycopg.AsyncConnection[Any]:
     if not dsn:
         raise ConfigError("no repository configured")
     try:
-        return await psycopg.AsyncConnection.connect(dsn, autocommit=True, application_name="pgfleet")
+        return await psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, application_name="pgfleet"
+        )
     except psycopg.OperationalError as e:
         raise RepositoryError(f"cannot connect to the repository: {_connect_reason(e)}") from None

@@ -27,7 +27,8 @@ SELECT sum(s.calls)::bigint AS calls, round(sum(s.total_exec_time)::numeric, 1) 
   FROM pgfleet.pg_stat_statements_series(%(srvid)s, %(since)s, now()) s
   JOIN pgfleet.pg_stat_statements_once o
        ON o.srvid = %(srvid)s
-      AND (o.datname, o.rolname, o.toplevel, o.queryid) = (s.datname, s.rolname, s.toplevel, s.queryid)
+      AND (o.datname, o.rolname, o.toplevel, o.queryid)
+        = (s.datname, s.rolname, s.toplevel, s.queryid)
  WHERE s.calls > 0
  GROUP BY o.query ORDER BY sum(s.total_exec_time) DESC NULLS LAST LIMIT 5
 """
@@ -65,8 +66,13 @@ def run(*, seconds: int = 60, frequency: int = 5, workdir: str = ".demo") -> int
         with psycopg.connect(repo_dsn, autocommit=True) as conn:
             schema.upgrade(conn)
             server = servers.add(
-                conn, "demo", host=mon.host, port=mon.port, username="postgres",
-                dbname="bench", frequency=frequency,
+                conn,
+                "demo",
+                host=mon.host,
+                port=mon.port,
+                username="postgres",
+                dbname="bench",
+                frequency=frequency,
             )
         mon.create_database("bench")
         mon.create_extension("pg_stat_statements", "bench")
@@ -99,8 +105,10 @@ async def _collect(repo_dsn: str, server: servers.Server, seconds: int, frequenc
             n += 1
             result = await snapshot_remote(repo, server, cfg, session=session)
             errors = f", {len(result.errors)} error(s)" if result.errors else ""
-            _line(f"  snapshot {n:3d}: {len(result.stored)} sources, {result.rows} rows, "
-                  f"{result.seconds * 1000:.0f} ms{errors}")
+            _line(
+                f"  snapshot {n:3d}: {len(result.stored)} sources, {result.rows} rows, "
+                f"{result.seconds * 1000:.0f} ms{errors}"
+            )
             for module, message in result.errors:
                 _line(f"    {module}: {message}")
             if time.monotonic() + frequency > deadline:
@@ -130,5 +138,7 @@ def _report(repo_dsn: str, srvid: int, since_epoch: float) -> None:
         _line("\nTop queries by time:")
         for calls, ms, query in conn.execute(_TOP_QUERIES, params):
             _line(f"  {calls:8d} calls {ms:10} ms  {query}")
-        size = conn.execute("SELECT pg_size_pretty(pg_database_size(current_database()))").fetchone()
+        size = conn.execute(
+            "SELECT pg_size_pretty(pg_database_size(current_database()))"
+        ).fetchone()
         _line(f"\nrepository size: {size[0] if size else '?'}")

@@ -97,7 +97,7 @@ def test_concurrent_upgrades_serialise(pg18, new_database):
         try:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 schema.upgrade(conn)
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=upgrade) for _ in range(3)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import psycopg
 
@@ -41,18 +42,16 @@ def latest_version() -> int:
     return migrations()[-1].version
 
 
-def current_version(conn: psycopg.Connection[object]) -> int | None:
+def current_version(conn: psycopg.Connection[Any]) -> int | None:
     """The repository's schema version, or None if it was never initialised."""
-    row = conn.execute(
-        "SELECT to_regclass('pgfleet.schema_migrations') IS NOT NULL"
-    ).fetchone()
+    row = conn.execute("SELECT to_regclass('pgfleet.schema_migrations') IS NOT NULL").fetchone()
     if not row or not row[0]:
         return None
     row = conn.execute("SELECT max(version) FROM pgfleet.schema_migrations").fetchone()
     return int(row[0]) if row and row[0] is not None else None
 
 
-def upgrade(conn: psycopg.Connection[object]) -> list[Migration]:
+def upgrade(conn: psycopg.Connection[Any]) -> list[Migration]:
     """Apply the missing migrations and (re)install the built-in sources.
 
     Return the migrations applied (empty if the schema was up to date).
@@ -82,7 +81,7 @@ def upgrade(conn: psycopg.Connection[object]) -> list[Migration]:
             if mig.version <= have:
                 continue
             try:
-                conn.execute(mig.sql)  # type: ignore[call-overload]  # many statements, no params
+                conn.execute(mig.sql.encode())  # many statements: no parameters allowed
             except psycopg.Error as e:
                 raise RepositoryError(
                     f"migration {mig.version:04d}_{mig.name} failed: {_first_line(e)}"
@@ -96,7 +95,7 @@ def upgrade(conn: psycopg.Connection[object]) -> list[Migration]:
     return applied
 
 
-def require_current(conn: psycopg.Connection[object]) -> None:
+def require_current(conn: psycopg.Connection[Any]) -> None:
     """Raise a clear error unless the repository schema is initialised and current."""
     have = current_version(conn)
     if have is None:

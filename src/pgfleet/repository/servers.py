@@ -44,8 +44,18 @@ class Server:
 
 
 # The columns a user may set, with their validators.
-EDITABLE = ("host", "port", "username", "dbname", "password_ref", "options",
-            "frequency", "coalesce", "retention", "enabled")
+EDITABLE = (
+    "host",
+    "port",
+    "username",
+    "dbname",
+    "password_ref",
+    "options",
+    "frequency",
+    "coalesce",
+    "retention",
+    "enabled",
+)
 
 
 def validate(changes: dict[str, Any]) -> dict[str, Any]:
@@ -86,7 +96,9 @@ def _check_options(options: str) -> str:
     return options.strip()
 
 
-def _fetch(conn: psycopg.Connection[Any], where: sql.Composable, args: tuple[Any, ...]) -> list[Server]:
+def _fetch(
+    conn: psycopg.Connection[Any], where: sql.Composable, args: tuple[Any, ...]
+) -> list[Server]:
     fields = sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclasses.fields(Server))
     with conn.cursor(row_factory=class_row(Server)) as cur:
         cur.execute(

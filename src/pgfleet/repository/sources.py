@@ -11,13 +11,15 @@ upgrade`` reruns it: a source that gained a column gains it in place.
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 from psycopg import sql
 
 from pgfleet.datasources import Datasource, builtin
 
 
-def install_builtin(conn: psycopg.Connection[object]) -> None:
+def install_builtin(conn: psycopg.Connection[Any]) -> None:
     row = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()
     assert row is not None
     version = int(row[0])
@@ -25,7 +27,7 @@ def install_builtin(conn: psycopg.Connection[object]) -> None:
         install(conn, ds, version)
 
 
-def install(conn: psycopg.Connection[object], ds: Datasource, version: int) -> None:
+def install(conn: psycopg.Connection[Any], ds: Datasource, version: int) -> None:
     tmp = sql.SQL(ds.tmp_table)  # module names are validated identifiers
     conn.execute(
         sql.SQL(

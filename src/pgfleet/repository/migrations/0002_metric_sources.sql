@@ -131,8 +131,8 @@ BEGIN
 
     -- The four registered operations are thin wrappers over the generic ones,
     -- so a user can see (and replace) them like any other source's.
-    EXECUTE format($f$CREATE OR REPLACE FUNCTION %s_snapshot(_srvid integer) RETURNS void
-                      LANGUAGE sql AS $w$SELECT pgfleet.metric_snapshot(%L, _srvid)$w$$f$, base, _module);
+    EXECUTE format('CREATE OR REPLACE FUNCTION %s_snapshot(_srvid integer) RETURNS void LANGUAGE plpgsql AS %L',
+                   base, pgfleet.metric_snapshot_body(_module));
     EXECUTE format($f$CREATE OR REPLACE FUNCTION %s_aggregate(_srvid integer) RETURNS void
                       LANGUAGE sql AS $w$SELECT pgfleet.metric_aggregate(%L, _srvid)$w$$f$, base, _module);
     EXECUTE format($f$CREATE OR REPLACE FUNCTION %s_purge(_srvid integer) RETURNS void
@@ -177,22 +177,21 @@ BEGIN
 END;
 $body$;
 
--- Store one snapshot of a source for a server, from its query_source function.
-CREATE FUNCTION pgfleet.metric_snapshot(_module text, _srvid integer)
-RETURNS void LANGUAGE plpgsql AS $$
+-- The body of a source's snapshot function, generated once per source (at
+-- registration) rather than per call: the statement is static, so PL/pgSQL
+-- caches its plan and a snapshot costs what the data costs, not parsing and
+-- planning a dozen dynamic statements.
+CREATE FUNCTION pgfleet.metric_snapshot_body(_module text)
+RETURNS text LANGUAGE plpgsql AS $body$
 DECLARE
     m pgfleet.metric_sources;
     base text;
-    first boolean;
     keyjoin text;
     changed text;
     reset text;
-    sql text;
-    snap_ts timestamptz;
 BEGIN
     SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
     base := 'pgfleet.' || quote_ident(_module);
-    first := NOT EXISTS (SELECT 1 FROM pgfleet.metric_state WHERE srvid = _srvid AND module = _module);
 
     keyjoin := CASE WHEN m.keys = '{}' THEN 'true'
                     ELSE pgfleet._list(m.keys, 'p.%1$I = s.%1$I', ' AND ') END;
@@ -201,59 +200,63 @@ BEGIN
                        CASE WHEN m.epoch IS NOT NULL THEN format('p.%1$I IS DISTINCT FROM s.%1$I', m.epoch) END,
                        nullif(pgfleet._list(m.counters, 'coalesce(s.%1$I < p.%1$I, false)', ' OR '), ''));
     IF reset = '' THEN reset := 'false'; END IF;
-    changed := '';
-    IF m.counters <> '{}' THEN
-        changed := pgfleet._list(m.counters, 'coalesce(d.%1$I <> 0, false)', ' OR ');
-    END IF;
-    IF m.deltas <> '{}' THEN
-        changed := concat_ws(' OR ', nullif(changed, ''), pgfleet._list(m.deltas, 'coalesce(d.%1$I <> 0, false)', ' OR '));
-    END IF;
-    IF m.gauges <> '{}' THEN
-        changed := concat_ws(' OR ', nullif(changed, ''),
-                             (SELECT string_agg(format('d.%I IS DISTINCT FROM d.%I', g, 'prev_' || g), ' OR ')
-                                FROM unnest(m.gauges) g));
-    END IF;
+    changed := concat_ws(' OR ',
+        nullif(pgfleet._list(m.counters || m.deltas, 'coalesce(d.%1$I <> 0, false)', ' OR '), ''),
+        (SELECT string_agg(format('d.%I IS DISTINCT FROM d.%I', g, 'prev_' || g), ' OR ')
+           FROM unnest(m.gauges) g));
     IF changed = '' THEN changed := 'false'; END IF;
 
     -- One statement: read the staged rows once, compute deltas against the
-    -- last values, write changed entries, move the delta base forward, and
-    -- forget (with a tombstone row when there are gauges) the entries that
-    -- vanished.  The four parts touch disjoint rows.
-    sql := format($q$
-        WITH s AS MATERIALIZED (SELECT * FROM %1$s(%2$s)),
-        j AS (
-            SELECT s.*, (p.srvid IS NOT NULL) AS known,
-                   (p.srvid IS NOT NULL AND (%3$s)) AS reset %4$s %5$s
-              FROM s LEFT JOIN %6$s_last p ON p.srvid = %2$s AND %7$s
-        ),
-        d AS (
-            SELECT j.ts, j.known %8$s %9$s %10$s %11$s %12$s %13$s
-              FROM j
-        ),
-        ins AS (
-            INSERT INTO %6$s_current (srvid, ts %8$s %14$s)
-            SELECT %2$s, d.ts %15$s %16$s FROM d
-             WHERE NOT d.known OR %17$s
-        ),
-        up AS (
-            INSERT INTO %6$s_last (srvid, ts %8$s %18$s %19$s)
-            SELECT %2$s, d.ts %15$s %20$s %21$s FROM d
-             WHERE NOT d.known OR %17$s
-            ON CONFLICT (srvid %8$s) DO UPDATE SET ts = excluded.ts %23$s
-        ),
-        gone AS (
-            DELETE FROM %6$s_last p
-             WHERE p.srvid = %2$s AND NOT EXISTS (SELECT 1 FROM s WHERE %7$s) %24$s
-            RETURNING p.*
-        )
-        INSERT INTO %6$s_current (srvid, ts %8$s)
-        SELECT %2$s, coalesce((SELECT max(ts) FROM s), now()) %8$s FROM gone
-         WHERE %25$s
-        $q$,
-        m.src_function::regproc, _srvid, reset,
-        -- 4: previous counter values
+    -- last values, write changed entries, move the delta base forward,
+    -- remember the once-columns of new entries, and forget (with a tombstone
+    -- row when there are gauges) the entries that vanished.  The parts touch
+    -- disjoint rows.
+    RETURN format($f$
+DECLARE
+    _first boolean := NOT EXISTS (SELECT 1 FROM pgfleet.metric_state
+                                   WHERE srvid = _srvid AND module = %26$L);
+BEGIN
+    WITH s AS MATERIALIZED (SELECT * FROM %1$s(_srvid)),
+    j AS (
+        SELECT s.*, (p.srvid IS NOT NULL) AS known,
+               (p.srvid IS NOT NULL AND (%3$s)) AS reset %4$s %5$s
+          FROM s LEFT JOIN %6$s_last p ON p.srvid = _srvid AND %7$s
+    ),
+    d AS (
+        SELECT j.ts, j.known %8$s %9$s %10$s %11$s %12$s %13$s %27$s
+          FROM j
+    ),
+    ins AS (
+        INSERT INTO %6$s_current (srvid, ts %8$s %14$s)
+        SELECT _srvid, d.ts %15$s %16$s FROM d
+         WHERE NOT d.known OR %17$s
+    ),
+    up AS (
+        INSERT INTO %6$s_last (srvid, ts %8$s %18$s %19$s)
+        SELECT _srvid, d.ts %15$s %20$s %21$s FROM d
+         WHERE NOT d.known OR %17$s
+        ON CONFLICT (srvid %8$s) DO UPDATE SET ts = excluded.ts %23$s
+    ),
+    once AS (
+        %22$s
+    ),
+    gone AS (
+        DELETE FROM %6$s_last p
+         WHERE p.srvid = _srvid AND NOT EXISTS (SELECT 1 FROM s WHERE %7$s) %24$s
+        RETURNING p.*
+    )
+    INSERT INTO %6$s_current (srvid, ts %8$s)
+    SELECT _srvid, coalesce((SELECT max(ts) FROM s), now()) %8$s FROM gone
+     WHERE %25$s;
+
+    INSERT INTO pgfleet.metric_state (srvid, module, last_ts)
+    VALUES (_srvid, %26$L, now())
+    ON CONFLICT (srvid, module) DO UPDATE SET last_ts = excluded.last_ts;
+END;
+$f$,
+        m.src_function::regproc, NULL, reset,
+        -- 4, 5: previous counter and gauge values
         pgfleet._list(m.counters, ', p.%1$I AS %1$I__prev', ''),
-        -- 5: previous gauge values
         pgfleet._list(m.gauges, ', p.%1$I AS %1$I__prev', ''),
         base, keyjoin,
         -- 8: keys
@@ -261,8 +264,8 @@ BEGIN
         -- 9: counter deltas.  A new entry seen after the first snapshot
         -- started since then: all of its value is new.  On the very first
         -- snapshot nothing is known about the past, so no delta.
-        pgfleet._list(m.counters, format(', CASE WHEN NOT j.known THEN %s WHEN j.reset THEN j.%%1$I ELSE j.%%1$I - j.%%1$I__prev END AS %%1$I',
-                                         CASE WHEN first THEN 'NULL' ELSE 'j.%1$I' END), ''),
+        pgfleet._list(m.counters, ', CASE WHEN NOT j.known THEN CASE WHEN _first THEN NULL ELSE j.%1$I END '
+                                  'WHEN j.reset THEN j.%1$I ELSE j.%1$I - j.%1$I__prev END AS %1$I', ''),
         pgfleet._list(m.deltas, ', j.%I', ''),
         pgfleet._list(m.gauges, ', j.%I', ''),
         pgfleet._list(m.gauges, ', j.%1$I__prev AS prev_%1$s', ''),
@@ -279,32 +282,23 @@ BEGIN
         pgfleet._list(m.counters || m.gauges, ', %I', ''),
         CASE WHEN m.epoch IS NULL THEN '' ELSE ', d.epoch__raw' END,
         pgfleet._list(m.counters, ', d.%1$I__raw', '') || pgfleet._list(m.gauges, ', d.%I', ''),
-        '',  -- 22: unused
+        -- 22: once-columns of entries not seen before
+        CASE WHEN m.onces = '{}' THEN 'SELECT 1'
+             ELSE format('INSERT INTO %s_once (srvid %s, first_seen %s) SELECT _srvid %s, d.ts %s FROM d '
+                         'WHERE NOT d.known ON CONFLICT DO NOTHING',
+                         base, pgfleet._list(m.keys, ', %I', ''), pgfleet._list(m.onces, ', %I', ''),
+                         pgfleet._list(m.keys, ', d.%I', ''), pgfleet._list(m.onces, ', d.%I', '')) END,
         pgfleet._list(CASE WHEN m.epoch IS NULL THEN '{}'::text[] ELSE ARRAY[m.epoch] END
                       || m.counters || m.gauges, ', %1$I = excluded.%1$I', ''),
         -- 24: only entries whose scope was collected this time can vanish
         CASE WHEN m.scope IS NULL THEN ''
              ELSE format('AND p.%1$I IN (SELECT %1$I FROM s)', m.scope) END,
-        CASE WHEN m.gauges = '{}' THEN 'false' ELSE 'true' END);
-    EXECUTE sql;
-
-    -- The snapshot's own timestamp, for the next call's "first" test.
-    EXECUTE format('SELECT max(ts) FROM %s_current WHERE srvid = $1', base) INTO snap_ts USING _srvid;
-    INSERT INTO pgfleet.metric_state (srvid, module, last_ts)
-    VALUES (_srvid, _module, coalesce(snap_ts, now()))
-    ON CONFLICT (srvid, module) DO UPDATE SET last_ts = excluded.last_ts;
-
-    IF m.onces <> '{}' THEN
-        EXECUTE format($q$
-            INSERT INTO %1$s_once (srvid %2$s, first_seen %3$s)
-            SELECT DISTINCT ON (%4$s) %5$s %2$s, s.ts %3$s FROM %6$s(%5$s) s
-            ON CONFLICT DO NOTHING$q$,
-            base, pgfleet._list(m.keys, ', %I', ''), pgfleet._list(m.onces, ', %I', ''),
-            CASE WHEN m.keys = '{}' THEN '1' ELSE pgfleet._list(m.keys) END,
-            _srvid, m.src_function::regproc);
-    END IF;
+        CASE WHEN m.gauges = '{}' THEN 'false' ELSE 'true' END,
+        _module,
+        -- 27: once-columns carried to the once insert
+        pgfleet._list(m.onces, ', j.%I', ''));
 END;
-$$;
+$body$;
 
 CREATE FUNCTION pgfleet.metric_partition(_module text, _day date)
 RETURNS void LANGUAGE plpgsql AS $$
