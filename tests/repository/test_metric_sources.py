@@ -170,9 +170,9 @@ def test_aggregate_then_purge_drops_partitions(repo, run_cli, pg18, new_database
             "(now() - interval '20 days')::date)"
         )
         conn.execute(
-            """INSERT INTO pgfleet.pg_stat_database_history (srvid, datname, ts_start, ts_end, ts)
+            """INSERT INTO pgfleet.pg_stat_database_history (srvid, datname, ts_start, ts_end, points)
                         VALUES (%s, 'old', now() - interval '20 days', now() - interval '20 days',
-                                ARRAY[now() - interval '20 days'])""",
+                                '{}')""",
             (srvid,),
         )
         old_part = conn.execute("""

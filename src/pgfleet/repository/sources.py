@@ -41,6 +41,10 @@ def install(conn: psycopg.Connection[Any], ds: Datasource, version: int) -> None
                 tmp, sql.Identifier(col.name), sql.SQL(col.type)
             )
         )
+    # Dropped first: a source whose columns changed changes the function's
+    # result type, which CREATE OR REPLACE refuses.  Nothing depends on it
+    # but the snapshot function, which names it in a string.
+    conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}(integer)").format(sql.SQL(ds.src_function)))
     conn.execute(_src_function(ds, version))
     epoch = ds.names("epoch")
     conn.execute(

@@ -5,6 +5,7 @@
 --   keys      identify an entry (a database, a statement...)
 --   counters  cumulative; stored as a reset-safe delta since the previous
 --             snapshot, so a rate over any range is sum(delta) / duration
+--             (a NULL delta is zero, or unknown on a server's first snapshot)
 --   deltas    already per-snapshot values; stored as they come
 --   gauges    current values; stored only when they changed
 --   onces     fixed per entry (a query text); stored once per key
@@ -13,8 +14,9 @@
 -- Per source it creates:
 --   <module>_last     the latest cumulative values per key (the delta base)
 --   <module>_current  one row per changed entry per snapshot, until aggregated
---   <module>_history  aggregated rows: one per key and aggregation window, the
---                     values as arrays (TOAST-compressed), partitioned by day
+--   <module>_history  aggregated rows: one per key and aggregation window,
+--                     its points as one array of <module>_point composites
+--                     (TOAST-compressed even when small), partitioned by day
 --                     so retention drops whole partitions
 --   <module>_once     the once-columns per key
 -- An entry that did not change between two snapshots writes nothing at all.
@@ -95,7 +97,9 @@ BEGIN
            counters = excluded.counters, deltas = excluded.deltas, gauges = excluded.gauges,
            onces = excluded.onces, epoch = excluded.epoch, scope = excluded.scope;
 
-    EXECUTE format('CREATE TABLE IF NOT EXISTS %s_last (srvid integer NOT NULL, ts timestamptz NOT NULL%s%s, PRIMARY KEY (srvid%s))',
+    -- The delta base is rewritten on every change of an entry: leave room on
+    -- each page so those updates stay HOT (no new index entries, no bloat).
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s_last (srvid integer NOT NULL, ts timestamptz NOT NULL%s%s, PRIMARY KEY (srvid%s)) WITH (fillfactor = 50)',
                    base,
                    CASE WHEN _keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, _keys) END,
                    CASE WHEN _epoch IS NULL THEN '' ELSE ', ' || pgfleet._coldefs(tmp, ARRAY[_epoch]) END,
@@ -103,7 +107,14 @@ BEGIN
     EXECUTE format('CREATE TABLE IF NOT EXISTS %s_current (srvid integer NOT NULL, ts timestamptz NOT NULL%s)',
                    base, CASE WHEN _keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, _keys) END);
     EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s_current (srvid, ts)', _module || '_current_srvid_ts', base);
-    EXECUTE format('CREATE TABLE IF NOT EXISTS %s_history (srvid integer NOT NULL%s, ts_start timestamptz NOT NULL, ts_end timestamptz NOT NULL, ts timestamptz[] NOT NULL) PARTITION BY RANGE (ts_start)',
+    -- One array of composite points per history row rather than one array
+    -- per column: a window in which an entry changed once or twice would
+    -- otherwise pay an array header per column, which costs more than the
+    -- values themselves.
+    IF to_regtype(base || '_point') IS NULL THEN
+        EXECUTE format('CREATE TYPE %s_point AS (ts timestamptz)', base);
+    END IF;
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %1$s_history (srvid integer NOT NULL%2$s, ts_start timestamptz NOT NULL, ts_end timestamptz NOT NULL, points %1$s_point[] NOT NULL) PARTITION BY RANGE (ts_start)',
                    base, CASE WHEN _keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, _keys) END);
     EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s_history (srvid%s, ts_start)',
                    _module || '_history_key', base, pgfleet._list(_keys, ', %I', ''));
@@ -115,7 +126,11 @@ BEGIN
          WHERE attrelid = tmp AND attname = c;
         EXECUTE format('ALTER TABLE %s_last ADD COLUMN IF NOT EXISTS %I %s', base, c, typ);
         EXECUTE format('ALTER TABLE %s_current ADD COLUMN IF NOT EXISTS %I %s', base, c, typ);
-        EXECUTE format('ALTER TABLE %s_history ADD COLUMN IF NOT EXISTS %I %s[]', base, c, typ);
+        IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                        WHERE attrelid = (SELECT typrelid FROM pg_type WHERE oid = to_regtype(base || '_point'))
+                          AND attname = c AND NOT attisdropped) THEN
+            EXECUTE format('ALTER TYPE %s_point ADD ATTRIBUTE %I %s', base, c, typ);
+        END IF;
     END LOOP;
 
     IF _onces <> '{}' THEN
@@ -147,20 +162,18 @@ BEGIN
     EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$s_series(_srvid integer, _from timestamptz, _to timestamptz)
                       RETURNS TABLE (ts timestamptz%2$s%3$s)
                       LANGUAGE sql STABLE AS $s$
-                        SELECT u.ts%4$s%5$s
-                          FROM %1$s_history h,
-                               unnest(h.ts%6$s) AS u(ts%7$s)
+                        SELECT p.ts%4$s%5$s
+                          FROM %1$s_history h, unnest(h.points) AS p
                          WHERE h.srvid = _srvid AND h.ts_start <= _to AND h.ts_end >= _from
-                           AND u.ts >= _from AND u.ts <= _to
+                           AND p.ts >= _from AND p.ts <= _to
                         UNION ALL
-                        SELECT c.ts%8$s%9$s FROM %1$s_current c
+                        SELECT c.ts%6$s%7$s FROM %1$s_current c
                          WHERE c.srvid = _srvid AND c.ts >= _from AND c.ts <= _to
                       $s$$f$,
                    base,
                    CASE WHEN _keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, _keys) END,
                    CASE WHEN values_ = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, values_) END,
-                   pgfleet._list(_keys, ', h.%I', ''), pgfleet._list(values_, ', u.%I', ''),
-                   pgfleet._list(values_, ', h.%I', ''), pgfleet._list(values_, ', %I', ''),
+                   pgfleet._list(_keys, ', h.%I', ''), pgfleet._list(values_, ', p.%I', ''),
                    pgfleet._list(_keys, ', c.%I', ''), pgfleet._list(values_, ', c.%I', ''));
 
     INSERT INTO pgfleet.functions AS f
@@ -189,114 +202,120 @@ DECLARE
     keyjoin text;
     changed text;
     reset text;
+    tracked text[];
 BEGIN
     SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
     base := 'pgfleet.' || quote_ident(_module);
+    tracked := m.counters || m.gauges;
 
     keyjoin := CASE WHEN m.keys = '{}' THEN 'true'
                     ELSE pgfleet._list(m.keys, 'p.%1$I = s.%1$I', ' AND ') END;
     -- Counters restarted when the epoch moved or any counter went backwards.
     reset := concat_ws(' OR ',
                        CASE WHEN m.epoch IS NOT NULL THEN format('p.%1$I IS DISTINCT FROM s.%1$I', m.epoch) END,
-                       nullif(pgfleet._list(m.counters, 'coalesce(s.%1$I < p.%1$I, false)', ' OR '), ''));
+                       nullif(pgfleet._list(m.counters, 's.%1$I < p.%1$I', ' OR '), ''));
     IF reset = '' THEN reset := 'false'; END IF;
-    changed := concat_ws(' OR ',
-        nullif(pgfleet._list(m.counters || m.deltas, 'coalesce(d.%1$I <> 0, false)', ' OR '), ''),
-        (SELECT string_agg(format('d.%I IS DISTINCT FROM d.%I', g, 'prev_' || g), ' OR ')
-           FROM unnest(m.gauges) g));
-    IF changed = '' THEN changed := 'false'; END IF;
+    -- An entry changed if it is new, any tracked value differs from the
+    -- delta base (one row comparison, NULL-safe), or a delta is not zero.
+    changed := concat_ws(' OR ', 'p.srvid IS NULL',
+        CASE WHEN tracked <> '{}' THEN
+            format('ROW(%s) IS DISTINCT FROM ROW(%s)',
+                   pgfleet._list(tracked, 's.%I'), pgfleet._list(tracked, 'p.%I')) END,
+        nullif(pgfleet._list(m.deltas, 'coalesce(s.%1$I <> 0, false)', ' OR '), ''));
 
-    -- One statement: read the staged rows once, compute deltas against the
-    -- last values, write changed entries, move the delta base forward,
-    -- remember the once-columns of new entries, and forget (with a tombstone
-    -- row when there are gauges) the entries that vanished.  The parts touch
-    -- disjoint rows.
+    -- One statement: read the staged rows once, compare them with the delta
+    -- base, then for the entries that changed only: write a row, move the
+    -- base forward, remember the once-columns of new entries; and forget
+    -- (with a tombstone row when there are gauges) the entries that
+    -- vanished.  The parts touch disjoint rows.  j is materialised so its
+    -- flags are computed once per row, not once per column that uses them.
     RETURN format($f$
 DECLARE
     _first boolean := NOT EXISTS (SELECT 1 FROM pgfleet.metric_state
-                                   WHERE srvid = _srvid AND module = %26$L);
+                                   WHERE srvid = _srvid AND module = %1$L);
 BEGIN
-    WITH s AS MATERIALIZED (SELECT * FROM %1$s(_srvid)),
-    j AS (
-        SELECT s.*, (p.srvid IS NOT NULL) AS known,
-               (p.srvid IS NOT NULL AND (%3$s)) AS reset %4$s %5$s
-          FROM s LEFT JOIN %6$s_last p ON p.srvid = _srvid AND %7$s
+    WITH s AS MATERIALIZED (SELECT * FROM %2$s(_srvid)),
+    j AS MATERIALIZED (
+        SELECT s.*, (p.srvid IS NOT NULL) AS known__,
+               (p.srvid IS NOT NULL AND (%3$s)) AS reset__ %4$s
+          FROM s LEFT JOIN %5$s_last p ON p.srvid = _srvid AND %6$s
+         WHERE %7$s
     ),
     d AS (
-        SELECT j.ts, j.known %8$s %9$s %10$s %11$s %12$s %13$s %27$s
+        SELECT j.ts, j.known__ %8$s %9$s %10$s
           FROM j
     ),
     ins AS (
-        INSERT INTO %6$s_current (srvid, ts %8$s %14$s)
-        SELECT _srvid, d.ts %15$s %16$s FROM d
-         WHERE NOT d.known OR %17$s
+        INSERT INTO %5$s_current (srvid, ts %11$s %12$s)
+        SELECT _srvid, d.ts %13$s %14$s FROM d
     ),
-    up AS (
-        INSERT INTO %6$s_last (srvid, ts %8$s %18$s %19$s)
-        SELECT _srvid, d.ts %15$s %20$s %21$s FROM d
-         WHERE NOT d.known OR %17$s
-        ON CONFLICT (srvid %8$s) DO UPDATE SET ts = excluded.ts %23$s
+    upd AS (
+        UPDATE %5$s_last p SET ts = d.ts %15$s
+          FROM d WHERE d.known__ AND p.srvid = _srvid %16$s
+    ),
+    new AS (
+        INSERT INTO %5$s_last (srvid, ts %11$s %17$s)
+        SELECT _srvid, d.ts %13$s %18$s FROM d WHERE NOT d.known__
     ),
     once AS (
-        %22$s
+        %19$s
     ),
     gone AS (
-        DELETE FROM %6$s_last p
-         WHERE p.srvid = _srvid AND NOT EXISTS (SELECT 1 FROM s WHERE %7$s) %24$s
+        DELETE FROM %5$s_last p
+         WHERE p.srvid = _srvid AND NOT EXISTS (SELECT 1 FROM s WHERE %6$s) %20$s
         RETURNING p.*
     )
-    INSERT INTO %6$s_current (srvid, ts %8$s)
-    SELECT _srvid, coalesce((SELECT max(ts) FROM s), now()) %8$s FROM gone
-     WHERE %25$s;
+    INSERT INTO %5$s_current (srvid, ts %11$s)
+    SELECT _srvid, coalesce((SELECT max(ts) FROM s), now()) %11$s FROM gone
+     WHERE %21$s;
 
     INSERT INTO pgfleet.metric_state (srvid, module, last_ts)
-    VALUES (_srvid, %26$L, now())
+    VALUES (_srvid, %1$L, now())
     ON CONFLICT (srvid, module) DO UPDATE SET last_ts = excluded.last_ts;
 END;
 $f$,
-        m.src_function::regproc, NULL, reset,
-        -- 4, 5: previous counter and gauge values
+        _module, m.src_function::regproc, reset,
+        -- 4: previous counter values
         pgfleet._list(m.counters, ', p.%1$I AS %1$I__prev', ''),
-        pgfleet._list(m.gauges, ', p.%1$I AS %1$I__prev', ''),
-        base, keyjoin,
-        -- 8: keys
-        pgfleet._list(m.keys, ', %I', ''),
-        -- 9: counter deltas.  A new entry seen after the first snapshot
-        -- started since then: all of its value is new.  On the very first
-        -- snapshot nothing is known about the past, so no delta.
-        pgfleet._list(m.counters, ', CASE WHEN NOT j.known THEN CASE WHEN _first THEN NULL ELSE j.%1$I END '
-                                  'WHEN j.reset THEN j.%1$I ELSE j.%1$I - j.%1$I__prev END AS %1$I', ''),
-        pgfleet._list(m.deltas, ', j.%I', ''),
-        pgfleet._list(m.gauges, ', j.%I', ''),
-        pgfleet._list(m.gauges, ', j.%1$I__prev AS prev_%1$s', ''),
-        -- 13: raw counters and epoch for the delta base
-        pgfleet._list(m.counters, ', j.%1$I AS %1$I__raw', '')
+        base, keyjoin, changed,
+        -- 8: keys; 9: counter deltas.  A new entry seen after the first
+        -- snapshot started since then: all of its value is new.  On the very
+        -- first snapshot nothing is known about the past, so no delta.
+        pgfleet._list(m.keys, ', j.%I', ''),
+        pgfleet._list(m.counters, ', CASE WHEN NOT j.known__ THEN CASE WHEN _first THEN NULL ELSE j.%1$I END '
+                                  'WHEN j.reset__ THEN j.%1$I ELSE j.%1$I - j.%1$I__prev END AS %1$I', ''),
+        -- 10: deltas, gauges, onces, raw counters and epoch as they came
+        pgfleet._list(m.deltas || m.gauges || m.onces, ', j.%I', '')
+            || pgfleet._list(m.counters, ', j.%1$I AS %1$I__raw', '')
             || CASE WHEN m.epoch IS NULL THEN '' ELSE format(', j.%I AS epoch__raw', m.epoch) END,
-        -- 14: value columns of current
+        -- 11, 12: key and value columns of current
+        pgfleet._list(m.keys, ', %I', ''),
         pgfleet._list(m.counters || m.deltas || m.gauges, ', %I', ''),
+        -- 13, 14: and their values.  A zero delta is stored as NULL: one bit
+        -- in the row's null bitmap instead of eight bytes, and most deltas of
+        -- most entries are zero.  Readers sum deltas; sum() skips NULLs.
         pgfleet._list(m.keys, ', d.%I', ''),
-        pgfleet._list(m.counters || m.deltas || m.gauges, ', d.%I', ''),
-        changed,
-        -- 18, 19: columns of last
-        CASE WHEN m.epoch IS NULL THEN '' ELSE format(', %I', m.epoch) END,
-        pgfleet._list(m.counters || m.gauges, ', %I', ''),
-        CASE WHEN m.epoch IS NULL THEN '' ELSE ', d.epoch__raw' END,
-        pgfleet._list(m.counters, ', d.%1$I__raw', '') || pgfleet._list(m.gauges, ', d.%I', ''),
-        -- 22: once-columns of entries not seen before
+        pgfleet._list(m.counters || m.deltas, ', nullif(d.%I, 0)', '') || pgfleet._list(m.gauges, ', d.%I', ''),
+        -- 15: the new delta base
+        CASE WHEN m.epoch IS NULL THEN '' ELSE format(', %I = d.epoch__raw', m.epoch) END
+            || pgfleet._list(m.counters, ', %1$I = d.%1$I__raw', '')
+            || pgfleet._list(m.gauges, ', %1$I = d.%1$I', ''),
+        pgfleet._list(m.keys, ' AND p.%1$I = d.%1$I', ''),
+        -- 17, 18: columns of last for new entries, and their values
+        CASE WHEN m.epoch IS NULL THEN '' ELSE format(', %I', m.epoch) END
+            || pgfleet._list(m.counters || m.gauges, ', %I', ''),
+        CASE WHEN m.epoch IS NULL THEN '' ELSE ', d.epoch__raw' END
+            || pgfleet._list(m.counters, ', d.%1$I__raw', '') || pgfleet._list(m.gauges, ', d.%I', ''),
+        -- 19: once-columns of entries not seen before
         CASE WHEN m.onces = '{}' THEN 'SELECT 1'
              ELSE format('INSERT INTO %s_once (srvid %s, first_seen %s) SELECT _srvid %s, d.ts %s FROM d '
-                         'WHERE NOT d.known ON CONFLICT DO NOTHING',
+                         'WHERE NOT d.known__ ON CONFLICT DO NOTHING',
                          base, pgfleet._list(m.keys, ', %I', ''), pgfleet._list(m.onces, ', %I', ''),
                          pgfleet._list(m.keys, ', d.%I', ''), pgfleet._list(m.onces, ', d.%I', '')) END,
-        pgfleet._list(CASE WHEN m.epoch IS NULL THEN '{}'::text[] ELSE ARRAY[m.epoch] END
-                      || m.counters || m.gauges, ', %1$I = excluded.%1$I', ''),
-        -- 24: only entries whose scope was collected this time can vanish
+        -- 20: only entries whose scope was collected this time can vanish
         CASE WHEN m.scope IS NULL THEN ''
              ELSE format('AND p.%1$I IN (SELECT %1$I FROM s)', m.scope) END,
-        CASE WHEN m.gauges = '{}' THEN 'false' ELSE 'true' END,
-        _module,
-        -- 27: once-columns carried to the once insert
-        pgfleet._list(m.onces, ', j.%I', ''));
+        CASE WHEN m.gauges = '{}' THEN 'false' ELSE 'true' END);
 END;
 $body$;
 
@@ -307,7 +326,10 @@ DECLARE
 BEGIN
     IF to_regclass('pgfleet.' || quote_ident(part)) IS NULL THEN
         -- Bounds in UTC, whatever the session's TimeZone.
-        EXECUTE format('CREATE TABLE pgfleet.%I PARTITION OF pgfleet.%I FOR VALUES FROM (%L) TO (%L)',
+        -- toast_tuple_target at its minimum: compress the points of a row
+        -- as soon as it is 128 bytes, not 2 kB (deltas are mostly zeros and
+        -- compress well).
+        EXECUTE format('CREATE TABLE pgfleet.%I PARTITION OF pgfleet.%I FOR VALUES FROM (%L) TO (%L) WITH (toast_tuple_target = 128)',
                        part, _module || '_history',
                        (_day::timestamp AT TIME ZONE 'UTC'),
                        ((_day + 1)::timestamp AT TIME ZONE 'UTC'));
@@ -326,7 +348,11 @@ DECLARE
 BEGIN
     SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
     base := 'pgfleet.' || quote_ident(_module);
-    vals := m.counters || m.deltas || m.gauges;
+    -- The point type's own attribute order, which a source that gained a
+    -- column later no longer shares with its column lists.
+    vals := ARRAY(SELECT a.attname::text FROM pg_attribute a
+                   WHERE a.attrelid = (SELECT typrelid FROM pg_type WHERE oid = (base || '_point')::regtype)
+                     AND a.attnum > 1 AND NOT a.attisdropped ORDER BY a.attnum);
     FOR d IN EXECUTE format($q$SELECT DISTINCT (min(ts) AT TIME ZONE 'UTC')::date
                                  FROM %s_current WHERE srvid = $1 GROUP BY srvid %s$q$,
                             base, pgfleet._list(m.keys, ', %I', ''))
@@ -336,11 +362,10 @@ BEGIN
     END LOOP;
     EXECUTE format($q$
         WITH moved AS (DELETE FROM %1$s_current WHERE srvid = $1 RETURNING *)
-        INSERT INTO %1$s_history (srvid %2$s, ts_start, ts_end, ts %3$s)
-        SELECT $1 %2$s, min(ts), max(ts), array_agg(ts ORDER BY ts) %4$s
+        INSERT INTO %1$s_history (srvid %2$s, ts_start, ts_end, points)
+        SELECT $1 %2$s, min(ts), max(ts), array_agg(ROW(ts %3$s)::%1$s_point ORDER BY ts)
           FROM moved GROUP BY srvid %2$s$q$,
-        base, pgfleet._list(m.keys, ', %I', ''), pgfleet._list(vals, ', %I', ''),
-        pgfleet._list(vals, ', array_agg(%I ORDER BY ts)', ''))
+        base, pgfleet._list(m.keys, ', %I', ''), pgfleet._list(vals, ', %I', ''))
     USING _srvid;
 END;
 $$;

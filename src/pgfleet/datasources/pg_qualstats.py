@@ -1,0 +1,47 @@
+"""pg_qualstats 2.0: predicates (quals) seen per query, per database.
+
+pg_qualstats() reports every database, but relation, column and operator
+OIDs only mean something in their own database, so this source runs in each
+database (where the extension is installed) and keeps that database's quals,
+which lets it write a readable ``qual`` such as ``public.orders.status = ?``
+(``?`` for the constant, ``schema.table.column`` on both sides for a join
+clause).
+
+An entry is the extension's own: one predicate with its constant values
+(``uniquequalnodeid``) in one ``AND`` group with its constants
+(``uniquequalid``, 0 outside any), per role, query and evaluation type
+(``f`` filter, ``i`` index).  Entries evicted when ``pg_qualstats.max`` is
+reached simply vanish, whereas sums over constants would go backwards and look
+like resets.  ``qualnodeid`` (the predicate without its constants) is stored
+once per entry to group them; ``constvalue`` is the constant, truncated by the
+extension to 80 bytes: query data, as in pg_stat_statements' texts.  At most
+``pg_qualstats.max`` (1000) entries exist per server.
+"""
+
+from __future__ import annotations
+
+from pgfleet.datasources import Column, Datasource
+
+DATASOURCE = Datasource(
+    module="pg_qualstats",
+    columns=(
+        Column("datname", "text", "key"),
+        Column("rolname", "text", "key"),
+        Column("queryid", "bigint", "key"),
+        Column("uniquequalnodeid", "bigint", "key"),
+        Column("uniquequalid", "bigint", "key"),
+        Column("eval_type", "text", "key"),
+        Column("qualnodeid", "bigint", "once"),
+        Column("qual", "text", "once"),
+        Column("constvalue", "text", "once"),
+        Column("occurences", "bigint", "counter"),  # sic, as the extension spells it
+        Column("execution_count", "bigint", "counter"),
+        Column("nbfiltered", "bigint", "counter"),
+    ),
+    queries={140000: "pg_qualstats.sql"},
+    extension="pg_qualstats",
+    per_database=True,
+    scope="datname",
+    priority=15,
+    description="predicates per query: how often evaluated and how many rows they filtered",
+)

@@ -1,0 +1,20 @@
+-- PostgreSQL 14 (pg_stat_statements 1.9): no temporary file timing nor JIT yet.
+SELECT now() AS ts, d.datname, r.rolname, s.toplevel, s.queryid,
+       i.stats_reset AS stats_since, s.query,
+       s.calls, s.plans, s.rows,
+       s.shared_blks_hit, s.shared_blks_read, s.shared_blks_dirtied, s.shared_blks_written,
+       s.local_blks_hit, s.local_blks_read, s.local_blks_dirtied, s.local_blks_written,
+       s.temp_blks_read, s.temp_blks_written,
+       s.wal_records, s.wal_fpi,
+       NULL::bigint AS jit_functions,
+       s.wal_bytes,
+       s.total_exec_time, s.total_plan_time,
+       s.blk_read_time, s.blk_write_time,
+       NULL::double precision AS temp_blk_read_time,
+       NULL::double precision AS temp_blk_write_time,
+       NULL::double precision AS jit_generation_time
+  FROM pg_stat_statements s
+  JOIN pg_database d ON d.oid = s.dbid
+  JOIN pg_roles r ON r.oid = s.userid
+ CROSS JOIN pg_stat_statements_info i
+ WHERE s.queryid IS NOT NULL
