@@ -59,7 +59,11 @@ def run_queries(conn: psycopg.Connection[tuple[object, ...]], queries: list[str]
 
 
 async def scenario(
-    repo_dsn: str, mon: Cluster, server: servers.Server, queries: list[str], share: float,
+    repo_dsn: str,
+    mon: Cluster,
+    server: servers.Server,
+    queries: list[str],
+    share: float,
     coalesce: int,
 ) -> tuple[float, float, float, float]:
     cfg = CollectorConfig()
@@ -72,7 +76,9 @@ async def scenario(
             for measured in (False, True):
                 if measured:
                     sync_repo.execute("VACUUM")
-                    row = sync_repo.execute("SELECT pg_database_size(current_database())").fetchone()
+                    row = sync_repo.execute(
+                        "SELECT pg_database_size(current_database())"
+                    ).fetchone()
                     size_before = row[0] if row else 0
                 for _ in range(coalesce):
                     n = max(1, round(len(queries) * share))
@@ -125,8 +131,13 @@ def main() -> None:
                 with psycopg.connect(repo_dsn, autocommit=True) as conn:
                     schema.upgrade(conn)
                     server = servers.add(
-                        conn, "bench", host=mon.host, port=mon.port, username="postgres",
-                        dbname="bench", coalesce=args.coalesce,
+                        conn,
+                        "bench",
+                        host=mon.host,
+                        port=mon.port,
+                        username="postgres",
+                        dbname="bench",
+                        coalesce=args.coalesce,
                     )
                 with mon.connect("bench") as conn:
                     conn.execute("SELECT pg_stat_statements_reset()")
@@ -137,8 +148,11 @@ def main() -> None:
                     f"{label} changing: wall median {med:.1f} ms max {mx:.1f} ms, "
                     f"cpu {cpu:.1f} ms, {size / 1024:.1f} kB/snapshot"
                 )
-            print(f"snapshot ({len(queries)} statements, coalesce {args.coalesce}): "
-                  + "; ".join(figures), flush=True)
+            print(
+                f"snapshot ({len(queries)} statements, coalesce {args.coalesce}): "
+                + "; ".join(figures),
+                flush=True,
+            )
         finally:
             for c in (mon, repo):
                 c.stop()

@@ -17,7 +17,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import errors as e
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
