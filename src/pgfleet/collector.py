@@ -170,18 +170,24 @@ def _source_error(e: psycopg.Error, cfg: CollectorConfig) -> str:
 
 
 @dataclass
-class _Staged:
+class Staged:
+    """One source's rows, fetched from a monitored server, not yet stored.
+
+    ``spool`` holds the rows in COPY text format (srvid first), positioned at
+    its end: ``spool.tell()`` is its size.
+    """
+
     source: RegisteredSource
     spool: IO[bytes]
 
 
 async def fetch(
     session: ServerSession, sources: Iterable[RegisteredSource], result: SnapshotResult
-) -> tuple[ServerInfo, list[_Staged]]:
+) -> tuple[ServerInfo, list[Staged]]:
     """Run the sources on the monitored server into spools (step 1)."""
     info = await session.info()
     known = builtin()
-    staged: list[_Staged] = []
+    staged: list[Staged] = []
     cfg = session.cfg
     srvid = session.server.srvid
     for src in sources:
@@ -241,7 +247,7 @@ async def fetch(
                 ) from None
             result.errors.append((src.module, _source_error(e, cfg)))
             continue
-        staged.append(_Staged(src, spool))
+        staged.append(Staged(src, spool))
     return info, staged
 
 
@@ -249,13 +255,13 @@ async def store(
     repo: psycopg.AsyncConnection[Any],
     srvid: int,
     info: ServerInfo | None,
-    staged: list[_Staged],
+    staged: list[Staged],
     result: SnapshotResult,
 ) -> None:
     """Write spooled rows and take the snapshot, in one transaction (step 2)."""
     async with repo.transaction():
         await repo.execute("SELECT pgfleet.snapshot_lock()")
-        loaded: list[_Staged] = []
+        loaded: list[Staged] = []
         for st in staged:
             tmp = st.source.tmp_table
             assert tmp is not None
@@ -330,7 +336,7 @@ async def snapshot_remote(
     result = SnapshotResult(server.alias, server.srvid)
     own = session is None
     sess = session or ServerSession(server, cfg)
-    staged: list[_Staged] = []
+    staged: list[Staged] = []
     try:
         sources = await registered_sources(repo)
         try:
