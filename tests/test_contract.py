@@ -246,3 +246,62 @@ def test_registry_shape(repo):
         assert bad == []
         ops = conn.execute("SELECT DISTINCT operation FROM pgfleet.functions ORDER BY 1").fetchall()
         assert ops == [("aggregate",), ("purge",), ("snapshot",), ("unregister",)]
+
+
+def test_rows_that_do_not_fit_fail_only_their_source(repo, run_cli, pg18, new_database):
+    """A COPY into a transient table that fails loses that source, not the others."""
+    with connect(repo) as conn:
+        conn.execute(REPOSITORY_SQL)
+    mon = new_database(pg18)
+    with connect(mon) as conn:
+        conn.execute(
+            "CREATE FUNCTION public.my_datasource_src(srvid integer) "
+            "RETURNS TABLE (ts timestamptz, my_counter text) LANGUAGE sql AS "
+            "$$ SELECT now(), 'not a number' $$"
+        )
+    add_server(run_cli, "mon", mon)
+    res = run_cli("snapshot", "mon")
+    assert res.rc == 3
+    assert "my_datasource: cannot store: invalid input syntax for type integer" in res.err
+    with connect(repo) as conn:
+        assert conn.execute("SELECT count(*) FROM public.my_datasource_history").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM pgfleet.pg_stat_database_current").fetchone()[0] > 0
+        assert conn.execute("SELECT count(*) FROM public.my_datasource_src_tmp").fetchone()[0] == 0
+
+
+def test_user_source_on_the_generic_storage(repo, run_cli, pg18, new_database):
+    """A user's source stored by pgfleet.create_metric_source: deltas, series, purge."""
+    with connect(repo) as conn:
+        conn.execute("""
+            CREATE UNLOGGED TABLE public.my_datasource_src_tmp (
+                srvid integer NOT NULL, ts timestamptz NOT NULL, my_counter integer NOT NULL);
+            CREATE FUNCTION public.my_datasource_src(_srvid integer)
+            RETURNS TABLE (ts timestamptz, my_counter integer) LANGUAGE sql AS $$
+                SELECT t.ts, t.my_counter FROM public.my_datasource_src_tmp t WHERE t.srvid = _srvid
+            $$;
+            SELECT pgfleet.create_metric_source(
+                'my_datasource', 'public.my_datasource_src',
+                _keys => '{}', _counters => '{my_counter}', _deltas => '{}', _gauges => '{}',
+                _onces => '{}');""")
+    mon = new_database(pg18)
+    with connect(mon) as conn:
+        conn.execute(MONITORED_SQL)
+    add_server(run_cli, "mon", mon, "--coalesce", "2")
+    for value in (41, 45, 3, 10):  # 3: the counter was reset
+        with connect(mon) as conn:
+            conn.execute("UPDATE my_counter_table SET my_counter = %s", (value,))
+        assert run_cli("snapshot", "mon").rc == 0
+    srvid = scalar(repo, "SELECT srvid FROM pgfleet.servers WHERE alias = 'mon'")
+    with connect(repo) as conn:
+        deltas = [r[0] for r in conn.execute(
+            "SELECT my_counter FROM pgfleet.my_datasource_series(%s, now() - interval '1 hour', now()) "
+            "ORDER BY ts", (srvid,)).fetchall()]
+        # Unknown on the first snapshot, +4, restarted at 3, +7; aggregated
+        # rows and current ones read alike.
+        assert deltas == [None, 4, 3, 7]
+        assert conn.execute(
+            "SELECT count(*) FROM pgfleet.my_datasource_history WHERE srvid = %s", (srvid,)
+        ).fetchone()[0] == 2
+        assert conn.execute(
+            "SELECT added_manually FROM pgfleet.functions WHERE module = 'my_datasource' "
+            "AND operation = 'snapshot'").fetchone()[0] is True

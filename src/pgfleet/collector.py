@@ -261,26 +261,25 @@ async def store(
     """Write spooled rows and take the snapshot, in one transaction (step 2)."""
     async with repo.transaction():
         await repo.execute("SELECT pgfleet.snapshot_lock()")
-        loaded: list[Staged] = []
-        for st in staged:
-            tmp = st.source.tmp_table
-            assert tmp is not None
-            if st.spool.tell() == 0:
-                # No rows: nothing to stage or truncate, but the snapshot
-                # function still runs (every entry it knew has vanished).
-                loaded.append(st)
-                continue
-            try:
-                async with repo.transaction():  # a savepoint per source
-                    st.spool.seek(0)
-                    async with repo.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(tmp)) as cp:
-                        while chunk := st.spool.read(_CHUNK):
-                            await cp.write(chunk)
-                    rows = cp.cursor.rowcount
-                result.rows += max(rows, 0)
-                loaded.append(st)
-            except psycopg.Error as e:
-                result.errors.append((st.source.module, f"cannot store: {first_line(e)}"))
+        # Staging rarely fails (a user's source whose rows do not fit its
+        # transient table), so first try every COPY under one savepoint and
+        # only on failure redo them one savepoint each, to keep the others.
+        try:
+            async with repo.transaction():
+                rows = 0
+                for st in staged:
+                    rows += await _stage(repo, st)
+            result.rows += rows
+            loaded = list(staged)
+        except psycopg.Error:
+            loaded = []
+            for st in staged:
+                try:
+                    async with repo.transaction():
+                        result.rows += await _stage(repo, st)
+                    loaded.append(st)
+                except psycopg.Error as e:
+                    result.errors.append((st.source.module, f"cannot store: {first_line(e)}"))
         modules = [st.source.module for st in loaded]
         await repo.execute("SELECT pgfleet.take_snapshot(%s, %s)", (srvid, modules))
         for module, message in result.errors:
@@ -307,6 +306,22 @@ async def store(
                     sql.SQL(", ").join(t for t in tables.values() if t is not None)
                 )
             )
+
+
+async def _stage(repo: psycopg.AsyncConnection[Any], st: Staged) -> int:
+    """COPY one source's spooled rows into its transient table; return the row count."""
+    size = st.spool.tell() if not st.spool.closed else 0
+    if size == 0:
+        # No rows: nothing to stage or truncate, but the snapshot function
+        # still runs (every entry it knew has vanished).
+        return 0
+    tmp = st.source.tmp_table
+    assert tmp is not None
+    st.spool.seek(0)
+    async with repo.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(tmp)) as cp:
+        while chunk := st.spool.read(_CHUNK):
+            await cp.write(chunk)
+    return max(cp.cursor.rowcount, 0)
 
 
 async def record_failure(
