@@ -1,0 +1,70 @@
+"""pgfleet server add | list | update | remove."""
+
+from __future__ import annotations
+
+import json
+
+from tests.fix_repository import add_server, connect, scalar
+
+
+def test_add_list_update_remove(run_cli):
+    res = run_cli("server", "add", "db1", "--host", "db1.example", "--port", "6432",
+                  "--user", "monitor", "--password-ref", "env:DB1_PW", "--frequency", "60",
+                  "--retention", "3d", "--options", "sslmode=require")
+    assert res.rc == 0, res.err
+    assert res.out.strip() == "server 'db1' added (srvid 1)"
+    listed = json.loads(run_cli("server", "list", "--json").out)
+    assert listed == [{
+        "srvid": 1, "alias": "db1", "host": "db1.example", "port": 6432, "username": "monitor",
+        "dbname": "postgres", "password_ref": "env:DB1_PW", "options": "sslmode=require",
+        "frequency": 60, "coalesce": 100, "retention_seconds": 3 * 86400, "enabled": True,
+    }]
+    text = run_cli("server", "list").out
+    assert "db1.example" in text and "3d" in text
+
+    assert run_cli("server", "update", "db1", "--disable", "--frequency", "30").rc == 0
+    listed = json.loads(run_cli("server", "list", "--json").out)
+    assert (listed[0]["enabled"], listed[0]["frequency"]) == (False, 30)
+
+    assert run_cli("server", "add", "db1").err.strip() == \
+        "pgfleet: error: a server named 'db1' already exists"
+    res = run_cli("server", "remove", "db1")
+    assert res.rc == 0
+    assert "its data stays until retention removes it" in res.out
+    assert json.loads(run_cli("server", "list", "--json").out) == []
+
+
+def test_remove_purge_deletes_collected_data(repo, run_cli, pg18, new_database):
+    mon = new_database(pg18)
+    add_server(run_cli, "gone", mon)
+    add_server(run_cli, "kept", mon)
+    assert run_cli("snapshot", "gone").rc == 0
+    assert run_cli("snapshot", "kept").rc == 0
+    gone = scalar(repo, "SELECT srvid FROM pgfleet.servers WHERE alias = 'gone'")
+    res = run_cli("server", "remove", "gone", "--purge")
+    assert res.rc == 0 and "purged" in res.out
+    with connect(repo) as conn:
+        for (module,) in conn.execute("SELECT module FROM pgfleet.metric_sources").fetchall():
+            for part in ("last", "current"):
+                assert conn.execute(
+                    f"SELECT count(*) FROM pgfleet.{module}_{part} WHERE srvid = %s", (gone,)
+                ).fetchone()[0] == 0
+        # The other server's data is untouched.
+        assert conn.execute(
+            "SELECT count(*) FROM pgfleet.pg_stat_database_current c JOIN pgfleet.servers s "
+            "USING (srvid) WHERE s.alias = 'kept'").fetchone()[0] > 0
+
+
+def test_passwords_are_refused(run_cli):
+    res = run_cli("server", "add", "x", "--password-ref", "hunter2")
+    assert res.rc == 1
+    assert "passwords are never stored in the repository" in res.err
+    res = run_cli("server", "add", "x", "--options", "host=a password=hunter2")
+    assert res.rc == 1
+    assert "hunter2" not in res.err
+
+
+def test_local_server_cannot_be_removed(run_cli):
+    res = run_cli("server", "remove", "local")
+    assert res.rc == 1
+    assert "cannot be removed" in res.err
