@@ -65,12 +65,13 @@ async def scenario(
     queries: list[str],
     share: float,
     coalesce: int,
-) -> tuple[float, float, float, float]:
+) -> tuple[float, float, float, float, float, float]:
     cfg = CollectorConfig()
     session = ServerSession(server, cfg)
     rng = random.Random(42)
     walls: list[float] = []
     cpus: list[float] = []
+    phases: list[tuple[float, float]] = []
     with mon.connect("bench") as load, psycopg.connect(repo_dsn, autocommit=True) as sync_repo:
         async with await psycopg.AsyncConnection.connect(repo_dsn, autocommit=True) as repo:
             for measured in (False, True):
@@ -92,6 +93,7 @@ async def scenario(
                     if measured:
                         walls.append((w1 - w0) * 1000)
                         cpus.append((c1 - c0) * 1000)
+                        phases.append((result.fetch_seconds * 1000, result.store_seconds * 1000))
             sync_repo.execute("VACUUM")
             row = sync_repo.execute("SELECT pg_database_size(current_database())").fetchone()
             size_after = row[0] if row else 0
@@ -101,6 +103,8 @@ async def scenario(
         max(walls),
         statistics.median(cpus),
         (size_after - size_before) / coalesce,
+        statistics.median(p[0] for p in phases),
+        statistics.median(p[1] for p in phases),
     )
 
 
@@ -141,11 +145,12 @@ def main() -> None:
                     )
                 with mon.connect("bench") as conn:
                     conn.execute("SELECT pg_stat_statements_reset()")
-                med, mx, cpu, size = asyncio.run(
+                med, mx, cpu, size, fetch, store = asyncio.run(
                     scenario(repo_dsn, mon, server, queries, share, args.coalesce)
                 )
                 figures.append(
-                    f"{label} changing: wall median {med:.1f} ms max {mx:.1f} ms, "
+                    f"{label} changing: wall median {med:.1f} ms max {mx:.1f} ms "
+                    f"(fetch {fetch:.1f} + store {store:.1f}), "
                     f"cpu {cpu:.1f} ms, {size / 1024:.1f} kB/snapshot"
                 )
             print(

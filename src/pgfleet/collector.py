@@ -66,6 +66,9 @@ class SnapshotResult:
     errors: list[tuple[str, str]] = field(default_factory=list)
     rows: int = 0
     seconds: float = 0.0
+    # Of which: querying the monitored server, and writing the repository.
+    fetch_seconds: float = 0.0
+    store_seconds: float = 0.0
 
     def summary(self) -> str:
         parts = [
@@ -284,18 +287,24 @@ async def store(
         await repo.execute("SELECT pgfleet.take_snapshot(%s, %s)", (srvid, modules))
         for module, message in result.errors:
             await repo.execute("SELECT pgfleet.record_error(%s, %s, %s)", (srvid, module, message))
+        # The failures take_snapshot recorded, and what we learnt of the server.
         cur = await repo.execute(
-            """SELECT source, message FROM pgfleet.snapshot_errors
+            """WITH st AS (
+                   UPDATE pgfleet.snapshot_state
+                      SET server_version_num = coalesce(%s, server_version_num),
+                          in_recovery = coalesce(%s, in_recovery)
+                    WHERE srvid = %s)
+               SELECT source, message FROM pgfleet.snapshot_errors
                 WHERE srvid = %s AND ts = now() AND NOT (source = ANY (%s))""",
-            (srvid, [m for m, _ in result.errors]),
+            (
+                info.version_num if info else None,
+                info.in_recovery if info else None,
+                srvid,
+                srvid,
+                [m for m, _ in result.errors],
+            ),
         )
         result.errors.extend(await cur.fetchall())
-        if info is not None:
-            await repo.execute(
-                """UPDATE pgfleet.snapshot_state SET server_version_num = %s, in_recovery = %s
-                    WHERE srvid = %s""",
-                (info.version_num, info.in_recovery, srvid),
-            )
         failed = {m for m, _ in result.errors}
         result.stored = [m for m in modules if m not in failed]
         # Transient rows only ever live inside this transaction.
@@ -354,13 +363,17 @@ async def snapshot_remote(
     staged: list[Staged] = []
     try:
         sources = await registered_sources(repo)
+        t1 = time.perf_counter()
         try:
             info, staged = await fetch(sess, sources, result)
         except ServerError as e:
             await sess.close()
             await record_failure(repo, server.srvid, "connection", str(e))
             raise
+        t2 = time.perf_counter()
+        result.fetch_seconds = t2 - t1
         await store(repo, server.srvid, info, staged, result)
+        result.store_seconds = time.perf_counter() - t2
     finally:
         for st in staged:
             st.spool.close()

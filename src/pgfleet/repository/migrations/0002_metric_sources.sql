@@ -33,11 +33,12 @@ CREATE TABLE pgfleet.metric_sources (
     scope text CHECK (scope IS NULL OR scope = ANY (keys))
 );
 
--- Per server and source: when it was last snapshotted (no state = first).
+-- Per server and source: when it was first snapshotted.  No row means the
+-- next snapshot is the first, whose counters have no delta base.
 CREATE TABLE pgfleet.metric_state (
     srvid integer NOT NULL,
     module text NOT NULL REFERENCES pgfleet.metric_sources ON DELETE CASCADE,
-    last_ts timestamptz NOT NULL,
+    first_ts timestamptz NOT NULL,
     PRIMARY KEY (srvid, module)
 );
 
@@ -269,9 +270,9 @@ BEGIN
     SELECT _srvid, coalesce((SELECT max(ts) FROM s), now()) %11$s FROM gone
      WHERE %21$s;
 
-    INSERT INTO pgfleet.metric_state (srvid, module, last_ts)
-    VALUES (_srvid, %1$L, now())
-    ON CONFLICT (srvid, module) DO UPDATE SET last_ts = excluded.last_ts;
+    IF _first THEN
+        INSERT INTO pgfleet.metric_state (srvid, module, first_ts) VALUES (_srvid, %1$L, now());
+    END IF;
 END;
 $f$,
         _module, m.src_function::regproc, reset,
