@@ -305,3 +305,26 @@ def test_user_source_on_the_generic_storage(repo, run_cli, pg18, new_database):
         assert conn.execute(
             "SELECT added_manually FROM pgfleet.functions WHERE module = 'my_datasource' "
             "AND operation = 'snapshot'").fetchone()[0] is True
+
+
+def test_query_cleanup_runs_on_the_server_after_the_source(repo, run_cli, pg18, new_database):
+    with connect(repo) as conn:
+        conn.execute(REPOSITORY_SQL)
+        conn.execute(
+            "UPDATE pgfleet.functions SET query_cleanup = 'UPDATE my_counter_table SET my_counter = 0' "
+            "WHERE module = 'my_datasource' AND operation = 'snapshot'"
+        )
+    mon = new_database(pg18)
+    with connect(mon) as conn:
+        conn.execute(MONITORED_SQL)
+    add_server(run_cli, "mon", mon)
+    assert run_cli("snapshot", "mon").rc == 0
+    assert run_cli("snapshot", "mon").rc == 0
+    # The first snapshot read 41 and reset it; the second read the reset value.
+    assert [r[0] for r in _rows(repo, "SELECT my_counter FROM public.my_datasource_history ORDER BY ts")] == [41, 0]
+    assert scalar(mon, "SELECT my_counter FROM my_counter_table") == 0
+
+
+def _rows(dsn, query):
+    with connect(dsn) as conn:
+        return conn.execute(query).fetchall()
