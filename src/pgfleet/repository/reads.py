@@ -1,0 +1,686 @@
+"""What the web UI reads from the repository: every query it runs is here.
+
+Everything is computed in SQL and comes back small: series are cut into a
+fixed number of buckets whatever the range (a rate is ``sum(delta)`` over the
+bucket's seconds), rankings are sums over the range read from window totals
+(``<module>_sums``), whole-server charts come from per-snapshot rollups
+(``<module>_rollup``): see migration 0004.
+
+Functions take an async connection (with any row factory) and return plain
+Python values; the views turn them into JSON and HTML.  Column names are
+ours, never a user's: they are composed as identifiers all the same.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+Row = dict[str, Any]
+Conn = psycopg.AsyncConnection[Any]
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """A time range cut into `count` buckets of `width` seconds."""
+
+    start: datetime
+    end: datetime
+    width: float
+    count: int
+
+    @classmethod
+    def over(
+        cls, start: datetime, end: datetime, points: int = 300, min_width: float = 1.0
+    ) -> Buckets:
+        span = max((end - start).total_seconds(), 1.0)
+        width = max(span / points, min_width)
+        return cls(start, end, width, max(1, math.ceil(span / width)))
+
+    def x(self) -> list[float]:
+        """Each bucket's start, in seconds since the epoch."""
+        t0 = self.start.timestamp()
+        return [round(t0 + i * self.width, 3) for i in range(self.count)]
+
+    def params(self) -> dict[str, Any]:
+        return {"from": self.start, "to": self.end, "width": self.width}
+
+
+def _bucket(col: str = "ts") -> sql.Composable:
+    return sql.SQL("floor(extract(epoch FROM {} - %(from)s) / %(width)s)::int").format(
+        sql.Identifier(col)
+    )
+
+
+def _ident(name: str) -> sql.Identifier:
+    return sql.Identifier("pgfleet", name)
+
+
+async def _fetch(
+    conn: Conn, query: sql.SQL | sql.Composed | str, params: Mapping[str, Any]
+) -> list[Row]:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(query, params)
+        rows = await cur.fetchall()
+    # sum() of bigint is numeric: floats are what charts and JSON want.
+    for r in rows:
+        for k, v in r.items():
+            if isinstance(v, Decimal):
+                r[k] = float(v)
+    return rows
+
+
+def _filters(
+    where: Mapping[str, Any] | None, alias: str = ""
+) -> tuple[sql.Composable, dict[str, Any]]:
+    """``AND col = %(w_col)s ...`` for equality filters; None matches NULL."""
+    parts: list[sql.Composable] = []
+    params: dict[str, Any] = {}
+    for i, (col, value) in enumerate((where or {}).items()):
+        ident = sql.Identifier(alias, col) if alias else sql.Identifier(col)
+        if value is None:
+            parts.append(sql.SQL(" AND {} IS NULL").format(ident))
+        else:
+            parts.append(sql.SQL(" AND {} = {}").format(ident, sql.Placeholder(f"w{i}")))
+            params[f"w{i}"] = value
+    return sql.Composed(parts), params
+
+
+# -- Fleet and servers
+
+
+_SERVERS = """
+SELECT s.srvid, s.alias, s.host, s.port, s.dbname, s.frequency, s.enabled,
+       extract(epoch FROM s.retention)::bigint AS retention_seconds,
+       st.snapshots, st.last_snapshot, st.last_error, st.server_version_num, st.in_recovery,
+       extract(epoch FROM now() - st.last_snapshot) AS snapshot_age,
+       (SELECT count(*) FROM pgfleet.snapshot_errors e
+         WHERE e.srvid = s.srvid AND e.ts > now() - interval '1 day') AS errors_1d,
+       (SELECT e.message FROM pgfleet.snapshot_errors e
+         WHERE e.srvid = s.srvid ORDER BY e.ts DESC LIMIT 1) AS last_error_message
+  FROM pgfleet.servers s
+  LEFT JOIN pgfleet.snapshot_state st USING (srvid)
+"""
+
+
+async def servers(conn: Conn) -> list[Row]:
+    """Every server with its collection state, local (srvid 0) only if it was snapshotted."""
+    return await _fetch(
+        conn, _SERVERS + " WHERE s.srvid > 0 OR st.snapshots > 0 ORDER BY s.alias", {}
+    )
+
+
+async def server(conn: Conn, srvid: int) -> Row | None:
+    rows = await _fetch(conn, _SERVERS + " WHERE s.srvid = %(srvid)s", {"srvid": srvid})
+    return rows[0] if rows else None
+
+
+async def errors(conn: Conn, srvid: int, limit: int = 20) -> list[Row]:
+    return await _fetch(
+        conn,
+        "SELECT ts, source, message FROM pgfleet.snapshot_errors"
+        " WHERE srvid = %(srvid)s ORDER BY ts DESC LIMIT %(limit)s",
+        {"srvid": srvid, "limit": limit},
+    )
+
+
+async def snapshot_state(conn: Conn) -> list[Row]:
+    """The repository's side of the collector: what each server's last snapshot was."""
+    return await _fetch(
+        conn,
+        """SELECT s.srvid, s.alias, s.enabled, s.frequency, st.snapshots, st.last_snapshot,
+                  st.last_aggregate, st.last_purge, st.last_error,
+                  extract(epoch FROM now() - st.last_snapshot) AS snapshot_age
+             FROM pgfleet.servers s LEFT JOIN pgfleet.snapshot_state st USING (srvid)
+            ORDER BY s.alias""",
+        {},
+    )
+
+
+async def fleet_load(conn: Conn, b: Buckets) -> dict[int, dict[str, list[float | None]]]:
+    """Queries/s and time spent (ms/s) of every server, bucketed."""
+    rows = await _fetch(
+        conn,
+        sql.SQL(
+            """SELECT srvid, {b} AS b, sum(calls) AS calls, sum(total_exec_time) AS time
+                 FROM pgfleet.pg_stat_statements_rollup
+                WHERE ts > %(from)s AND ts <= %(to)s
+                GROUP BY 1, 2"""
+        ).format(b=_bucket()),
+        b.params(),
+    )
+    out: dict[int, dict[str, list[float | None]]] = {}
+    for r in rows:
+        d = out.setdefault(r["srvid"], {"calls": [None] * b.count, "time": [None] * b.count})
+        i = min(max(r["b"], 0), b.count - 1)
+        for k in ("calls", "time"):
+            if r[k] is not None:
+                d[k][i] = (d[k][i] or 0.0) + float(r[k]) / b.width
+    return out
+
+
+# -- Generic bucketed series
+
+
+async def rollup_series(
+    conn: Conn,
+    module: str,
+    srvid: int,
+    b: Buckets,
+    columns: Sequence[str],
+    *,
+    group: str | None = None,
+    where: Mapping[str, Any] | None = None,
+    gauge: bool = False,
+) -> dict[str | None, dict[str, list[float | None]]]:
+    """Per bucket (and value of `group`), columns of ``<module>_rollup``.
+
+    Counters become rates per second.  With `gauge`, each bucket holds the
+    average over the snapshots in it of the sums the rollup kept.
+    """
+    cond, params = _filters(where)
+    g = sql.SQL(", {}").format(sql.Identifier(group)) if group else sql.SQL("")
+    aggs = sql.SQL(", ").join(
+        (
+            sql.SQL(
+                "sum({c}) / nullif(count(DISTINCT ts) FILTER (WHERE {c} IS NOT NULL), 0) AS {c}"
+            )
+            if gauge
+            else sql.SQL("sum({c}) AS {c}")
+        ).format(c=sql.Identifier(c))
+        for c in columns
+    )
+    query = sql.SQL(
+        """SELECT {b} AS b {g}, {aggs} FROM {t}
+            WHERE srvid = %(srvid)s AND ts > %(from)s AND ts <= %(to)s {cond}
+            GROUP BY 1 {g}"""
+    ).format(b=_bucket(), g=g, aggs=aggs, t=_ident(f"{module}_rollup"), cond=cond)
+    rows = await _fetch(conn, query, {**b.params(), **params, "srvid": srvid})
+    return _assemble(rows, b, columns, group, rate=not gauge)
+
+
+async def series(
+    conn: Conn,
+    module: str,
+    srvid: int,
+    b: Buckets,
+    exprs: Mapping[str, str],
+    *,
+    where: Mapping[str, Any] | None = None,
+    group: str | None = None,
+    rate: bool = True,
+) -> dict[str | None, dict[str, list[float | None]]]:
+    """Per bucket, aggregates over ``<module>_series``: `exprs` maps a name to
+    an SQL aggregate of our own (e.g. ``sum(calls)``), never to user input."""
+    cond, params = _filters(where)
+    g = sql.SQL(", {}").format(sql.Identifier(group)) if group else sql.SQL("")
+    aggs = sql.SQL(", ").join(
+        sql.SQL("{} AS {}").format(sql.SQL(e), sql.Identifier(n)) for n, e in exprs.items()
+    )
+    query = sql.SQL(
+        """SELECT {b} AS b {g}, {aggs}
+             FROM {f}(%(srvid)s, %(from)s, %(to)s)
+            WHERE ts > %(from)s {cond}
+            GROUP BY 1 {g}"""
+    ).format(b=_bucket(), g=g, aggs=aggs, f=_ident(f"{module}_series"), cond=cond)
+    rows = await _fetch(conn, query, {**b.params(), **params, "srvid": srvid})
+    return _assemble(rows, b, list(exprs), group, rate=rate)
+
+
+def _assemble(
+    rows: list[Row], b: Buckets, columns: Sequence[str], group: str | None, *, rate: bool
+) -> dict[str | None, dict[str, list[float | None]]]:
+    out: dict[str | None, dict[str, list[float | None]]] = {}
+    for r in rows:
+        key = None if group is None else r[group]
+        d = out.setdefault(key, {c: [None] * b.count for c in columns})
+        i = min(max(r["b"], 0), b.count - 1)
+        for c in columns:
+            v = r[c]
+            if v is None:
+                continue
+            v = float(v) / b.width if rate else float(v)
+            d[c][i] = v if d[c][i] is None else (d[c][i] or 0.0) + v
+    return out
+
+
+async def gauge_series(
+    conn: Conn,
+    module: str,
+    srvid: int,
+    b: Buckets,
+    keys: Sequence[str],
+    columns: Sequence[str],
+) -> dict[tuple[Any, ...], dict[str, list[float | None]]]:
+    """Gauges per entry, per bucket: the last value in the bucket, the value
+    before the range carried in (gauges are only stored when they change)."""
+    keycols = sql.SQL(", ").join(sql.Identifier(k) for k in keys) if keys else sql.SQL("")
+    kc = sql.SQL("{}, ").format(keycols) if keys else sql.SQL("")
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+    f = _ident(f"{module}_series")
+    query = sql.SQL(
+        """(SELECT DISTINCT ON ({dk}) -1 AS b, {kc} {cols}
+              FROM {f}(%(srvid)s, %(from)s - interval '1 day', %(from)s)
+             ORDER BY {dk}, ts DESC)
+           UNION ALL
+           (SELECT DISTINCT ON ({b}, {dk}) {b} AS b, {kc} {cols}
+              FROM {f}(%(srvid)s, %(from)s, %(to)s)
+             WHERE ts > %(from)s
+             ORDER BY {b}, {dk}, ts DESC)"""
+    ).format(
+        dk=keycols if keys else sql.SQL("1"),
+        kc=kc,
+        cols=cols,
+        f=f,
+        b=_bucket(),
+    )
+    rows = await _fetch(conn, query, {**b.params(), "srvid": srvid})
+    out: dict[tuple[Any, ...], dict[str, list[float | None]]] = {}
+    changed: dict[tuple[Any, ...], set[int]] = {}
+    seed: dict[tuple[Any, ...], Row] = {}
+    for r in rows:
+        key = tuple(r[k] for k in keys)
+        if r["b"] < 0:
+            seed[key] = r
+            continue
+        d = out.setdefault(key, {c: [None] * b.count for c in columns})
+        i = min(r["b"], b.count - 1)
+        changed.setdefault(key, set()).add(i)
+        for c in columns:
+            d[c][i] = None if r[c] is None else float(r[c])
+    for key in seed:
+        out.setdefault(key, {c: [None] * b.count for c in columns})
+    # Carry each value forward to the next change; a tombstone (all NULL)
+    # ends the entry.
+    for key, d in out.items():
+        s0 = seed.get(key)
+        marks = changed.get(key, set())
+        for c in columns:
+            vals = d[c]
+            last = None if s0 is None or s0[c] is None else float(s0[c])
+            for i in range(b.count):
+                if i in marks:
+                    last = vals[i]
+                else:
+                    vals[i] = last
+    return {k: d for k, d in out.items() if any(v is not None for vs in d.values() for v in vs)}
+
+
+# -- Rankings over a range (window totals)
+
+
+async def sums(
+    conn: Conn,
+    module: str,
+    srvid: int,
+    start: datetime,
+    end: datetime,
+    group: Sequence[str],
+    exprs: Mapping[str, str],
+    *,
+    where: Mapping[str, Any] | None = None,
+    order: str | None = None,
+    limit: int | None = None,
+) -> list[Row]:
+    """Aggregates over ``<module>_sums`` per `group`: `exprs` are ours."""
+    cond, params = _filters(where)
+    gcols = sql.SQL(", ").join(sql.Identifier(c) for c in group)
+    aggs = sql.SQL(", ").join(
+        sql.SQL("{} AS {}").format(sql.SQL(e), sql.Identifier(n)) for n, e in exprs.items()
+    )
+    query = sql.SQL(
+        "SELECT {g}{sep}{aggs} FROM {f}(%(srvid)s, %(from)s, %(to)s) WHERE true {cond}"
+    ).format(
+        g=gcols,
+        sep=sql.SQL(", ") if group else sql.SQL(""),
+        aggs=aggs,
+        f=_ident(f"{module}_sums"),
+        cond=cond,
+    )
+    if group:
+        query += sql.SQL(" GROUP BY {}").format(gcols)
+    if order:
+        query += sql.SQL(" ORDER BY {} DESC NULLS LAST").format(sql.Identifier(order))
+    if limit:
+        query += sql.SQL(" LIMIT {}").format(sql.Literal(limit))
+    return await _fetch(conn, query, {"srvid": srvid, "from": start, "to": end, **params})
+
+
+# What "top queries" can be sorted by, as SQL over the sums of a statement.
+QUERY_SORTS = {
+    "total_time": "total_time",
+    "calls": "calls",
+    "mean": "mean_time",
+    "io": "io_blocks",
+    "wal": "wal_bytes",
+}
+
+_QUERY_EXPRS = {
+    "calls": "sum(calls)",
+    "total_time": "sum(total_exec_time)",
+    "mean_time": "sum(total_exec_time) / nullif(sum(calls), 0)",
+    "rows": "sum(rows)",
+    "shared_blks_hit": "sum(shared_blks_hit)",
+    "shared_blks_read": "sum(shared_blks_read)",
+    "io_blocks": "coalesce(sum(shared_blks_read), 0) + coalesce(sum(shared_blks_written), 0)"
+    " + coalesce(sum(temp_blks_read), 0) + coalesce(sum(temp_blks_written), 0)",
+    "temp_blks": "coalesce(sum(temp_blks_read), 0) + coalesce(sum(temp_blks_written), 0)",
+    "wal_bytes": "sum(wal_bytes)",
+    "plan_time": "sum(total_plan_time)",
+}
+
+
+async def top_queries(
+    conn: Conn,
+    srvid: int,
+    start: datetime,
+    end: datetime,
+    *,
+    sort: str = "total_time",
+    datname: str | None = None,
+    limit: int = 50,
+    text_chars: int = 160,
+) -> list[Row]:
+    """The statements of a server (or one database) that did the most, per
+    database and queryid, with the start of their text."""
+    where = {"datname": datname} if datname is not None else None
+    rows = await sums(
+        conn,
+        "pg_stat_statements",
+        srvid,
+        start,
+        end,
+        ["datname", "queryid"],
+        _QUERY_EXPRS,
+        where=where,
+        order=QUERY_SORTS.get(sort, "total_time"),
+        limit=limit,
+    )
+    rows = [r for r in rows if r["calls"] or r["total_time"]]
+    if rows:
+        texts = await _fetch(
+            conn,
+            """SELECT DISTINCT ON (o.datname, o.queryid) o.datname, o.queryid,
+                      left(regexp_replace(o.query, '[[:space:]]+', ' ', 'g'), %(chars)s) AS query,
+                      length(o.query) AS query_length
+                 FROM pgfleet.pg_stat_statements_once o
+                WHERE o.srvid = %(srvid)s AND o.queryid = ANY (%(ids)s)
+                ORDER BY o.datname, o.queryid, o.toplevel DESC""",
+            {"srvid": srvid, "ids": [r["queryid"] for r in rows], "chars": text_chars},
+        )
+        by_key = {(t["datname"], t["queryid"]): t for t in texts}
+        for r in rows:
+            t = by_key.get((r["datname"], r["queryid"]))
+            r["query"] = t["query"] if t else None
+            r["query_truncated"] = bool(t and t["query_length"] > text_chars)
+    return rows
+
+
+async def databases(conn: Conn, srvid: int, start: datetime, end: datetime) -> list[Row]:
+    span = max((end - start).total_seconds(), 1.0)
+    return await sums(
+        conn,
+        "pg_stat_database",
+        srvid,
+        start,
+        end,
+        ["datname"],
+        {
+            "xact_per_s": "(coalesce(sum(xact_commit), 0) + coalesce(sum(xact_rollback), 0))"
+            f" / {span}",
+            "rollbacks": "sum(xact_rollback)",
+            "blks_read": "sum(blks_read)",
+            "hit_ratio": "100.0 * sum(blks_hit) / nullif(coalesce(sum(blks_hit), 0)"
+            " + coalesce(sum(blks_read), 0), 0)",
+            "tup_returned": "sum(tup_returned)",
+            "tup_written": "coalesce(sum(tup_inserted), 0) + coalesce(sum(tup_updated), 0)"
+            " + coalesce(sum(tup_deleted), 0)",
+            "temp_bytes": "sum(temp_bytes)",
+            "deadlocks": "sum(deadlocks)",
+        },
+        order="xact_per_s",
+    )
+
+
+async def wait_events(
+    conn: Conn, srvid: int, b: Buckets, *, queryid: int | None = None, limit: int = 20
+) -> list[Row]:
+    """Wait event samples over the range (pg_wait_sampling), or for one query."""
+    if queryid is not None:
+        return await sums(
+            conn,
+            "pg_wait_sampling",
+            srvid,
+            b.start,
+            b.end,
+            ["event_type", "event"],
+            {"samples": "sum(count)"},
+            where={"queryid": queryid},
+            order="samples",
+            limit=limit,
+        )
+    return await _fetch(
+        conn,
+        """SELECT event_type, event, sum(count) AS samples
+             FROM pgfleet.pg_wait_sampling_rollup
+            WHERE srvid = %(srvid)s AND ts > %(from)s AND ts <= %(to)s
+            GROUP BY 1, 2 HAVING sum(count) > 0 ORDER BY 3 DESC LIMIT %(limit)s""",
+        {**b.params(), "srvid": srvid, "limit": limit},
+    )
+
+
+async def sessions_waiting(conn: Conn, srvid: int, b: Buckets, datname: str | None) -> list[Row]:
+    """Sampled sessions by state and wait event type (pg_stat_activity), averaged."""
+    cond = " AND datname = %(datname)s" if datname is not None else ""
+    return await _fetch(
+        conn,
+        f"""SELECT state, wait_event_type,
+                   sum(count)::float8 / nullif(count(DISTINCT ts), 0) AS sessions
+              FROM pgfleet.pg_stat_activity_rollup
+             WHERE srvid = %(srvid)s AND ts > %(from)s AND ts <= %(to)s {cond}
+             GROUP BY 1, 2 ORDER BY 3 DESC NULLS LAST""",
+        {**b.params(), "srvid": srvid, "datname": datname},
+    )
+
+
+async def settings_changes(conn: Conn, srvid: int, start: datetime, end: datetime) -> list[Row]:
+    """Settings whose value changed in the range, with the previous value."""
+    return await _fetch(
+        conn,
+        """SELECT ts, name, setting, unit, previous FROM (
+               SELECT ts, name, setting, unit,
+                      lag(setting) OVER w AS previous, row_number() OVER w AS n
+                 FROM pgfleet.settings_series(%(srvid)s, '-infinity', %(to)s)
+               WINDOW w AS (PARTITION BY name ORDER BY ts)) s
+            WHERE n > 1 AND ts >= %(from)s AND setting IS DISTINCT FROM previous
+            ORDER BY ts""",
+        {"srvid": srvid, "from": start, "to": end},
+    )
+
+
+async def database_names(conn: Conn, srvid: int) -> list[str]:
+    rows = await _fetch(
+        conn,
+        "SELECT datname FROM pgfleet.pg_stat_database_last WHERE srvid = %(srvid)s"
+        " AND datname IS NOT NULL ORDER BY 1",
+        {"srvid": srvid},
+    )
+    return [r["datname"] for r in rows]
+
+
+async def tables(
+    conn: Conn, srvid: int, datname: str, start: datetime, end: datetime, limit: int = 50
+) -> list[Row]:
+    rows = await sums(
+        conn,
+        "pg_stat_user_tables",
+        srvid,
+        start,
+        end,
+        ["schemaname", "relname"],
+        {
+            "seq_scan": "sum(seq_scan)",
+            "seq_tup_read": "sum(seq_tup_read)",
+            "idx_scan": "sum(idx_scan)",
+            "tup_written": "coalesce(sum(n_tup_ins), 0) + coalesce(sum(n_tup_upd), 0)"
+            " + coalesce(sum(n_tup_del), 0)",
+            "blks_read": "coalesce(sum(heap_blks_read), 0) + coalesce(sum(idx_blks_read), 0)",
+            "blks_hit": "coalesce(sum(heap_blks_hit), 0) + coalesce(sum(idx_blks_hit), 0)",
+            "vacuums": "coalesce(sum(vacuum_count), 0) + coalesce(sum(autovacuum_count), 0)",
+        },
+        where={"datname": datname},
+        order="seq_tup_read",
+        limit=limit,
+    )
+    sizes = await _fetch(
+        conn,
+        """SELECT schemaname, relname, size, n_live_tup, n_dead_tup
+             FROM pgfleet.pg_stat_user_tables_last
+            WHERE srvid = %(srvid)s AND datname = %(datname)s""",
+        {"srvid": srvid, "datname": datname},
+    )
+    by = {(s["schemaname"], s["relname"]): s for s in sizes}
+    for r in rows:
+        s = by.get((r["schemaname"], r["relname"]), {})
+        r.update(size=s.get("size"), n_live_tup=s.get("n_live_tup"), n_dead_tup=s.get("n_dead_tup"))
+    return rows
+
+
+async def indexes(
+    conn: Conn, srvid: int, datname: str, start: datetime, end: datetime, limit: int = 50
+) -> list[Row]:
+    rows = await sums(
+        conn,
+        "pg_stat_user_indexes",
+        srvid,
+        start,
+        end,
+        ["schemaname", "relname", "indexrelname"],
+        {
+            "idx_scan": "sum(idx_scan)",
+            "idx_tup_read": "sum(idx_tup_read)",
+            "idx_blks_read": "sum(idx_blks_read)",
+            "idx_blks_hit": "sum(idx_blks_hit)",
+        },
+        where={"datname": datname},
+        order="idx_scan",
+        limit=limit,
+    )
+    sizes = await _fetch(
+        conn,
+        """SELECT schemaname, relname, indexrelname, size
+             FROM pgfleet.pg_stat_user_indexes_last
+            WHERE srvid = %(srvid)s AND datname = %(datname)s""",
+        {"srvid": srvid, "datname": datname},
+    )
+    by = {(s["schemaname"], s["relname"], s["indexrelname"]): s["size"] for s in sizes}
+    for r in rows:
+        r["size"] = by.get((r["schemaname"], r["relname"], r["indexrelname"]))
+    return rows
+
+
+# -- One query
+
+
+async def query_info(conn: Conn, srvid: int, queryid: int) -> list[Row]:
+    """Every (database, role, toplevel) a queryid was seen with, and its full text."""
+    return await _fetch(
+        conn,
+        """SELECT datname, rolname, toplevel, query, first_seen
+             FROM pgfleet.pg_stat_statements_once
+            WHERE srvid = %(srvid)s AND queryid = %(queryid)s
+            ORDER BY first_seen""",
+        {"srvid": srvid, "queryid": queryid},
+    )
+
+
+async def qualstats(
+    conn: Conn, srvid: int, queryid: int, start: datetime, end: datetime, limit: int = 30
+) -> list[Row]:
+    rows = await sums(
+        conn,
+        "pg_qualstats",
+        srvid,
+        start,
+        end,
+        ["datname", "uniquequalid", "eval_type"],
+        {
+            "occurences": "sum(occurences)",
+            "execution_count": "sum(execution_count)",
+            "nbfiltered": "sum(nbfiltered)",
+        },
+        where={"queryid": queryid},
+        order="execution_count",
+        limit=limit,
+    )
+    if rows:
+        texts = await _fetch(
+            conn,
+            """SELECT DISTINCT ON (uniquequalid) uniquequalid, qual, constvalue
+                 FROM pgfleet.pg_qualstats_once
+                WHERE srvid = %(srvid)s AND queryid = %(queryid)s""",
+            {"srvid": srvid, "queryid": queryid},
+        )
+        by = {t["uniquequalid"]: t for t in texts}
+        for r in rows:
+            t = by.get(r["uniquequalid"], {})
+            r["qual"] = t.get("qual")
+            r["constvalue"] = t.get("constvalue")
+    return rows
+
+
+async def modules(conn: Conn) -> set[str]:
+    """The metric sources this repository has storage for."""
+    rows = await _fetch(conn, "SELECT module FROM pgfleet.metric_sources", {})
+    return {r["module"] for r in rows}
+
+
+async def user_info(conn: Conn) -> Row:
+    """Who this connection is and what it may do in the UI."""
+    rows = await _fetch(
+        conn,
+        """SELECT current_user AS username,
+                  has_schema_privilege('pgfleet', 'USAGE')
+                  AND has_table_privilege('pgfleet.servers', 'SELECT') AS can_read,
+                  (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+                  OR (to_regrole('pgfleet_admin') IS NOT NULL
+                      AND pg_has_role(current_user, 'pgfleet_admin', 'MEMBER')) AS is_admin""",
+        {},
+    )
+    return rows[0]
+
+
+def since(seconds: float) -> timedelta:
+    return timedelta(seconds=seconds)
+
+
+# -- Collectors (migration 0003)
+
+
+async def collectors(conn: Conn) -> list[Row]:
+    """The collector daemons that renewed their leases lately, and what they hold."""
+    return await _fetch(
+        conn,
+        """SELECT c.name, c.host, c.pid, c.started_at, c.heartbeat, c.expires_at,
+                  c.expires_at > now() AS alive,
+                  (SELECT count(*) FROM pgfleet.collector_leases l WHERE l.owner = c.name) AS leases
+             FROM pgfleet.collectors c ORDER BY c.name""",
+        {},
+    )
+
+
+async def leases(conn: Conn) -> dict[int, str]:
+    rows = await _fetch(
+        conn,
+        "SELECT srvid, owner FROM pgfleet.collector_leases WHERE expires_at > now()",
+        {},
+    )
+    return {r["srvid"]: r["owner"] for r in rows}

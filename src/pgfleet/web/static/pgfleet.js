@@ -1,0 +1,240 @@
+// pgfleet web UI: charts (uPlot) from each page's JSON twin, sortable and
+// filterable tables, the range form.  Data never goes into the page as
+// markup: textContent and DOM nodes only.
+"use strict";
+
+(function () {
+  const COLORS = ["#2f6fdf", "#e0672b", "#2a9d5c", "#b8336a", "#7a5cc4", "#c29b1d", "#3aa6b9", "#666"];
+
+  function el(tag, cls, text) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+
+  function withParams(url, params) {
+    const u = new URL(url, window.location.href);
+    for (const [k, v] of Object.entries(params)) u.searchParams.set(k, v);
+    return u.pathname + u.search;
+  }
+
+  function fmt(v, unit) {
+    if (v === null || v === undefined) return "–";
+    const a = Math.abs(v);
+    if (unit === "B/s" || unit === "B") {
+      const units = ["B", "kB", "MB", "GB", "TB"];
+      let i = 0, x = v;
+      while (Math.abs(x) >= 1000 && i < units.length - 1) { x /= 1000; i++; }
+      return x.toFixed(i ? 1 : 0) + " " + units[i] + (unit === "B/s" ? "/s" : "");
+    }
+    let s;
+    if (a >= 1e9) s = (v / 1e9).toFixed(1) + "G";
+    else if (a >= 1e6) s = (v / 1e6).toFixed(1) + "M";
+    else if (a >= 1e3) s = (v / 1e3).toFixed(1) + "k";
+    else if (a >= 10 || a === 0) s = v.toFixed(0);
+    else s = v.toPrecision(2);
+    return unit ? s + " " + unit : s;
+  }
+
+  // Settings changes as dashed vertical lines.
+  function markersPlugin(markers) {
+    return {
+      hooks: {
+        draw: [u => {
+          if (!markers.length) return;
+          const ctx = u.ctx;
+          ctx.save();
+          ctx.strokeStyle = "#d33";
+          ctx.setLineDash([4, 3]);
+          ctx.lineWidth = 1;
+          for (const m of markers) {
+            const x = Math.round(u.valToPos(m.t, "x", true));
+            if (x < u.bbox.left || x > u.bbox.left + u.bbox.width) continue;
+            ctx.beginPath();
+            ctx.moveTo(x, u.bbox.top);
+            ctx.lineTo(x, u.bbox.top + u.bbox.height);
+            ctx.stroke();
+          }
+          ctx.restore();
+        }],
+      },
+    };
+  }
+
+  function zoomTo(from, to) {
+    const u = new URL(window.location.href);
+    u.searchParams.delete("range");
+    u.searchParams.set("from", Math.floor(from));
+    u.searchParams.set("to", Math.ceil(to));
+    window.location.href = u.pathname + u.search;
+  }
+
+  function drawChart(container, spec, x, markers) {
+    const box = el("div", "chart");
+    box.dataset.chart = spec.id;
+    box.appendChild(el("h3", null, spec.title));
+    if (spec.note) box.appendChild(el("p", "note", spec.note));
+    container.appendChild(box);
+    const width = Math.max(300, box.clientWidth - 16);
+    const series = spec.series.filter(s => s.values.some(v => v !== null));
+    if (!series.length) {
+      box.appendChild(el("p", "empty", "No data in this range."));
+      box.dataset.empty = "1";
+      return null;
+    }
+    const units = [];
+    for (const s of series) if (!units.includes(s.unit)) units.push(s.unit);
+    const scaleOf = unit => (units.indexOf(unit) === 0 ? "y" : "y2");
+    const opts = {
+      width: width,
+      height: 200,
+      cursor: { drag: { x: true, y: false, setScale: false } },
+      select: { show: true },
+      legend: { live: true },
+      scales: { x: { time: true }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.05 : 1] },
+                y2: { range: (u, min, max) => [0, max > 0 ? max * 1.05 : 1] } },
+      axes: [
+        {},
+        { scale: "y", size: 80, values: (u, vals) => vals.map(v => fmt(v, units[0])) },
+      ],
+      series: [{ value: (u, v) => (v === null ? "–" : new Date(v * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC") }],
+      plugins: [markersPlugin(markers)],
+      hooks: {
+        setSelect: [u => {
+          if (u.select.width < 5) return;
+          const from = u.posToVal(u.select.left, "x");
+          const to = u.posToVal(u.select.left + u.select.width, "x");
+          zoomTo(from, to);
+        }],
+      },
+    };
+    if (units.length > 1) {
+      opts.axes.push({ scale: "y2", side: 1, size: 80, grid: { show: false },
+                       values: (u, vals) => vals.map(v => fmt(v, units[1])) });
+    }
+    const data = [x];
+    series.forEach((s, i) => {
+      const color = COLORS[i % COLORS.length];
+      opts.series.push({
+        label: s.label, scale: scaleOf(s.unit), stroke: color, width: 1.5,
+        fill: series.length === 1 ? color + "22" : undefined,
+        value: (u, v) => fmt(v, s.unit), spanGaps: false,
+        // A lone value draws no line: show the points when there are few.
+        points: { show: s.values.filter(v => v !== null).length < 40, size: 5, fill: color },
+      });
+      data.push(s.values);
+    });
+    const plot = new uPlot(opts, data, box);
+    return plot;
+  }
+
+  async function loadCharts(section) {
+    const src = withParams(section.dataset.src, { _only: "charts,markers" });
+    let data;
+    try {
+      const resp = await fetch(src, { credentials: "same-origin", headers: { Accept: "application/json" } });
+      if (!resp.ok) throw new Error("HTTP " + resp.status);
+      data = await resp.json();
+    } catch (e) {
+      section.replaceChildren(el("p", "error", "Could not load the charts: " + e.message));
+      return;
+    }
+    section.replaceChildren();
+    const markers = (data.markers || []).map(m => ({ t: Date.parse(m.ts) / 1000, name: m.name }));
+    let drawn = 0;
+    for (const spec of data.charts || []) {
+      if (drawChart(section, spec, data.x, markers)) drawn++;
+    }
+    document.body.dataset.chartsDrawn = String(drawn);
+  }
+
+  // -- Fleet: sparklines, sort, filter
+
+  async function loadSparklines(table) {
+    const src = withParams(table.dataset.src, { _only: "load" });
+    const resp = await fetch(src, { credentials: "same-origin" });
+    if (!resp.ok) return;
+    const data = await resp.json();
+    let drawn = 0;
+    for (const row of table.tBodies[0].rows) {
+      const load = (data.load || {})[row.dataset.srvid];
+      for (const cell of row.querySelectorAll("td.spark")) {
+        const values = load ? load[cell.dataset.series] : null;
+        if (!values || !values.some(v => v !== null)) { cell.textContent = "–"; continue; }
+        const last = values.filter(v => v !== null).pop();
+        new uPlot({
+          width: 110, height: 28, cursor: { show: false }, legend: { show: false },
+          scales: { x: { time: false }, y: { range: (u, min, max) => [0, max > 0 ? max : 1] } },
+          axes: [{ show: false }, { show: false }],
+          series: [{}, { stroke: "#2f6fdf", fill: "#2f6fdf22", width: 1 }],
+        }, [data.x, values.map(v => (v === null ? 0 : v))], cell);
+        cell.appendChild(el("span", "spark-value", fmt(last)));
+        drawn++;
+      }
+    }
+    document.body.dataset.chartsDrawn = String(drawn);
+  }
+
+  function sortable(table) {
+    const heads = table.tHead.rows[0].cells;
+    Array.from(heads).forEach((th, col) => {
+      if (!th.dataset.sort) return;
+      th.classList.add("clickable");
+      th.addEventListener("click", () => {
+        const asc = th.dataset.dir !== "asc";
+        Array.from(heads).forEach(h => delete h.dataset.dir);
+        th.dataset.dir = asc ? "asc" : "desc";
+        const rows = Array.from(table.tBodies[0].rows);
+        const key = r => {
+          const c = r.cells[col];
+          const v = c ? (c.dataset.value !== undefined ? c.dataset.value : c.textContent) : "";
+          return th.dataset.sort === "num" ? parseFloat(v) || 0 : v.toLowerCase();
+        };
+        rows.sort((a, b) => (key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : 0) * (asc ? 1 : -1));
+        for (const r of rows) table.tBodies[0].appendChild(r);
+      });
+    });
+  }
+
+  function filterable(input, table) {
+    input.addEventListener("input", () => {
+      const q = input.value.trim().toLowerCase();
+      for (const r of table.tBodies[0].rows) {
+        r.hidden = q !== "" && !r.textContent.toLowerCase().includes(q);
+      }
+    });
+  }
+
+  // -- The range form: datetime-local fields are read as UTC.
+
+  function rangeForm(form) {
+    form.addEventListener("submit", () => {
+      for (const name of ["from", "to"]) {
+        const local = form.elements[name + "_local"];
+        if (local && local.value) form.elements[name].value = Math.floor(Date.parse(local.value + ":00Z") / 1000);
+        if (local) local.disabled = true;
+      }
+      const sort = new URL(window.location.href).searchParams.get("sort");
+      if (sort && !form.elements.sort) {
+        const h = document.createElement("input");
+        h.type = "hidden"; h.name = "sort"; h.value = sort;
+        form.appendChild(h);
+      }
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    const form = document.getElementById("range-form");
+    if (form) rangeForm(form);
+    const charts = document.getElementById("charts");
+    if (charts && window.uPlot) loadCharts(charts);
+    const fleet = document.getElementById("fleet");
+    if (fleet) {
+      sortable(fleet);
+      const filter = document.getElementById("filter");
+      if (filter) filterable(filter, fleet);
+      if (window.uPlot) loadSparklines(fleet);
+    }
+  });
+})();

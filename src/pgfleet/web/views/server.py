@@ -1,0 +1,57 @@
+"""A server: its workload over the range, top queries, databases, waits, errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pgfleet.repository import reads
+from pgfleet.web.views import Ctx, NotFound, Page, buckets_for, workload
+
+
+async def load_server(ctx: Ctx) -> dict[str, Any]:
+    srvid = int(ctx.request.path_params["srvid"])
+    srv = await ctx.read(reads.server, srvid)
+    if srv is None:
+        raise NotFound(f"no server with srvid {srvid}")
+    return srv
+
+
+def sort_of(ctx: Ctx) -> str:
+    sort = ctx.request.query_params.get("sort", "total_time")
+    return sort if sort in reads.QUERY_SORTS else "total_time"
+
+
+async def build(ctx: Ctx) -> dict[str, Any]:
+    srv = await load_server(ctx)
+    srvid = srv["srvid"]
+    b = buckets_for(ctx, srv)
+    tr = ctx.range
+    sort = sort_of(ctx)
+    data = await ctx.gather({
+        "charts": workload.server_charts(ctx, srvid, b),
+        "markers": ctx.read(reads.settings_changes, srvid, tr.start, tr.end),
+        "top_queries": ctx.read(reads.top_queries, srvid, tr.start, tr.end, sort=sort),
+        "databases": ctx.read(reads.databases, srvid, tr.start, tr.end),
+        "wait_events": ctx.read(reads.wait_events, srvid, b),
+        "sessions_waiting": ctx.read(reads.sessions_waiting, srvid, b, None),
+        "errors": ctx.read(reads.errors, srvid),
+    })  # fmt: skip
+    return {
+        "server": srv,
+        "range": tr.as_json(),
+        "sort": sort,
+        "x": b.x() if ctx.wants("charts") else None,
+        "bucket_seconds": b.width,
+        **data,
+    }
+
+
+PAGE = Page(
+    name="server",
+    path="/server/{srvid:int}",
+    template="server.html",
+    build=build,
+    html_parts=frozenset(
+        {"top_queries", "databases", "wait_events", "sessions_waiting", "errors", "markers"}
+    ),
+)

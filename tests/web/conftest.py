@@ -1,0 +1,5 @@
+from __future__ import annotations
+
+from tests.web.fix_web import fleet
+
+__all__ = ["fleet"]

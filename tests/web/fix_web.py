@@ -1,0 +1,101 @@
+"""Fixtures for the web UI: a repository with a monitored server under load,
+snapshotted through the CLI, and the app served by uvicorn in a thread."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import uvicorn
+from psycopg import sql
+
+from pgfleet.config import Config, RepositoryConfig, WebConfig
+from pgfleet.web.app import create_app
+from tests.fix_repository import add_server, connect, scalar
+
+# Names a monitored server may return: they must come out as text, never markup.
+HOSTILE_DB = '<img src=x onerror="window.__pwned=1">db'
+HOSTILE_COMMENT = "</script><script>window.__pwned=2</script><b>bold</b>"
+TOKEN = "test-token-0123456789"
+
+
+@dataclass
+class Fleet:
+    repo: str
+    srvid: int
+    mon_dsn: str
+    reader: tuple[str, str]  # a pgfleet_read role and its password
+    admin: tuple[str, str]
+
+
+def _load(dsn: str, n: int) -> None:
+    with connect(dsn) as conn:
+        for i in range(n):
+            conn.execute("SELECT count(*) FROM work WHERE id < %s", (i,))
+            conn.execute("UPDATE work SET v = v || 'x' WHERE id = %s", (i % 50,))
+        conn.execute(f"SELECT 1 AS x /* {HOSTILE_COMMENT} */")
+
+
+@pytest.fixture
+def fleet(repo, run_cli, pg18, new_database) -> Fleet:
+    """A server 'mon' snapshotted 4 times under a little load, a hostile database
+    name and query text in it; a reader and an admin role on the repository."""
+    mon = new_database(pg18)
+    with connect(mon) as conn:
+        conn.execute("CREATE TABLE work (id int PRIMARY KEY, v text)")
+        conn.execute("INSERT INTO work SELECT g, 'v' FROM generate_series(1, 500) g")
+        conn.execute("CREATE INDEX ON work (v)")
+    with connect(pg18.dsn()) as conn:
+        name = sql.Identifier(HOSTILE_DB)
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(name))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(name))
+        # The cluster is shared by the whole session: start from no
+        # statements so this fixture's load is the server's top workload.
+        conn.execute("SELECT pg_stat_statements_reset()")
+    add_server(run_cli, "mon", mon, "--frequency", "1")
+    srvid = scalar(repo, "SELECT srvid FROM pgfleet.servers WHERE alias = 'mon'")
+    assert isinstance(srvid, int)
+    for i in range(4):
+        _load(mon, 200 + 50 * i)
+        res = run_cli("snapshot", "mon")
+        assert res.rc == 0, res.err
+        time.sleep(1.1)
+    suffix = pg18.port
+    reader, admin = (f"web_reader_{suffix}", "r3ader!"), (f"web_admin_{suffix}", "adm1n!")
+    with connect(repo) as conn:
+        for (name, password), role in ((reader, "pgfleet_read"), (admin, "pgfleet_admin")):
+            conn.execute(f"DROP ROLE IF EXISTS {name}")
+            conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}' IN ROLE {role}")
+    return Fleet(repo, srvid, mon, reader, admin)
+
+
+def web_config(repo: str, **web: object) -> Config:
+    return Config(repository=RepositoryConfig(dsn=repo), web=WebConfig(token=TOKEN, **web))  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def serving(cfg: Config) -> Iterator[str]:
+    """The app on a free port of 127.0.0.1, in a thread; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(cfg), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, name="pgfleet-web", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the web UI did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)

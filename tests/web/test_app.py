@@ -1,0 +1,206 @@
+"""The web app over HTTP (in-process): login, the JSON twins, errors, escaping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from pgfleet.web.app import create_app
+from pgfleet.web.render import tilde_decode, tilde_encode
+from tests.web.fix_web import HOSTILE_COMMENT, HOSTILE_DB, TOKEN, web_config
+
+
+def run(fleet, fn: Callable[[httpx.AsyncClient], Any], **web: object) -> Any:
+    async def main() -> Any:
+        app = create_app(web_config(fleet.repo, **web))
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://testserver") as client,
+        ):
+            return await fn(client)
+
+    return asyncio.run(main())
+
+
+async def login(client: httpx.AsyncClient, user: str, password: str) -> httpx.Response:
+    page = await client.get("/login")
+    csrf = page.text.split('name="csrf" value="')[1].split('"')[0]
+    return await client.post(
+        "/login", data={"csrf": csrf, "username": user, "password": password, "next": "/fleet"}
+    )
+
+
+def test_tilde_encoding_roundtrips():
+    for name in ["app", "a.json", "a/b", "~x y", HOSTILE_DB, "é"]:
+        enc = tilde_encode(name)
+        assert "/" not in enc and "." not in enc
+        assert tilde_decode(enc) == name
+
+
+def test_login_required_and_checked_by_postgres(fleet):
+    async def go(c: httpx.AsyncClient) -> None:
+        r = await c.get("/fleet")
+        assert r.status_code == 303 and r.headers["location"].startswith("/login?next=")
+        r = await c.get("/fleet.json")
+        assert r.status_code == 401
+        r = await login(c, fleet.reader[0], "wrong")
+        assert r.status_code == 401 and "invalid user name or password" in r.text
+        r = await login(c, fleet.reader[0], fleet.reader[1])
+        assert r.status_code == 303 and r.headers["location"] == "/fleet"
+        cookie = r.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=lax" in cookie
+        r = await c.get("/fleet.json")
+        assert r.status_code == 200
+        assert [s["alias"] for s in r.json()["servers"]] == ["mon"]
+        # A POST without the form's token is refused.
+        r = await c.post("/logout", data={"csrf": "nope"})
+        assert r.status_code == 403
+
+    run(fleet, go)
+
+
+def test_a_role_without_grants_cannot_log_in(fleet):
+    from tests.fix_repository import connect
+
+    with connect(fleet.repo) as conn:
+        conn.execute("DROP ROLE IF EXISTS web_nobody")
+        conn.execute("CREATE ROLE web_nobody LOGIN PASSWORD 'x'")
+        conn.execute("REVOKE ALL ON SCHEMA pgfleet FROM PUBLIC")
+
+    async def go(c: httpx.AsyncClient) -> None:
+        r = await login(c, "web_nobody", "x")
+        assert r.status_code == 401 and "GRANT pgfleet_read" in r.text
+
+    run(fleet, go)
+
+
+def test_every_page_has_a_json_twin(fleet):
+    async def go(c: httpx.AsyncClient) -> None:
+        h = {"Authorization": f"Bearer {TOKEN}"}
+        srv = f"/server/{fleet.srvid}"
+        fleet_json = (await c.get("/fleet.json", headers=h)).json()
+        assert fleet_json["servers"][0]["server_version_num"] >= 180000
+        assert str(fleet.srvid) in fleet_json["load"]
+
+        data = (await c.get(f"{srv}.json?range=1h", headers=h)).json()
+        charts = {ch["id"]: ch for ch in data["charts"]}
+        assert {
+            "load",
+            "rows",
+            "blocks",
+            "temp",
+            "wal",
+            "xacts",
+            "sessions",
+            "waits",
+            "checkpoints",
+            "io",
+            "replication",
+        } <= set(charts)
+        assert len(data["x"]) == len(charts["load"]["series"][0]["values"]) <= 300
+        assert any(v for v in charts["load"]["series"][0]["values"])  # queries/s drew
+        assert any(v for v in charts["xacts"]["series"][0]["values"])
+        top = data["top_queries"]
+        assert top and top[0]["calls"] > 0
+        work = next(q for q in top if q["query"] and "FROM work WHERE" in q["query"])
+        assert {d["datname"] for d in data["databases"]} >= {work["datname"]}
+        # Sorted as asked, server-side.
+        by_calls = (
+            await c.get(f"{srv}.json?range=1h&sort=calls&_only=top_queries", headers=h)
+        ).json()
+        calls = [q["calls"] for q in by_calls["top_queries"]]
+        assert calls == sorted(calls, reverse=True) and "charts" not in by_calls
+
+        db = (await c.get(f"{srv}/database/{tilde_encode(work['datname'])}.json", headers=h)).json()
+        assert {"tables", "indexes"} <= {ch["id"] for ch in db["charts"]}
+        assert [t["relname"] for t in db["tables"]] == ["work"]
+
+        q = (
+            await c.get(f"{srv}/query/{work['queryid']}.json?db={work['datname']}", headers=h)
+        ).json()
+        assert "FROM work WHERE id <" in q["query"]
+        calls = next(ch for ch in q["charts"] if ch["id"] == "calls")
+        assert sum(v or 0 for v in calls["series"][0]["values"]) > 0
+
+        col = (await c.get("/collector.json", headers=h)).json()
+        assert col["can_command"] is False and not col["live"]["available"]
+        assert any(s["alias"] == "mon" and s["snapshots"] == 4 for s in col["servers"])
+
+        # A custom range, and errors.
+        r = await c.get(f"{srv}.json?from=1700000000&to=1700003600&_only=charts", headers=h)
+        assert r.status_code == 200 and r.json()["range"]["preset"] is None
+        assert (await c.get(f"{srv}.json?range=2y", headers=h)).status_code == 400
+        assert (await c.get("/server/999999.json", headers=h)).status_code == 404
+        assert (await c.get(f"{srv}/database/nope.json", headers=h)).status_code == 404
+        assert (await c.get(f"{srv}/query/12.json", headers=h)).status_code == 404
+        assert (
+            await c.get("/fleet.json", headers={"Authorization": "Bearer x"})
+        ).status_code == 401
+
+    run(fleet, go)
+
+
+def test_what_servers_return_renders_as_text(fleet):
+    async def go(c: httpx.AsyncClient) -> None:
+        await login(c, fleet.reader[0], fleet.reader[1])
+        srv = f"/server/{fleet.srvid}"
+        page = (await c.get(f"{srv}?range=1h")).text
+        assert HOSTILE_DB not in page  # only escaped
+        assert "&lt;img src=x onerror=&#34;window.__pwned=1&#34;&gt;db" in page
+        queryid, datname = hostile_query(fleet)
+        html = (await c.get(f"{srv}/query/{queryid}?db={datname}")).text
+        assert HOSTILE_COMMENT not in html and "<script>window.__pwned" not in html
+        assert "&lt;/script&gt;" in html
+        r = await c.get(f"{srv}/database/{tilde_encode(HOSTILE_DB)}")
+        assert r.status_code == 200 and "<img src=x" not in r.text
+        assert "script-src 'self'" in r.headers["content-security-policy"]
+        assert json.loads((await c.get(f"{srv}.json?_only=databases")).text)
+
+    run(fleet, go)
+
+
+def hostile_query(fleet) -> tuple[int, str]:
+    from tests.fix_repository import connect
+
+    with connect(fleet.repo) as conn:
+        row = conn.execute(
+            "SELECT queryid, datname FROM pgfleet.pg_stat_statements_once"
+            " WHERE srvid = %s AND query LIKE '%%__pwned=2%%'",
+            (fleet.srvid,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), str(row[1])
+
+
+def test_login_never_redirects_elsewhere(fleet):
+    async def go(c: httpx.AsyncClient) -> None:
+        for target in ["//evil.example/", "https://evil.example/", "/\\evil"]:
+            page = await c.get("/login")
+            csrf = page.text.split('name="csrf" value="')[1].split('"')[0]
+            r = await c.post("/login", data={"csrf": csrf, "token": TOKEN, "next": target})
+            assert r.status_code == 303 and r.headers["location"] == "/fleet", target
+
+    run(fleet, go)
+
+
+def test_collector_commands_need_an_admin(fleet):
+    async def go(c: httpx.AsyncClient) -> None:
+        await login(c, fleet.admin[0], fleet.admin[1])
+        data = (await c.get("/collector.json")).json()
+        assert data["can_command"] is True
+        # No daemon runs here: the command channel says so, the page still shows
+        # what the repository knows.
+        assert not data["live"]["available"] and "no collector" in data["live"]["reason"]
+        page = (await c.get("/collector")).text
+        assert "Snapshot now" in page
+        csrf = page.split('name="csrf" value="')[1].split('"')[0]
+        r = await c.post("/collector/reload", data={"csrf": csrf})
+        assert r.status_code == 303
+        assert "RELOAD: no collector is running" in (await c.get("/collector")).text
+
+    run(fleet, go)
