@@ -28,6 +28,25 @@ if ! cmp -s pyproject.toml "$stamp"; then
     cp pyproject.toml "$stamp"
 fi
 
+# The web UI's browser-side dependencies (uPlot), from package-lock.json,
+# copied next to its static files so an installed pgfleet serves them too.
+if [[ -f package.json ]]; then
+    if ! command -v npm >/dev/null; then
+        echo "bootstrap: npm not found: the web UI will have no charts (apt-get install npm)"
+    elif ! cmp -s package-lock.json node_modules/.pgfleet-package-lock.json; then
+        echo "bootstrap: installing the web UI's npm packages"
+        npm ci --no-audit --no-fund --loglevel=error >/dev/null
+        cp package-lock.json node_modules/.pgfleet-package-lock.json
+    fi
+    vendor=src/pgfleet/web/static/vendor/uplot
+    if [[ -f node_modules/uplot/dist/uPlot.iife.min.js ]] \
+        && ! cmp -s node_modules/uplot/dist/uPlot.iife.min.js "$vendor/uPlot.iife.min.js"; then
+        mkdir -p "$vendor"
+        cp node_modules/uplot/dist/uPlot.iife.min.js node_modules/uplot/dist/uPlot.min.css \
+            node_modules/uplot/LICENSE "$vendor/"
+    fi
+fi
+
 pg_packages=(
     postgresql-15
     postgresql-15-pg-qualstats
@@ -35,6 +54,7 @@ pg_packages=(
     postgresql-15-pg-wait-sampling
     postgresql-15-hypopg
     postgresql-contrib
+    chromium  # the web UI's browser tests (headless, driven by Playwright)
 )
 
 if ! command -v dpkg-query >/dev/null; then

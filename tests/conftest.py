@@ -5,4 +5,4 @@ from __future__ import annotations
 # tests/ itself on sys.path instead: work either way.
 _prefix = f"{__package__}." if __package__ else ""
 
-pytest_plugins = [f"{_prefix}fix_clusters", f"{_prefix}fix_repository"]
+pytest_plugins = [f"{_prefix}fix_clusters", f"{_prefix}fix_repository", f"{_prefix}fix_daemon"]

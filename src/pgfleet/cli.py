@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 
-from pgfleet import __version__
-from pgfleet.config import Config, load
+from pgfleet import __version__, commands
+from pgfleet.config import ENV_CONFIG, Config, load
 from pgfleet.connections import connect_repository, connect_repository_async, first_line
 from pgfleet.errors import ConfigError, PgfleetError, RepositoryError
 from pgfleet.repository import schema, servers
@@ -84,6 +86,12 @@ def _server_options(p: argparse.ArgumentParser, *, update: bool) -> None:
         p.add_argument("--disabled", dest="enabled", action="store_false", default=None)
 
 
+def _config_option(p: argparse.ArgumentParser) -> None:
+    # Also accepted after the command ('pgfleet collector -c FILE'), as
+    # service files tend to be written; SUPPRESS keeps a value given before.
+    p.add_argument("-c", "--config", default=argparse.SUPPRESS, help="configuration file (TOML)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgfleet", description="Watch a fleet of PostgreSQL servers."
@@ -122,6 +130,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("server", nargs="?", help="alias of a registered server (remote mode)")
     g.add_argument("--local", action="store_true", help="snapshot the repository's own instance")
     snap.add_argument("--json", action="store_true", help="print the result as JSON")
+    snap.add_argument(
+        "--now",
+        action="store_true",
+        help="ask the running collector to snapshot SERVER now, instead of doing it here",
+    )
+    snap.add_argument("--timeout", type=float, default=5.0, help=argparse.SUPPRESS)
+
+    for name, text in (
+        ("collector", "run the collector daemon: snapshots of the whole fleet, continuously"),
+        ("run", "run pgfleet's long-running services (for now: the collector)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _config_option(p)
+        p.add_argument(
+            "--log-level",
+            choices=("trace", "debug", "info", "warning", "error"),
+            help="override [logging] level",
+        )
+    p = sub.add_parser("status", help="what the running collectors are doing, per server")
+    _config_option(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for answers")
+    p = sub.add_parser("reload", help="make the running collectors reread their configuration")
+    _config_option(p)
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for answers")
+
+    # -- pgfleet web (issue 5)
+    p = sub.add_parser("web", help="serve the web UI (see docs/web.md)")
+    _config_option(p)
+    p.add_argument("--listen", help="address to listen on (default [web] listen, 127.0.0.1)")
+    p.add_argument("--port", type=_port, help="port to listen on (default [web] port, 8080)")
+    # -- end of pgfleet web
 
     demo = sub.add_parser("demo", help="run a self-contained demo on embedded PostgreSQL")
     demo.add_argument("--seconds", type=_positive_int, default=60)
@@ -265,6 +305,9 @@ def _print_table(headers: list[str], rows: list[list[Any]]) -> None:
 def cmd_snapshot(args: argparse.Namespace, cfg: Config) -> int:
     from pgfleet import collector
 
+    if args.now:
+        return _snapshot_now(args, cfg)
+
     async def run() -> collector.SnapshotResult:
         dsn = _repo_dsn(args, cfg)
         with connect_repository(dsn) as conn:  # clear errors before going async
@@ -299,6 +342,120 @@ def cmd_snapshot(args: argparse.Namespace, cfg: Config) -> int:
     return EXIT_PARTIAL if result.errors else 0
 
 
+def _command(
+    args: argparse.Namespace, cfg: Config, command: str, *cmd_args: str
+) -> list[commands.Answer]:
+    """Send a command to the running collectors; at least one must answer."""
+    with connect_repository(_repo_dsn(args, cfg)) as conn:
+        schema.require_current(conn)
+        expected = len(commands.live_collectors(conn))
+        answers = commands.request(
+            conn,
+            command,
+            *cmd_args,
+            channel=cfg.collector.command_channel,
+            timeout=args.timeout,
+        )
+    if not answers:
+        raise RepositoryError(f"no collector answered within {args.timeout:g} s")
+    if len(answers) < expected:
+        print(
+            f"pgfleet: warning: {expected - len(answers)} of {expected} collector(s) "
+            f"did not answer within {args.timeout:g} s",
+            file=sys.stderr,
+        )
+    return answers
+
+
+def _snapshot_now(args: argparse.Namespace, cfg: Config) -> int:
+    if args.local or not args.server:
+        raise ConfigError("--now needs a server: the collector does not snapshot 'local'")
+    with connect_repository(_repo_dsn(args, cfg)) as conn:
+        schema.require_current(conn)
+        server = servers.get(conn, args.server)
+    answers = _command(args, cfg, "FORCE_SNAPSHOT", str(server.srvid))
+    done = [a for a in answers if a.ok]
+    if not done:
+        raise RepositoryError(
+            f"no running collector collects {server.alias!r}: " + "; ".join(a.data for a in answers)
+        )
+    for a in done:
+        print(a.data)
+    return 0
+
+
+def cmd_collector(args: argparse.Namespace, cfg: Config) -> int:
+    from pgfleet import daemon
+
+    if args.log_level:
+        cfg = dataclasses.replace(
+            cfg, logging=dataclasses.replace(cfg.logging, level=args.log_level)
+        )
+    config_path = args.config or os.environ.get(ENV_CONFIG) or None
+    return daemon.run(cfg, config_path=config_path, dsn=_repo_dsn(args, cfg))
+
+
+def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    status = commands.merged_status(_command(args, cfg, "WORKERS_STATUS"))
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    rows = []
+    for srvid, s in status.items():
+        err = s.get("last_error")
+        rows.append(
+            [
+                srvid,
+                s["alias"],
+                s["collector"],
+                s["state"],
+                _hhmmss(s.get("last_snapshot")),
+                _hhmmss(s.get("next_run")),
+                s.get("spooled", 0),
+                "" if err is None else f"{_hhmmss(err['at'])} {err['source']}: {err['message']}",
+            ]
+        )
+    _print_table(
+        ["srvid", "alias", "collector", "state", "last", "next", "spooled", "last error"], rows
+    )
+    return 0
+
+
+def _hhmmss(iso: str | None) -> str:
+    """An ISO timestamp as local time of day; the date only if not today."""
+    if not iso:
+        return "-"
+    t = datetime.fromisoformat(iso).astimezone()
+    return t.strftime("%H:%M:%S" if t.date() == datetime.now().date() else "%Y-%m-%d %H:%M")
+
+
+def cmd_reload(args: argparse.Namespace, cfg: Config) -> int:
+    rc = 0
+    for a in _command(args, cfg, "RELOAD"):
+        if a.ok:
+            print(a.data)
+        else:
+            print(f"pgfleet: error: {a.data}", file=sys.stderr)
+            rc = EXIT_ERROR
+    return rc
+
+
+def cmd_web(args: argparse.Namespace, cfg: Config) -> int:
+    """Serve the web UI until interrupted."""
+    from pgfleet import web
+
+    changes = {k: v for k, v in (("listen", args.listen), ("port", args.port)) if v is not None}
+    cfg = dataclasses.replace(
+        cfg,
+        repository=dataclasses.replace(cfg.repository, dsn=_repo_dsn(args, cfg)),
+        web=dataclasses.replace(cfg.web, **changes),
+    )
+    app = web.create_app(cfg)
+    print(f"pgfleet web: http://{cfg.web.listen}:{cfg.web.port}/", flush=True)
+    asyncio.run(web.serve(app, cfg))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
     from pgfleet import demo
 
@@ -310,6 +467,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "server": cmd_server,
     "snapshot": cmd_snapshot,
     "demo": cmd_demo,
+    "collector": cmd_collector,
+    "run": cmd_collector,
+    "status": cmd_status,
+    "reload": cmd_reload,
+    "web": cmd_web,
 }
 
 

@@ -2,7 +2,11 @@
 
 The file is TOML.  Unknown keys and wrong types are rejected with an error
 naming the file and the key path, e.g.
-``invalid configuration 'pgfleet.toml': collector.statement_timeout: expected a number``.
+``invalid configuration 'pgfleet.toml': collector.statement_timeout: expected a number``
+or ``... discovery.servers[2].port: expected int``.
+
+Every number must be positive; a key with a fixed set of values lists them
+in its field's metadata (``choices``) and any other value is rejected.
 """
 
 from __future__ import annotations
@@ -35,12 +39,109 @@ class CollectorConfig:
     # cancels it (statement_timeout, so the cancel happens server-side).
     statement_timeout: float = 10.0
     application_name: str = "pgfleet collector"
+    # The daemon (``pgfleet collector``) only:
+    # servers being snapshotted at the same time, at most.
+    max_in_flight: int = 10
+    # This collector's name in the repository, which owns its leases; by
+    # default "HOST-XXXXXX", made once and kept in the spool directory so
+    # that a restarted collector finds its servers (and spooled snapshots)
+    # still its own.  Needs a restart.
+    name: str = ""
+    # Seconds a lease on a server lasts unless renewed (every third of it);
+    # a dead collector's servers move to the others within two periods.
+    # Needs a restart.
+    lease_period: float = 30.0
+    # The LISTEN/NOTIFY channel commands arrive on.  Needs a restart.
+    command_channel: str = "pgfleet_collector"
+    # On SIGTERM, seconds the snapshots in flight get to finish.
+    shutdown_timeout: float = 30.0
+    # Seconds the repository side of one snapshot may take before it is
+    # abandoned (and the snapshot spooled, to be stored later, in order).
+    store_timeout: float = 60.0
+    # Cap of the exponential backoff between attempts to reach a server that
+    # failed (never more than its frequency either).
+    retry_max: float = 300.0
+
+
+@dataclass(frozen=True)
+class StaticServer:
+    """A server listed in the configuration file ([[discovery.servers]])."""
+
+    alias: str
+    host: str = ""
+    port: int = 5432
+    user: str = ""
+    dbname: str = "postgres"
+    password_ref: str = ""
+    options: str = ""
+    frequency: int = 300
+    coalesce: int = 100
+
+
+PROVIDERS = ("repository", "static", "file_sd")
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    # Where the fleet comes from, any of: "repository" (the servers
+    # registered with 'pgfleet server add'), "static" (discovery.servers
+    # below) and "file_sd" (Prometheus file_sd files).  Servers from the last
+    # two are registered in the repository under their alias.
+    providers: tuple[str, ...] = field(default=("repository",), metadata={"choices": PROVIDERS})
+    # file_sd files (JSON or YAML), glob patterns allowed; re-read on change.
+    files: tuple[str, ...] = ()
+    # Seconds between two looks at the providers for changes.
+    refresh: float = 10.0
+    servers: tuple[StaticServer, ...] = ()
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    # Where snapshots wait while the repository is unreachable; by default
+    # $STATE_DIRECTORY/spool (systemd) or ~/.local/state/pgfleet/spool.
+    # Needs a restart.
+    directory: str = ""
+    # Megabytes of spooled snapshots kept at most; past it the oldest go.
+    max_size: float = 1024.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = field(
+        default="info", metadata={"choices": ("trace", "debug", "info", "warning", "error")}
+    )
+    # "keyvalue" (logfmt) or "json", one object per line.
+    format: str = field(default="keyvalue", metadata={"choices": ("keyvalue", "json")})
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """``pgfleet web``: the UI and its JSON (see docs/web.md)."""
+
+    listen: str = "127.0.0.1"
+    port: int = 8080
+    # File holding the key that signs session cookies.  Without one a random
+    # key is made at each start, and everyone logs in again after a restart.
+    secret_key_file: str = ""
+    # A token that logs in (read-only, as the repository role of
+    # [repository] dsn) without a role of one's own; token_file is the
+    # better place for it.
+    token: str = ""
+    token_file: str = ""
+    # Seconds a login lasts.
+    session_max_age: float = 43200.0
+    # Send the session cookie over HTTPS only: set it behind a TLS proxy.
+    secure_cookie: bool = False
 
 
 @dataclass(frozen=True)
 class Config:
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
     collector: CollectorConfig = field(default_factory=CollectorConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     source: str = "<defaults>"  # where it was read from, for messages
 
 
@@ -53,30 +154,57 @@ def _build(cls: type[T], data: Any, path: str, origin: str) -> T:
             f"invalid configuration {origin!r}: {path or 'top level'}: expected a table"
         )
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{path}.{unknown[0]}" if path else unknown[0]
         raise ConfigError(f"invalid configuration {origin!r}: {where}: unknown key")
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in data:
+            where = f"{path}.{name}" if path else name
+            raise ConfigError(f"invalid configuration {origin!r}: {where}: required")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         where = f"{path}.{name}" if path else name
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, where, origin)  # type: ignore[arg-type]
-        else:
-            kwargs[name] = _check(hint, value, where, origin)
+        kwargs[name] = _value(hints[name], value, where, origin)
+        choices = fields[name].metadata.get("choices")
+        if choices:
+            for v in kwargs[name] if isinstance(kwargs[name], tuple) else (kwargs[name],):
+                if v not in choices:
+                    raise ConfigError(
+                        f"invalid configuration {origin!r}: {where}: {v!r} is not one of "
+                        + ", ".join(map(repr, choices))
+                    )
     return cls(**kwargs)
+
+
+def _value(hint: Any, value: Any, where: str, origin: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where, origin)  # type: ignore[arg-type]
+    if get_origin(hint) is tuple:
+        # tuple[X, ...]: a TOML array (of tables, for a dataclass X).
+        item = get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"invalid configuration {origin!r}: {where}: expected an array")
+        return tuple(_value(item, v, f"{where}[{i}]", origin) for i, v in enumerate(value))
+    return _check(hint, value, where, origin)
 
 
 def _check(hint: Any, value: Any, where: str, origin: str) -> Any:
     allowed = get_args(hint) if get_origin(hint) in (types.UnionType,) else (hint,)
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not any(isinstance(value, t) for t in allowed if isinstance(t, type)):
+    # bool is an int to Python, never to a user.
+    ok = any(
+        isinstance(value, t) and not (isinstance(value, bool) and t is not bool)
+        for t in allowed
+        if isinstance(t, type)
+    )
+    if not ok:
         names = " or ".join("a number" if t is float else t.__name__ for t in allowed)
         raise ConfigError(f"invalid configuration {origin!r}: {where}: expected {names}")
-    if isinstance(value, float) and value <= 0:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
         raise ConfigError(f"invalid configuration {origin!r}: {where}: must be positive")
     return value
 

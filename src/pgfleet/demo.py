@@ -9,7 +9,10 @@ was collected.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -87,6 +90,8 @@ def run(*, seconds: int = 60, frequency: int = 5, workdir: str = ".demo") -> int
             load.terminate()
             load.wait(timeout=30)
         _report(repo_dsn, server.srvid, since)
+        if os.environ.get("PGFLEET_DEMO_WEB", "1") != "0":
+            _serve_web(repo_dsn, server.srvid, since)
         return 0
     finally:
         for c in (mon, repo):
@@ -142,3 +147,38 @@ def _report(repo_dsn: str, srvid: int, since_epoch: float) -> None:
             "SELECT pg_size_pretty(pg_database_size(current_database()))"
         ).fetchone()
         _line(f"\nrepository size: {size[0] if size else '?'}")
+
+
+def _serve_web(repo_dsn: str, srvid: int, since: float) -> None:
+    """Serve the web UI over the demo's repository until Ctrl-C (issue 5)."""
+    import secrets
+    import socket
+
+    from pgfleet.config import Config, RepositoryConfig, WebConfig
+    from pgfleet.web import create_app, serve
+
+    port = 8080
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", port)) == 0:  # taken: any free one
+            with socket.socket() as free:
+                free.bind(("127.0.0.1", 0))
+                port = free.getsockname()[1]
+    token = secrets.token_urlsafe(12)
+    cfg = Config(repository=RepositoryConfig(dsn=repo_dsn), web=WebConfig(port=port, token=token))
+    span = f"from={int(since) - 10}&to={int(time.time()) + 10}"  # the demo's minute
+    _line(f"\nweb UI: http://127.0.0.1:{port}/server/{srvid}?{span}")
+    _line(f"        log in with the token {token}")
+    _line("Ctrl-C to stop (PGFLEET_DEMO_WEB=0 skips the web UI)")
+    app = create_app(cfg)
+
+    async def main() -> None:
+        # Ctrl-C or SIGTERM: stop serving, then the clusters stop (run's finally).
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await serve(app, cfg)
+
+    asyncio.run(main())
