@@ -36,7 +36,9 @@ class Fleet:
 def _load(dsn: str, n: int) -> None:
     with connect(dsn) as conn:
         for i in range(n):
-            conn.execute("SELECT count(*) FROM work WHERE id < %s", (i,))
+            # pg_sleep: the session-wide cluster also runs every other test's
+            # statements; this one must top the server's list by time.
+            conn.execute("SELECT count(*), pg_sleep(0.002) FROM work WHERE id < %s", (i,))
             conn.execute("UPDATE work SET v = v || 'x' WHERE id = %s", (i % 50,))
         conn.execute(f"SELECT 1 AS x /* {HOSTILE_COMMENT} */")
 
