@@ -175,18 +175,7 @@ def _repo_dsn(args: argparse.Namespace, cfg: Config) -> str:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    keys = (
-        "host",
-        "port",
-        "username",
-        "dbname",
-        "password_ref",
-        "options",
-        "frequency",
-        "coalesce",
-        "retention",
-        "enabled",
-    )
+    keys = servers.EDITABLE
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
