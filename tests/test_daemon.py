@@ -662,7 +662,8 @@ def test_summary_line_counts_since_the_last_one(tmp_path):
     from pgfleet.spool import Spool
 
     out = io.StringIO()
-    saved = list(logging.getLogger("pgfleet").handlers)
+    loggers = [logging.getLogger(n) for n in ("pgfleet", "psycopg")]
+    saved = [(list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     log.setup("info", "json", stream=out)
     try:
         d = Daemon(Config(), config_path=None, dsn="host=nowhere")
@@ -677,7 +678,8 @@ def test_summary_line_counts_since_the_last_one(tmp_path):
         d.stats.count("db1", "snapshot", "stored", 4)
         d._summary()
     finally:
-        logging.getLogger("pgfleet").handlers = saved
+        for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+            lg.handlers, lg.level, lg.propagate = handlers, level, propagate
     first, second = (json.loads(line) for line in out.getvalue().splitlines())
     assert first["msg"] == "collecting"
     assert (first["stored"], first["spooled"], first["dropped"]) == (3, 2, 1)
