@@ -47,7 +47,7 @@ if [[ -f package.json ]]; then
     fi
 fi
 
-pg_packages=(
+debian_packages=(
     postgresql-15
     postgresql-15-pg-qualstats
     postgresql-15-pg-stat-kcache
@@ -55,15 +55,16 @@ pg_packages=(
     postgresql-15-hypopg
     postgresql-contrib
     chromium  # the web UI's browser tests (headless, driven by Playwright)
+    prometheus  # promtool and a real Prometheus server for the exporter's tests
 )
 
 if ! command -v dpkg-query >/dev/null; then
-    echo "bootstrap: not a Debian system, PostgreSQL 15 tests will be skipped"
+    echo "bootstrap: not a Debian system, PostgreSQL 15, browser and Prometheus tests will be skipped"
     exit 0
 fi
 
 missing=()
-for pkg in "${pg_packages[@]}"; do
+for pkg in "${debian_packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed"; then
         missing+=("$pkg")
     fi
@@ -71,7 +72,7 @@ done
 [[ ${#missing[@]} -eq 0 ]] && exit 0
 
 if [[ $(id -u) -ne 0 ]]; then
-    echo "bootstrap: missing ${missing[*]} (install them as root); PostgreSQL 15 tests will be skipped"
+    echo "bootstrap: missing ${missing[*]} (install them as root); PostgreSQL 15, browser and Prometheus tests will be skipped"
     exit 0
 fi
 
@@ -106,4 +107,4 @@ if [[ " ${missing[*]} " == *" postgresql-15 "* ]] && [[ -d /etc/postgresql/15/ma
     fi
     sed -i 's/^auto$/manual/' /etc/postgresql/15/main/start.conf
 fi
-echo "bootstrap: PostgreSQL 15 installed"
+echo "bootstrap: installed ${missing[*]}"

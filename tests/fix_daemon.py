@@ -2,7 +2,7 @@
 
 - `daemon`: a factory, ``daemon(repo_dsn, **settings)`` writes a
   configuration file (JSON logs at debug level, a private spool directory,
-  short periods) and starts the collector; every daemon still running at the
+  short periods, the exporter on a free port) and starts the collector; every daemon still running at the
   end of the test is killed, and the log of each is printed on failure.
 - `mon`: a private monitored cluster shared by this module's tests: the
   session clusters hold a database per test, and every server of a cluster
@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from pgfleet.cluster import Cluster
+from pgfleet.cluster import Cluster, _free_port
 from tests.fix_clusters import _start, _teardown
 
 PGFLEET = Path(sys.executable).parent / "pgfleet"
@@ -138,6 +138,12 @@ class DaemonProcess:
         ]
 
     @property
+    def exporter_url(self) -> str:
+        """Where the exporter listens (it is on by default)."""
+        ex = self.sections["exporter"]
+        return f"http://{ex.get('listen', '127.0.0.1')}:{ex['port']}"
+
+    @property
     def name(self) -> str:
         """The collector's name, which it makes at its first start."""
         path = self.workdir / "spool" / "collector_name"
@@ -173,6 +179,8 @@ def daemon(
             "discovery": {"refresh": 1},
             "spool": {"directory": str(workdir / "spool")},
             "logging": {"level": "debug", "format": "json"},
+            # Daemons run side by side: each its own port.
+            "exporter": {"port": _free_port()},
         }
         for section, values in sections.items():
             base.setdefault(section, {}).update(values)

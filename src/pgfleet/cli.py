@@ -138,8 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     snap.add_argument("--timeout", type=float, default=5.0, help=argparse.SUPPRESS)
 
     for name, text in (
-        ("collector", "run the collector daemon: snapshots of the whole fleet, continuously"),
-        ("run", "run pgfleet's long-running services (for now: the collector)"),
+        (
+            "collector",
+            "run the collector daemon: snapshots of the whole fleet, continuously, "
+            "and its Prometheus endpoint ([exporter])",
+        ),
+        ("run", "run the collector, and the web UI next to it when [web] enabled = true"),
     ):
         p = sub.add_parser(name, help=text)
         _config_option(p)
@@ -381,7 +385,8 @@ def cmd_collector(args: argparse.Namespace, cfg: Config) -> int:
             cfg, logging=dataclasses.replace(cfg.logging, level=args.log_level)
         )
     config_path = args.config or os.environ.get(ENV_CONFIG) or None
-    return daemon.run(cfg, config_path=config_path, dsn=_repo_dsn(args, cfg))
+    serve_web = args.command == "run" and cfg.web.enabled
+    return daemon.run(cfg, config_path=config_path, dsn=_repo_dsn(args, cfg), serve_web=serve_web)
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:

@@ -115,9 +115,28 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ExporterConfig:
+    """The collector's Prometheus endpoint (see docs/metrics.md)."""
+
+    # Serve /metrics and the / overview while collecting.
+    enabled: bool = True
+    # Loopback by default: the numbers say what the fleet runs; open it on
+    # purpose.  Needs a restart.
+    listen: str = "127.0.0.1"
+    port: int = 9630
+    # Per server, the statements and the tables exposed (the most active
+    # ones, see docs/metrics.md): Prometheus pays for every series.
+    max_statements: int = 20
+    max_tables: int = 20
+
+
+@dataclass(frozen=True)
 class WebConfig:
     """``pgfleet web``: the UI and its JSON (see docs/web.md)."""
 
+    # ``pgfleet run`` serves the UI next to the collector when true
+    # (``pgfleet web`` serves it regardless).
+    enabled: bool = False
     listen: str = "127.0.0.1"
     port: int = 8080
     # File holding the key that signs session cookies.  Without one a random
@@ -142,6 +161,7 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    exporter: ExporterConfig = field(default_factory=ExporterConfig)
     source: str = "<defaults>"  # where it was read from, for messages
 
 

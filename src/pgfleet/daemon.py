@@ -23,20 +23,26 @@ import contextlib
 import dataclasses
 import json
 import signal
+import socket
 import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from prometheus_client.registry import CollectorRegistry
 from psycopg import sql
 
-from pgfleet import commands, config, log, systemd
+from pgfleet import asgi, commands, config, log, systemd
 from pgfleet.collector import RegisteredSource, registered_sources
 from pgfleet.config import Config
 from pgfleet.connections import connect_repository_async, first_line
 from pgfleet.discovery import Discovery
 from pgfleet.errors import ConfigError, RepositoryError
+from pgfleet.exporter.endpoint import Endpoint, Row
+from pgfleet.exporter.health import Fleet, HealthCollector
+from pgfleet.exporter.latest import Latest
+from pgfleet.exporter.rendered import Rendered
 from pgfleet.lease import Leases, RoundResult
 from pgfleet.link import RepositoryLink, RepositoryUnavailable
 from pgfleet.repository import schema
@@ -55,6 +61,12 @@ RESTART_SETTINGS = (
     "collector.lease_period",
     "collector.command_channel",
     "spool.directory",
+    "exporter.enabled",
+    "exporter.listen",
+    "exporter.port",
+    "web.enabled",
+    "web.listen",
+    "web.port",
 )
 
 _QUEUE_MAX = 1000  # notifications waiting to be handled; more are dropped
@@ -74,12 +86,19 @@ def _setting(cfg: Config, dotted: str) -> Any:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, *, config_path: str | None, dsn: str) -> None:
+    def __init__(
+        self, cfg: Config, *, config_path: str | None, dsn: str, serve_web: bool = False
+    ) -> None:
         self.cfg = cfg
+        # ``pgfleet run`` with [web] enabled: the UI is served from this loop too.
+        self.serve_web = serve_web
         self.config_path = config_path
         self.dsn = dsn  # what --repository or the file said, fixed for our life
         self.log = log.EventLogger("daemon")
         self.stats = Stats()
+        self.latest = Latest(
+            max_statements=cfg.exporter.max_statements, max_tables=cfg.exporter.max_tables
+        )
         self.workers: dict[int, Worker] = {}
         self.fleet: dict[int, Server] = {}
         self.exit_code = 0
@@ -139,6 +158,9 @@ class Daemon:
         self.discovery = Discovery(cfg.discovery, cfg.source)
         self.limiter = Limiter(cfg.collector.max_in_flight)
         self.authorizer = commands.Authorizer(self.channel)
+        # Bound before anything starts, so that a busy port is one clear
+        # error at start rather than a collector without its endpoint.
+        servers = self._http_servers()
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -159,6 +181,7 @@ class Daemon:
             (self._command_loop(), "commands"),
             (self.writer.replay(), "replay"),
             (self._watchdog(), "watchdog"),
+            *servers,
         ):
             self._tasks.append(asyncio.create_task(coro, name=name))
         systemd.notify("READY=1", "STATUS=collecting")
@@ -169,6 +192,65 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             await self._shutdown()
         return self.exit_code
+
+    def _http_servers(self) -> list[tuple[Coroutine[Any, Any, None], str]]:
+        """The HTTP servers to run (exporter, web UI), their sockets bound."""
+        cfg = self.cfg
+        out = []
+        if cfg.exporter.enabled:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(
+                HealthCollector(Fleet(self.name, self.workers, self.stats, self.spool))
+            )
+            rendered = Rendered(self.latest)
+            app = Endpoint(registry, self._overview, rendered)
+            sock = asgi.bind(cfg.exporter.listen, cfg.exporter.port, "the exporter")
+            self.log.info("exporter listening", url=f"http://{_hostport(sock)}/metrics")
+            out.append((self._serving(asgi.serve(app, sock), "exporter"), "exporter"))
+            out.append((self._warm(rendered), "exporter warm-up"))
+        if self.serve_web:
+            from pgfleet import web
+
+            ui = web.create_app(cfg)
+            sock = asgi.bind(cfg.web.listen, cfg.web.port, "the web UI")
+            self.log.info("web UI listening", url=f"http://{_hostport(sock)}/")
+            out.append((self._serving(asgi.serve(ui, sock, lifespan="on"), "web UI"), "web"))
+        return out
+
+    async def _serving(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        try:
+            await coro
+        except ConfigError as e:
+            self.fatal(str(e))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception(f"the {what} stopped")
+            self.fatal(f"the {what} stopped unexpectedly")
+
+    async def _warm(self, rendered: Rendered) -> None:
+        """Render servers for the exporter soon after their snapshots, not at scrape time."""
+        while True:
+            await asyncio.sleep(1)
+            try:
+                await rendered.warm()
+            except Exception:
+                self.log.exception("exporter warm-up failed")
+
+    def _overview(self) -> tuple[str, list[Row]]:
+        rows = []
+        for w in sorted(self.workers.values(), key=lambda w: w.server.alias):
+            err = w.last_error
+            rows.append(
+                Row(
+                    w.server.alias,
+                    w.state,
+                    w.reachable,
+                    w.last_success,
+                    None if err is None else f"{err[1]}: {err[2]}",
+                )
+            )
+        return self.name, rows
 
     def _on_stop(self, sig: signal.Signals) -> None:
         if self._stop.is_set():
@@ -327,10 +409,12 @@ class Daemon:
                 if dropped:
                     self.stats.count("", "spool", "dropped", dropped)
                 self.stats.forget(w.server.alias)
+                self.latest.forget(w.server.alias)
             elif srvid not in owned:
                 self.log.info("server now collected by another collector", server=w.server.alias)
                 await self._drop_worker(srvid, keep=False)
                 self.stats.forget(w.server.alias)
+                self.latest.forget(w.server.alias)
         for srvid in sorted(owned - set(self.workers)):
             self._start_worker(self.fleet[srvid])
         for srvid, w in self.workers.items():
@@ -348,6 +432,7 @@ class Daemon:
             stats=self.stats,
             sources=lambda: self._sources,
             collector=self.name,
+            latest=self.latest,
         )
         self.workers[server.srvid] = w
         w.start()
@@ -422,6 +507,9 @@ class Daemon:
             await self.limiter.resize(new.collector.max_in_flight)
             self.spool.max_bytes = round(new.spool.max_size * 2**20)
             self.writer.store_timeout = new.collector.store_timeout
+            self.latest.configure(
+                max_statements=new.exporter.max_statements, max_tables=new.exporter.max_tables
+            )
             self._fleet_wake.set()  # rediscover now; workers get new settings there
             self.log.info("configuration reloaded", origin=origin, source=new.source)
             message = f"configuration reloaded from {new.source}"
@@ -528,7 +616,12 @@ class Daemon:
             await asyncio.sleep(interval)
 
 
-def run(cfg: Config, *, config_path: str | None, dsn: str) -> int:
+def _hostport(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run(cfg: Config, *, config_path: str | None, dsn: str, serve_web: bool = False) -> int:
     """Run the collector until SIGTERM or SIGINT; return the exit status."""
     if not dsn:
         raise ConfigError(
@@ -537,6 +630,7 @@ def run(cfg: Config, *, config_path: str | None, dsn: str) -> int:
         )
     log.setup(cfg.logging.level, cfg.logging.format)
     try:
-        return asyncio.run(Daemon(cfg, config_path=config_path, dsn=dsn).main())
+        daemon = Daemon(cfg, config_path=config_path, dsn=dsn, serve_web=serve_web)
+        return asyncio.run(daemon.main())
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         return 130

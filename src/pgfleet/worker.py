@@ -34,6 +34,7 @@ from pgfleet.collector import (
 from pgfleet.config import CollectorConfig
 from pgfleet.connections import first_line
 from pgfleet.errors import PgfleetError
+from pgfleet.exporter.latest import Latest
 from pgfleet.log import TRACE, EventLogger
 from pgfleet.repository.servers import Server
 from pgfleet.scheduler import Backoff, Limiter
@@ -47,11 +48,20 @@ _CONNECTION = ("host", "port", "username", "dbname", "password_ref", "options")
 
 
 class Session(ServerSession):
-    """A ServerSession that reads the server's facts once per snapshot."""
+    """A ServerSession that reads the server's facts once per snapshot,
+    and counts the connections it opens."""
 
-    def __init__(self, server: Server, cfg: CollectorConfig) -> None:
+    def __init__(self, server: Server, cfg: CollectorConfig, stats: Stats) -> None:
         super().__init__(server, cfg)
         self._info: ServerInfo | None = None
+        self._stats = stats
+
+    async def conn(self, dbname: str | None = None) -> psycopg.AsyncConnection[Any]:
+        before = self._conns.get(dbname or self.server.dbname)
+        c = await super().conn(dbname)
+        if c is not before:
+            self._stats.count(self.server.alias, "connection", "opened")
+        return c
 
     def new_snapshot(self) -> None:
         self._info = None
@@ -87,6 +97,7 @@ class Worker:
         stats: Stats,
         sources: Callable[[], list[RegisteredSource] | None],
         collector: str,
+        latest: Latest | None = None,
     ) -> None:
         self.server = server
         self.cfg = cfg
@@ -96,11 +107,16 @@ class Worker:
         self.sources = sources
         self.collector = collector
         self.log = log.bind(server=server.alias)
-        self.session = Session(server, cfg)
+        self.latest = latest
+        self.session = Session(server, cfg, stats)
         self.state = "starting"
+        # Whether the last attempt reached the server; None before the first.
+        self.reachable: bool | None = None
         self.next_run: float | None = None
         self.last_slot: float | None = None
         self.last_snapshot: float | None = None
+        # The last snapshot stored or spooled (not dropped).
+        self.last_success: float | None = None
         self.last_error: tuple[float, str, str] | None = None
         self.last_lag: float | None = None
         self.snapshots = 0
@@ -136,7 +152,7 @@ class Worker:
         self.log = log.bind(server=server.alias)
         self._backoff.cap = min(cfg.retry_max, server.frequency)
         if reconnect:
-            old, self.session = self.session, Session(server, cfg)
+            old, self.session = self.session, Session(server, cfg, self.stats)
             if self.state != "running":
                 await old.close()
             else:
@@ -243,6 +259,7 @@ class Worker:
     async def _fail(self, message: str, kind: str = CONNECT_ERROR) -> bool:
         """The server could not be reached at all: count, record, back off."""
         self.stats.count(self.server.alias, "connection", kind)
+        self.reachable = False
         self.last_error = (time.time(), "connection", message)
         await self._close()
         self.log.warning("server unreachable", error=message)
@@ -284,7 +301,11 @@ class Worker:
                 return await self._fail(f"server {alias!r}: {first_line(e)}")
             except PgfleetError as e:  # ServerError, or an unresolvable password reference
                 return await self._fail(str(e))
-            self.stats.observe(alias, "server_info", "query", time.perf_counter() - t0)
+            self.reachable = True
+            # Query durations are kept per source, not per server and source:
+            # a thousand servers times twenty sources of histograms is more
+            # than anyone graphs.
+            self.stats.observe("", "server_info", "query", time.perf_counter() - t0)
             guard = self._guard(info)
             for src in sources:
                 before = len(result.errors)
@@ -305,11 +326,11 @@ class Worker:
                     # psycopg cancelled the query on the server on its way out.
                     result.errors.append((src.module, f"no answer after {guard:g} s (cancelled)"))
                 except PgfleetError as e:
-                    self.stats.observe(alias, src.module, "query", time.perf_counter() - t)
+                    self.stats.observe("", src.module, "query", time.perf_counter() - t)
                     self.stats.count(alias, src.module, QUERY_ERROR)
                     return await self._fail(str(e))
                 elapsed = time.perf_counter() - t
-                self.stats.observe(alias, src.module, "query", elapsed)
+                self.stats.observe("", src.module, "query", elapsed)
                 if self.log.enabled(TRACE):
                     self._trace(src.module, elapsed, part)
                 for module, message in result.errors[before:]:
@@ -321,6 +342,12 @@ class Worker:
                         # query was cancelled may still be stuck behind it.
                         await self.session.close()
             fetch_seconds = time.perf_counter() - t0
+            if self.latest is not None:
+                try:
+                    self.latest.update(alias, taken_at, info, staged)
+                except Exception:
+                    # The exporter's loss, not the snapshot's.
+                    self.log.exception("latest values not updated for the exporter")
             submitted = time.perf_counter()
             try:
                 outcome = await self.writer.submit(
@@ -335,8 +362,11 @@ class Worker:
         finally:
             for st in staged:
                 st.spool.close()
+        self.stats.observe(alias, "snapshot", "duration", time.perf_counter() - t0)
         self.snapshots += 1
         self.last_snapshot = taken_at
+        if outcome is not Outcome.DROPPED:
+            self.last_success = taken_at
         self.last_lag = lag
         self.stats.count(alias, "snapshot", outcome.value)
         if lag is not None:

@@ -143,7 +143,7 @@ class Writer:
                 server.srvid, server.alias, taken_at, info, staged, result.errors
             )
         except OSError as e:
-            self.stats.count(server.alias, "spool", "dropped")
+            self.stats.count("", "spool", "dropped")
             log.error("snapshot lost: cannot spool it", server=server.alias, error=e.strerror)
             return
         self.stats.count(server.alias, "spool", "spooled")

@@ -29,6 +29,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from pgfleet import asgi
 from pgfleet.config import Config
 from pgfleet.errors import ConfigError, PgfleetError
 from pgfleet.web import render, timerange
@@ -139,30 +140,8 @@ def create_app(config: Config) -> Starlette:
 async def serve(app: Starlette, config: Config) -> None:
     """Serve `app` on ``[web] listen:port`` until cancelled, then shut down
     cleanly (requests finish, pools close).  Signals are the caller's."""
-    import uvicorn
-
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=config.web.listen,
-            port=config.web.port,
-            log_level="warning",
-            lifespan="on",
-            proxy_headers=False,
-        )
-    )
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-    serving = asyncio.ensure_future(server.serve())
-    try:
-        await asyncio.shield(serving)
-    except asyncio.CancelledError:
-        server.should_exit = True
-        await serving
-        raise
-    if not server.started:
-        raise ConfigError(
-            f"the web UI cannot listen on {config.web.listen}:{config.web.port} (address in use?)"
-        )
+    sock = asgi.bind(config.web.listen, config.web.port, "the web UI")
+    await asgi.serve(app, sock, lifespan="on")
 
 
 def _state(request: Request) -> WebState:
