@@ -9,7 +9,9 @@ prints one line:
 
   achieved snapshots/s (and the expected rate), the collector's CPU as a
   percentage of one core, its peak RSS, and the p50 and p99 lag of
-  snapshots behind their scheduled slot.
+  snapshots behind their scheduled slot; and, with the collector's
+  /metrics scraped every ``--scrape`` seconds as Prometheus would (asking
+  for OpenMetrics, gzip), the median scrape time and body size.
 
 Bars: keeps up (p99 lag < 5 s) at <= 50% of one core and <= 300 MB RSS.
 
@@ -24,6 +26,7 @@ Usage: python bench/fleet.py [--servers N] [--clusters N] [--frequency S]
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import signal
@@ -31,12 +34,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psycopg
 
-from pgfleet.cluster import Cluster
+from pgfleet.cluster import Cluster, _free_port
 from pgfleet.repository import schema
 
 PGFLEET = Path(sys.executable).parent / "pgfleet"
@@ -55,6 +60,27 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def scrape_loop(
+    port: int, every: float, stop: threading.Event, out: list[tuple[float, int]]
+) -> None:
+    """Scrape /metrics as Prometheus does; (wall ms, uncompressed bytes) per scrape."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics",
+        headers={
+            "Accept": "application/openmetrics-text;version=1.0.0;q=0.5,"
+            "text/plain;version=0.0.4;q=0.3",
+            "Accept-Encoding": "gzip",
+        },
+    )
+    while not stop.wait(every):
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=60) as r:
+            body = r.read()
+            if r.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+        out.append(((time.perf_counter() - t0) * 1000, len(body)))
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -70,6 +96,7 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=180, help="seconds measured")
     ap.add_argument("--warmup", type=int, help="seconds before measuring (default: a period)")
     ap.add_argument("--max-in-flight", type=int, default=10)
+    ap.add_argument("--scrape", type=float, default=15, help="seconds between scrapes (0: none)")
     args = ap.parse_args()
     warmup = args.frequency if args.warmup is None else args.warmup
     per_cluster = -(-args.servers // args.clusters)
@@ -109,7 +136,9 @@ def main() -> None:
                         ],
                     )  # fmt: skip
             cfg = base / "pgfleet.toml"
+            port = _free_port()
             cfg.write_text(
+                f"[exporter]\nport = {port}\n"
                 f'[repository]\ndsn = "{repo_dsn}"\n'
                 f"[collector]\nmax_in_flight = {args.max_in_flight}\n"
                 f'[spool]\ndirectory = "{base / "spool"}"\n'
@@ -125,8 +154,16 @@ def main() -> None:
             if proc.poll() is not None:
                 raise SystemExit(f"the collector died: {log_path.read_text()[-2000:]}")
             offset = log_path.stat().st_size
+            scrapes: list[tuple[float, int]] = []
+            stop = threading.Event()
+            scraper = threading.Thread(
+                target=scrape_loop, args=(port, args.scrape, stop, scrapes), daemon=True
+            )
             c0, w0 = cpu_seconds(proc.pid), time.monotonic()
+            if args.scrape:
+                scraper.start()
             time.sleep(args.duration)
+            stop.set()
             c1, w1 = cpu_seconds(proc.pid), time.monotonic()
             rss = peak_rss_mb(proc.pid)
             with log_path.open("rb") as f:
@@ -152,7 +189,14 @@ def main() -> None:
         f"(schedule {args.servers / args.frequency:.1f}), "
         f"collector CPU {cpu:.1f}% of a core, peak RSS {rss:.0f} MB, "
         f"lag p50 {p50:.3f} s p99 {p99:.3f} s (mean {statistics.fmean(lags or [0]):.3f}), "
-        f"{problems} warnings/errors; bars {'met' if ok else 'MISSED'}",
+        f"{problems} warnings/errors; "
+        + (
+            f"scrape every {args.scrape:g} s: median {statistics.median(s[0] for s in scrapes):.0f}"
+            f" ms, {statistics.median(s[1] for s in scrapes) / 1e6:.1f} MB; "
+            if scrapes
+            else ""
+        )
+        + f"bars {'met' if ok else 'MISSED'}",
         flush=True,
     )
 

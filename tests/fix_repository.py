@@ -7,6 +7,7 @@ import io
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import pytest
@@ -22,13 +23,18 @@ class CliResult:
     err: str
 
 
-@pytest.fixture
-def repo(pg18, new_database) -> str:
-    """DSN of a freshly initialised repository database on PostgreSQL 18."""
-    dsn = new_database(pg18)
+def new_repository(cluster: Any, new_database: Callable[[Any], str]) -> str:
+    """DSN of a freshly initialised repository database on ``cluster``."""
+    dsn = new_database(cluster)
     with psycopg.connect(dsn, autocommit=True) as conn:
         schema.upgrade(conn)
     return dsn
+
+
+@pytest.fixture
+def repo(pg18, new_database) -> str:
+    """DSN of a freshly initialised repository database on PostgreSQL 18."""
+    return new_repository(pg18, new_database)
 
 
 @pytest.fixture

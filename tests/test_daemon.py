@@ -17,16 +17,13 @@ from pgfleet import config
 from pgfleet.errors import ConfigError
 from pgfleet.repository import schema
 from tests.fix_daemon import wait_until
-from tests.fix_repository import add_server, connect, scalar
+from tests.fix_repository import add_server, connect, new_repository, scalar
 
 
 @pytest.fixture
 def repo(repo_cluster, new_database) -> str:
     """A fresh repository, on this module's own cluster (see fix_daemon)."""
-    dsn = new_database(repo_cluster)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        schema.upgrade(conn)
-    return dsn
+    return new_repository(repo_cluster, new_database)
 
 
 def snapshots(repo: str, alias: str) -> int:

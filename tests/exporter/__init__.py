@@ -8,12 +8,21 @@ as the writer expects them (positioned at their end, whole).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import shutil
+import subprocess
 import time
-from collections.abc import Collection
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Collection, Iterator
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from psycopg.conninfo import conninfo_to_dict
 
+from pgfleet.cluster import _free_port
 from pgfleet.collector import (
     RegisteredSource,
     ServerInfo,
@@ -94,3 +103,49 @@ def registry(latest: Latest) -> CollectorRegistry:
     reg = CollectorRegistry()
     reg.register(FleetCollector(latest))
     return reg
+
+
+PROMETHEUS = shutil.which("prometheus")
+Query = Callable[[str], list[dict[str, Any]]]
+
+
+@contextlib.contextmanager
+def running_prometheus(workdir: Path, target: str) -> Iterator[Query]:
+    """A real Prometheus scraping ``target`` (host:port) every second; yields a
+    function running an instant query through its HTTP API ([] until it answers)."""
+    assert PROMETHEUS is not None
+    port = _free_port()
+    (workdir / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+        "scrape_configs:\n  - job_name: pgfleet\n"
+        f"    static_configs:\n      - targets: ['{target}']\n"
+    )
+    log = (workdir / "prometheus.log").open("wb")
+    prom = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={workdir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+    def query(q: str) -> list[dict[str, Any]]:
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                data = json.load(r)
+        except OSError:
+            return []
+        assert data["status"] == "success", (q, data)
+        result: list[dict[str, Any]] = data["data"]["result"]
+        return result
+
+    try:
+        yield query
+    finally:
+        prom.terminate()
+        prom.wait(30)
+        log.close()

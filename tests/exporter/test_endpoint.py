@@ -7,7 +7,6 @@ answers a query about it; a removed server's series leave the next scrape.
 from __future__ import annotations
 
 import http.client
-import json
 import shutil
 import subprocess
 import time
@@ -19,21 +18,16 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pgfleet.cluster import _free_port
-from pgfleet.repository import schema
+from tests.exporter import PROMETHEUS, running_prometheus
 from tests.fix_daemon import wait_until
-from tests.fix_repository import add_server
+from tests.fix_repository import add_server, new_repository
 
 PROMTOOL = shutil.which("promtool")
-PROMETHEUS = shutil.which("prometheus")
 
 
 @pytest.fixture
 def repo(repo_cluster, new_database) -> str:
-    dsn = new_database(repo_cluster)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        schema.upgrade(conn)
-    return dsn
+    return new_repository(repo_cluster, new_database)
 
 
 def get(url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None):
@@ -197,37 +191,7 @@ def test_real_prometheus_scrapes_the_collector(repo, run_cli, daemon, mon, tmp_p
     add_server(run_cli, "main", mon.dsn(), "--frequency", "1")
     d = daemon(repo)
     target = d.exporter_url.removeprefix("http://")
-    port = _free_port()
-    (tmp_path / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
-        "scrape_configs:\n  - job_name: pgfleet\n"
-        f"    static_configs:\n      - targets: ['{target}']\n"
-    )
-    assert PROMETHEUS is not None
-    log = (tmp_path / "prometheus.log").open("wb")
-    prom = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        api = f"http://127.0.0.1:{port}/api/v1/query?"
-
-        def query(q: str) -> list[dict]:
-            try:
-                with urllib.request.urlopen(
-                    api + urllib.parse.urlencode({"query": q}), timeout=5
-                ) as r:
-                    data = json.load(r)
-            except OSError:
-                return []
-            return data["data"]["result"] if data.get("status") == "success" else []
-
+    with running_prometheus(tmp_path, target) as query:
         found = wait_until(
             lambda: query('pgfleet_up{server="main"}'), 60, "Prometheus to have pgfleet_up"
         )
@@ -239,10 +203,6 @@ def test_real_prometheus_scrapes_the_collector(repo, run_cli, daemon, mon, tmp_p
             lambda: query('pgfleet_database_xact_commit_total{server="main"}'), 30, "commits"
         )
         assert float(commits[0]["value"][1]) > 0
-    finally:
-        prom.terminate()
-        prom.wait(30)
-        log.close()
     assert d.stop() == 0
 
 

@@ -7,8 +7,6 @@ import re
 import shutil
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import psycopg
@@ -16,13 +14,11 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from pgfleet.cluster import _free_port
 from pgfleet.exporter.fleet import VIEWS, FleetCollector, family_labels, family_names
 from pgfleet.exporter.latest import Latest
-from tests.exporter import registry, snapshot
+from tests.exporter import PROMETHEUS, registry, running_prometheus, snapshot
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
-PROMETHEUS = shutil.which("prometheus")
 DASHBOARD = Path(__file__).parents[2] / "contrib" / "grafana" / "pgfleet-fleet.json"
 
 # What the collector's health collector (exporter/health.py) exports; the
@@ -224,36 +220,7 @@ def test_dashboard_queries_find_data_in_a_real_prometheus(fleet, tmp_path):
     """A real Prometheus scrapes a fleet; every panel whose families it has finds data."""
     httpd, thread = start_http_server(0, addr="127.0.0.1", registry=registry(fleet))
     target = f"127.0.0.1:{httpd.server_address[1]}"
-    port = _free_port()
-    (tmp_path / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
-        "scrape_configs:\n  - job_name: pgfleet\n"
-        f"    static_configs:\n      - targets: ['{target}']\n"
-    )
-    assert PROMETHEUS is not None
-    log = (tmp_path / "prometheus.log").open("wb")
-    prom = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-    def query(q: str) -> list[dict]:
-        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                data = json.load(r)
-        except OSError:
-            return []
-        assert data["status"] == "success", (q, data)
-        return data["data"]["result"]
-
-    try:
+    with running_prometheus(tmp_path, target) as query:
         # rate() wants two samples in its window.
         deadline = time.monotonic() + 60
         scrapes = "min(count_over_time(pgfleet_server_version_num[1m])) >= 3"
@@ -279,9 +246,5 @@ def test_dashboard_queries_find_data_in_a_real_prometheus(fleet, tmp_path):
         assert checked > 30
         # Nothing waits on these idle servers but their background processes.
         assert [e for e in empty if "pgfleet_backends_waiting" not in e] == []
-    finally:
-        prom.terminate()
-        prom.wait(30)
-        log.close()
-        httpd.shutdown()
-        thread.join(10)
+    httpd.shutdown()
+    thread.join(10)

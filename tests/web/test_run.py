@@ -8,17 +8,13 @@ import psycopg
 import pytest
 
 from pgfleet.cluster import _free_port
-from pgfleet.repository import schema
 from tests.fix_daemon import wait_until
-from tests.fix_repository import add_server, connect, scalar
+from tests.fix_repository import add_server, connect, new_repository, scalar
 
 
 @pytest.fixture
 def repo(repo_cluster, new_database) -> str:
-    dsn = new_database(repo_cluster)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        schema.upgrade(conn)
-    return dsn
+    return new_repository(repo_cluster, new_database)
 
 
 def _csrf(page: str) -> str:
