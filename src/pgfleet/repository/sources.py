@@ -27,18 +27,62 @@ def install_builtin(conn: psycopg.Connection[Any]) -> None:
         install(conn, ds, version)
 
 
+# Built-in sources whose every column is short (names, numbers, times): their
+# transient table stores all of it inline (STORAGE PLAIN) and so has no TOAST
+# table.  Every snapshot TRUNCATEs the transient tables it used, which gives
+# each of them new files: a TOAST table and its index triple the files made
+# and unlinked per snapshot.  The others (query texts, setting values,
+# function signatures) keep their TOAST table.
+SHORT_ROWS = frozenset(
+    {
+        "pg_stat_activity",
+        "pg_stat_archiver",
+        "pg_stat_bgwriter",
+        "pg_stat_database",
+        "pg_stat_io",
+        "pg_stat_kcache",
+        "pg_stat_user_indexes",
+        "pg_stat_user_tables",
+        "pg_stat_wal",
+        "pg_wait_sampling",
+        "replication",
+        "replication_slots",
+        "wal_receiver",
+    }
+)
+
+
 def install(conn: psycopg.Connection[Any], ds: Datasource, version: int) -> None:
     tmp = sql.SQL(ds.tmp_table)  # module names are validated identifiers
+    plain = ds.module in SHORT_ROWS
+    row = conn.execute(
+        "SELECT reltoastrelid <> 0 FROM pg_class WHERE oid = to_regclass(%s)", (ds.tmp_table,)
+    ).fetchone()
+    if row is not None and row[0] and plain:
+        # Made before it could go without TOAST: it is empty outside a
+        # snapshot's transaction, so make it again.
+        conn.execute(sql.SQL("DROP TABLE {}").format(tmp))
+    # Always empty outside a snapshot's transaction: nothing for autovacuum
+    # to do, and its locks would only make the snapshot's TRUNCATE wait.
     conn.execute(
         sql.SQL(
             "CREATE UNLOGGED TABLE IF NOT EXISTS {} "
-            "(srvid integer NOT NULL, ts timestamptz NOT NULL)"
+            "(srvid integer NOT NULL, ts timestamptz NOT NULL) "
+            "WITH (autovacuum_enabled = false)"
         ).format(tmp)
     )
+    conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)").format(tmp))
     for col in ds.columns:
+        # One ALTER TABLE: the TOAST table is decided after all its
+        # subcommands, so a PLAIN column never makes one.
         conn.execute(
-            sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
-                tmp, sql.Identifier(col.name), sql.SQL(col.type)
+            sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}{}").format(
+                tmp,
+                sql.Identifier(col.name),
+                sql.SQL(col.type),
+                sql.SQL(", ALTER COLUMN {} SET STORAGE PLAIN").format(sql.Identifier(col.name))
+                if plain
+                else sql.SQL(""),
             )
         )
     # Dropped first: a source whose columns changed changes the function's
