@@ -99,11 +99,19 @@ def _teardown(cluster: Cluster) -> None:
         cluster.kill()
 
 
+# The session's clusters gather a database per test, and a snapshot connects
+# to every database of its server at once: room for a few hundred.
+MAX_CONNECTIONS = 400
+
+
 @pytest.fixture(scope="session")
 def pg18(clusters_dir: Path) -> Iterator[Cluster]:
     """The embedded PostgreSQL 18, with pg_stat_statements in every new database."""
     cluster = Cluster.embedded(
-        clusters_dir / "pg18", shared_preload_libraries=["pg_stat_statements"], name="pg18"
+        clusters_dir / "pg18",
+        shared_preload_libraries=["pg_stat_statements"],
+        settings={"max_connections": MAX_CONNECTIONS},
+        name="pg18",
     )
     _start(cluster, "the embedded PostgreSQL 18")
     for dbname in ("postgres", "template1"):
@@ -127,7 +135,7 @@ def pg15(clusters_dir: Path) -> Iterator[Cluster]:
         shared_preload_libraries=PG15_PRELOAD,
         # pg_qualstats samples 1/max_connections of the queries by default:
         # tests want to see theirs.
-        settings={"pg_qualstats.sample_rate": 1},
+        settings={"pg_qualstats.sample_rate": 1, "max_connections": MAX_CONNECTIONS},
         name="pg15",
     )
     _start(cluster, "Debian's PostgreSQL 15")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
+from pgfleet.collector import ServerSession, SnapshotResult, snapshot_remote
+from pgfleet.config import CollectorConfig
 from pgfleet.datasources import builtin
+from pgfleet.repository import servers
 from tests.fix_repository import add_server, connect, scalar
 
 
@@ -59,8 +65,9 @@ def test_every_builtin_source_as_pg_monitor(repo, run_cli, monitored, new_databa
         # Per-database sources reached the test database.
         assert (
             conn.execute(
-                "SELECT count(*) FROM pgfleet.pg_stat_user_tables_last WHERE srvid = %s AND relname = 't'",
-                (srvid,),
+                "SELECT count(*) FROM pgfleet.pg_stat_user_tables_last"
+                " WHERE srvid = %s AND datname = %s AND relname = 't'",
+                (srvid, conninfo_to_dict(mon)["dbname"]),
             ).fetchone()[0]
             == 1
         )
@@ -220,3 +227,99 @@ def test_invalid_arguments(run_cli):
     res = run_cli("snapshot", "nope")
     assert res.rc == 1
     assert res.err.strip() == "pgfleet: error: no server named 'nope' (see 'pgfleet server list')"
+
+
+def test_unreachable_database_loses_only_its_rows(repo, run_cli, new_cluster):
+    """Per-database sources of a database the role may not connect to record
+    that; the cluster-wide sources, which run on another database's
+    connection when there is one, fall back to the main connection."""
+    mon = new_cluster("refusing", shared_preload_libraries=["pg_stat_statements"])
+    app = mon.create_database("app")
+    # First in name order: the connection the cluster-wide sources would use.
+    mon.create_database("a_refused")
+    with connect(mon.dsn()) as conn:
+        conn.execute("REVOKE CONNECT ON DATABASE a_refused FROM PUBLIC")
+        conn.execute("CREATE ROLE mon LOGIN PASSWORD 'm' IN ROLE pg_monitor")
+    with connect(app) as conn:
+        conn.execute("CREATE EXTENSION pg_stat_statements")
+        conn.execute("CREATE TABLE t (id int)")
+    add_server(run_cli, "refusing", app, "--password-ref", "env:MON_PW")
+    assert run_cli("server", "update", "refusing", "--user", "mon").rc == 0
+    res = run_cli("snapshot", "refusing", "--json", env={"MON_PW": "m"})
+    assert res.rc == 3, res.err
+    result = json.loads(res.out)
+    per_database = {
+        m for m, ds in builtin().items() if ds.per_database and m not in result["skipped"]
+    }
+    assert {"pg_stat_user_tables", "pg_stat_user_indexes"} <= per_database
+    # Recorded as failed, though the rows of the databases reached are stored.
+    assert set(result["errors"]) == per_database
+    for message in result["errors"].values():
+        assert "a_refused" in message
+    for module in ("pg_stat_database", "settings", "pg_stat_statements", "pg_stat_activity"):
+        assert module in result["stored"]
+    srvid = _srvid(repo, "refusing")
+    assert scalar(
+        repo,
+        "SELECT array_agg(DISTINCT datname) FROM pgfleet.pg_stat_user_tables_last WHERE srvid = %s",
+        (srvid,),
+    ) == ["app"]
+    assert (
+        scalar(repo, "SELECT count(*) FROM pgfleet.settings_last WHERE srvid = %s", (srvid,)) > 100
+    )
+
+
+def test_unchanged_sources_are_not_staged_again(repo, pg18, new_database, run_cli):
+    """A built-in source whose rows did not change since the previous snapshot
+    this process stored is left out (it would write nothing), and still
+    reported stored; a change, or a snapshot stored by someone else in
+    between, brings it back."""
+    mon = new_database(pg18)
+    add_server(run_cli, "same", mon)
+    srvid = _srvid(repo, "same")
+
+    async def snapshots(n: int) -> list[SnapshotResult]:
+        cfg = CollectorConfig()
+        with psycopg.connect(repo) as conn:
+            server = servers.get(conn, "same")
+        session = ServerSession(server, cfg)
+        out = []
+        async with await psycopg.AsyncConnection.connect(repo, autocommit=True) as conn:
+            for _ in range(n):
+                out.append(await snapshot_remote(conn, server, cfg, session=session))
+        await session.close()
+        return out
+
+    first, second = asyncio.run(snapshots(2))
+    assert first.unchanged == []
+    assert "settings" in second.unchanged
+    assert "pg_stat_statements" not in second.unchanged
+    assert set(second.unchanged) <= set(second.stored)
+    assert second.errors == []
+    settings_rows = "SELECT count(*) FROM pgfleet.settings_current WHERE srvid = %s"
+    before = scalar(repo, settings_rows, (srvid,))
+    with connect(mon) as conn:
+        conn.execute("ALTER SYSTEM SET work_mem = '5MB'")
+        conn.execute("SELECT pg_reload_conf()")
+    try:
+        (changed,) = asyncio.run(snapshots(1))
+        assert "settings" not in changed.unchanged
+        assert scalar(repo, settings_rows, (srvid,)) == before + 1
+        (same,) = asyncio.run(snapshots(1))
+        assert "settings" in same.unchanged
+        # Another snapshot stored since: nothing is left out.
+        with connect(repo) as conn:
+            conn.execute(
+                "UPDATE pgfleet.snapshot_state SET snapshots = snapshots + 1 WHERE srvid = %s",
+                (srvid,),
+            )
+        (after,) = asyncio.run(snapshots(1))
+        assert after.unchanged == []
+    finally:
+        with connect(mon) as conn:
+            conn.execute("ALTER SYSTEM RESET work_mem")
+            conn.execute("SELECT pg_reload_conf()")
+    # Each source's transient table is empty, left out or not.
+    with connect(repo) as conn:
+        for (module,) in conn.execute("SELECT module FROM pgfleet.metric_sources").fetchall():
+            assert conn.execute(f"SELECT count(*) FROM pgfleet.{module}_src_tmp").fetchone()[0] == 0
