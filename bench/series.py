@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import psycopg
 
-from pgfleet.cluster import Cluster
-from pgfleet.repository import schema, servers
+from pgfleet.cluster import throwaway
+from pgfleet.repository import servers
 
 FILL_PGSS = """
 INSERT INTO pgfleet.pg_stat_statements_history
@@ -74,48 +72,39 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--statements", type=int, default=2000)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="pgfleet-bench-") as tmp:
-        base = Path(tmp)
-        base.chmod(0o755)
-        repo = Cluster.embedded(base / "repository")
-        try:
-            repo.init()
-            repo.start()
-            dsn = repo.create_database("repo")
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                schema.upgrade(conn)
-                srv = servers.add(conn, "bench", host="127.0.0.1")
-                params = {"srvid": srv.srvid, "statements": args.statements}
-                for day in range(9):
-                    conn.execute(
-                        "SELECT pgfleet.metric_partition(m, (now() - %s * interval '1 day')::date)"
-                        " FROM unnest(ARRAY['pg_stat_statements', 'pg_stat_database']) m",
-                        (day,),
-                    )
-                t0 = time.perf_counter()
-                conn.execute(FILL_PGSS, params)
-                conn.execute(FILL_DB, params)
-                conn.execute("VACUUM ANALYZE")
-                fill = time.perf_counter() - t0
-                figures = []
-                for label, query in QUERIES.items():
-                    times = []
-                    for _ in range(20):
-                        t = time.perf_counter()
-                        conn.execute(query, params).fetchall()
-                        times.append((time.perf_counter() - t) * 1000)
-                    figures.append(f"{label} {statistics.median(times):.1f} ms")
-                row = conn.execute(
-                    "SELECT pg_size_pretty(sum(pg_total_relation_size(inhrelid))) FROM pg_inherits"
-                    " WHERE inhparent = 'pgfleet.pg_stat_statements_history'::regclass"
-                ).fetchone()
-            print(
-                f"series ({args.statements} statements x 2016 snapshots, filled in {fill:.0f} s, "
-                f"{row[0] if row else '?'}): " + "; ".join(figures),
-                flush=True,
-            )
-        finally:
-            repo.stop()
+    with throwaway() as tw:
+        dsn = tw.new_repository()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            srv = servers.add(conn, "bench", host="127.0.0.1")
+            params = {"srvid": srv.srvid, "statements": args.statements}
+            for day in range(9):
+                conn.execute(
+                    "SELECT pgfleet.metric_partition(m, (now() - %s * interval '1 day')::date)"
+                    " FROM unnest(ARRAY['pg_stat_statements', 'pg_stat_database']) m",
+                    (day,),
+                )
+            t0 = time.perf_counter()
+            conn.execute(FILL_PGSS, params)
+            conn.execute(FILL_DB, params)
+            conn.execute("VACUUM ANALYZE")
+            fill = time.perf_counter() - t0
+            figures = []
+            for label, query in QUERIES.items():
+                times = []
+                for _ in range(20):
+                    t = time.perf_counter()
+                    conn.execute(query, params).fetchall()
+                    times.append((time.perf_counter() - t) * 1000)
+                figures.append(f"{label} {statistics.median(times):.1f} ms")
+            row = conn.execute(
+                "SELECT pg_size_pretty(sum(pg_total_relation_size(inhrelid))) FROM pg_inherits"
+                " WHERE inhparent = 'pgfleet.pg_stat_statements_history'::regclass"
+            ).fetchone()
+        print(
+            f"series ({args.statements} statements x 2016 snapshots, filled in {fill:.0f} s, "
+            f"{row[0] if row else '?'}): " + "; ".join(figures),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -9,25 +9,32 @@ between snapshots, and 5% of them changing -- it takes a warm-up round of
   median / max wall ms per remote snapshot, collector CPU ms per snapshot,
   repository bytes per snapshot (database growth over the measured round).
 
-Usage: python bench/snapshot.py [--coalesce N] [--tables N]
+Usage: python bench/snapshot.py [--coalesce N] [--tables N] [--phases]
+
+--phases (or PGFLEET_BENCH_PHASES=1) adds, after that line, per scenario:
+the median ms of each phase of store() (COPY, take_snapshot, the state
+queries, TRUNCATE, commit; timed by the repository's clock) and of fetch()
+(each connection's batch, "@dbname", and each source -- approximate, as a
+batch's results arrive as the server's output buffer fills); how often each
+source was left out as unchanged; and the repository functions that took
+the most time per snapshot (pg_stat_user_functions, self time).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import psycopg
 
-from pgfleet.cluster import Cluster
+from pgfleet.cluster import Cluster, throwaway
 from pgfleet.collector import ServerSession, snapshot_remote
 from pgfleet.config import CollectorConfig
-from pgfleet.repository import schema, servers
+from pgfleet.repository import servers
 
 # Ten statement shapes per table: 200 tables give 2,000 distinct queryids.
 SHAPES = (
@@ -65,6 +72,7 @@ async def scenario(
     queries: list[str],
     share: float,
     coalesce: int,
+    breakdown: list[str] | None = None,
 ) -> tuple[float, float, float, float, float, float]:
     cfg = CollectorConfig()
     session = ServerSession(server, cfg)
@@ -72,6 +80,8 @@ async def scenario(
     walls: list[float] = []
     cpus: list[float] = []
     phases: list[tuple[float, float]] = []
+    detail: dict[str, list[float]] = {}
+    unchanged: dict[str, int] = {}
     with mon.connect("bench") as load, psycopg.connect(repo_dsn, autocommit=True) as sync_repo:
         async with await psycopg.AsyncConnection.connect(repo_dsn, autocommit=True) as repo:
             for measured in (False, True):
@@ -81,6 +91,7 @@ async def scenario(
                         "SELECT pg_database_size(current_database())"
                     ).fetchone()
                     size_before = row[0] if row else 0
+                    funcs_before = _function_times(sync_repo)
                 for _ in range(coalesce):
                     n = max(1, round(len(queries) * share))
                     run_queries(load, rng.sample(queries, n) if share < 1 else queries)
@@ -94,10 +105,40 @@ async def scenario(
                         walls.append((w1 - w0) * 1000)
                         cpus.append((c1 - c0) * 1000)
                         phases.append((result.fetch_seconds * 1000, result.store_seconds * 1000))
+                        for name, sec in result.phases.items():
+                            detail.setdefault(name, []).append(sec * 1000)
+                        for module in result.unchanged:
+                            unchanged[module] = unchanged.get(module, 0) + 1
+            funcs_after = _function_times(sync_repo)
             sync_repo.execute("VACUUM")
             row = sync_repo.execute("SELECT pg_database_size(current_database())").fetchone()
             size_after = row[0] if row else 0
     await session.close()
+    if breakdown is not None:
+        fetched = {k: v for k, v in detail.items() if k.startswith("fetch ")}
+        stored = {k: v for k, v in detail.items() if not k.startswith("fetch ")}
+        breakdown.append(
+            "  store: " + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in stored.items())
+        )
+        top = sorted(fetched.items(), key=lambda kv: -statistics.median(kv[1]))
+        breakdown.append(
+            "  fetch: " + ", ".join(f"{k[6:]} {statistics.median(v):.1f}" for k, v in top if v)
+        )
+        breakdown.append(
+            "  left out as unchanged (snapshots of "
+            + str(coalesce)
+            + "): "
+            + (", ".join(f"{m} {n}" for m, n in sorted(unchanged.items())) or "none")
+        )
+        spent = {
+            f: (funcs_after[f][0] - funcs_before.get(f, (0.0, 0.0))[0]) / coalesce
+            for f in funcs_after
+        }
+        worst = sorted(spent.items(), key=lambda kv: -kv[1])[:12]
+        breakdown.append(
+            "  repository functions, self ms per snapshot (mean): "
+            + ", ".join(f"{f} {ms:.1f}" for f, ms in worst if ms >= 0.05)
+        )
     return (
         statistics.median(walls),
         max(walls),
@@ -108,59 +149,68 @@ async def scenario(
     )
 
 
+def _function_times(conn: psycopg.Connection[tuple[object, ...]]) -> dict[str, tuple[float, float]]:
+    """Self and total ms of every repository function so far (track_functions)."""
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    rows = conn.execute(
+        "SELECT funcname, self_time, total_time FROM pg_stat_user_functions"
+    ).fetchall()
+    return {str(r[0]): (float(r[1]), float(r[2])) for r in rows}  # type: ignore[arg-type]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--coalesce", type=int, default=100)
     ap.add_argument("--tables", type=int, default=200)
+    ap.add_argument(
+        "--phases",
+        action="store_true",
+        default=os.environ.get("PGFLEET_BENCH_PHASES", "") not in ("", "0"),
+        help="also print a per-phase breakdown (median ms per snapshot)",
+    )
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="pgfleet-bench-") as tmp:
-        base = Path(tmp)
-        base.chmod(0o755)
-        repo = Cluster.embedded(base / "repository")
-        mon = Cluster.embedded(
-            base / "monitored",
+    with throwaway() as tw:
+        mon = tw.cluster(
+            "monitored",
             shared_preload_libraries="pg_stat_statements",
             settings={"pg_stat_statements.max": 5000},
         )
-        try:
-            for c in (repo, mon):
-                c.init()
-                c.start()
-            mon.create_database("bench")
-            mon.create_extension("pg_stat_statements", "bench")
-            queries = workload(mon, args.tables)
-            figures = []
-            for label, share in (("all", 1.0), ("5%", 0.05)):
-                repo_dsn = repo.create_database(f"repo_{'all' if share == 1 else 'some'}")
-                with psycopg.connect(repo_dsn, autocommit=True) as conn:
-                    schema.upgrade(conn)
-                    server = servers.add(
-                        conn,
-                        "bench",
-                        host=mon.host,
-                        port=mon.port,
-                        username="postgres",
-                        dbname="bench",
-                        coalesce=args.coalesce,
-                    )
-                with mon.connect("bench") as conn:
-                    conn.execute("SELECT pg_stat_statements_reset()")
-                med, mx, cpu, size, fetch, store = asyncio.run(
-                    scenario(repo_dsn, mon, server, queries, share, args.coalesce)
+        mon.create_database("bench")
+        mon.create_extension("pg_stat_statements", "bench")
+        queries = workload(mon, args.tables)
+        figures = []
+        breakdown: list[str] | None = [] if args.phases else None
+        for label, share in (("all", 1.0), ("5%", 0.05)):
+            repo_dsn = tw.new_repository(f"repo_{'all' if share == 1 else 'some'}")
+            with psycopg.connect(repo_dsn, autocommit=True) as conn:
+                server = servers.add(
+                    conn,
+                    "bench",
+                    host=mon.host,
+                    port=mon.port,
+                    username="postgres",
+                    dbname="bench",
+                    coalesce=args.coalesce,
                 )
-                figures.append(
-                    f"{label} changing: wall median {med:.1f} ms max {mx:.1f} ms "
-                    f"(fetch {fetch:.1f} + store {store:.1f}), "
-                    f"cpu {cpu:.1f} ms, {size / 1024:.1f} kB/snapshot"
-                )
-            print(
-                f"snapshot ({len(queries)} statements, coalesce {args.coalesce}): "
-                + "; ".join(figures),
-                flush=True,
+            with mon.connect("bench") as conn:
+                conn.execute("SELECT pg_stat_statements_reset()")
+            if breakdown is not None:
+                breakdown.append(f"{label} changing:")
+            med, mx, cpu, size, fetch, store = asyncio.run(
+                scenario(repo_dsn, mon, server, queries, share, args.coalesce, breakdown)
             )
-        finally:
-            for c in (mon, repo):
-                c.stop()
+            figures.append(
+                f"{label} changing: wall median {med:.1f} ms max {mx:.1f} ms "
+                f"(fetch {fetch:.1f} + store {store:.1f}), "
+                f"cpu {cpu:.1f} ms, {size / 1024:.1f} kB/snapshot"
+            )
+        print(
+            f"snapshot ({len(queries)} statements, coalesce {args.coalesce}): "
+            + "; ".join(figures),
+            flush=True,
+        )
+        if breakdown is not None:
+            print("\n".join(breakdown), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from pgfleet.cluster import Cluster
-from pgfleet.repository import schema, servers
+from pgfleet.cluster import throwaway
+from pgfleet.repository import servers
 
 WINDOWS = 20  # of 100 snapshots, 500 minutes each: a week less the last 80 minutes
 CURRENT = 16  # snapshots since the last aggregation, 5 minutes apart
@@ -254,24 +252,15 @@ def main() -> None:
             srvid = servers.get(conn, "bench").srvid
         report(asyncio.run(measure(args.dsn, srvid, args.runs)), args.statements, None)
         return
-    with tempfile.TemporaryDirectory(prefix="pgfleet-bench-") as tmp:
-        base = Path(tmp)
-        base.chmod(0o755)
-        repo = Cluster.embedded(base / "repository")
-        try:
-            repo.init()
-            repo.start()
-            dsn = repo.create_database("repo")
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                schema.upgrade(conn)
-                srv = servers.add(conn, "bench", host="127.0.0.1")
-                t0 = time.perf_counter()
-                fill(conn, srv.srvid, args.statements)
-                conn.execute("VACUUM ANALYZE")
-                filled = time.perf_counter() - t0
-            report(asyncio.run(measure(dsn, srv.srvid, args.runs)), args.statements, filled)
-        finally:
-            repo.stop()
+    with throwaway() as tw:
+        dsn = tw.new_repository()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            srv = servers.add(conn, "bench", host="127.0.0.1")
+            t0 = time.perf_counter()
+            fill(conn, srv.srvid, args.statements)
+            conn.execute("VACUUM ANALYZE")
+            filled = time.perf_counter() - t0
+        report(asyncio.run(measure(dsn, srv.srvid, args.runs)), args.statements, filled)
 
 
 def report(figures: dict[str, float], statements: int, filled: float | None) -> None:

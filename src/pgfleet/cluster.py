@@ -34,7 +34,7 @@ from psycopg.conninfo import make_conninfo
 
 from .errors import ClusterError
 
-__all__ = ["DEFAULT_OS_USER", "Cluster", "ClusterOptions"]
+__all__ = ["DEFAULT_OS_USER", "Cluster", "ClusterOptions", "Throwaway", "throwaway"]
 
 #: The OS user the servers run as when we are root.
 DEFAULT_OS_USER = "pgfleet"
@@ -729,6 +729,62 @@ class Cluster:
                 return f.read().decode(errors="replace")
         except OSError:
             return ""
+
+
+class Throwaway:
+    """Embedded clusters in one directory, for a benchmark or the demo.
+
+    Made by `throwaway()`: its `repository` cluster is running, the clusters
+    made with `cluster()` start at once, and all of them stop at the end.
+    """
+
+    def __init__(self, base: Path, repository: Cluster) -> None:
+        self.base = base
+        self.repository = repository
+        self._clusters = [repository]
+
+    def cluster(self, dirname: str, **kwargs: Unpack[ClusterOptions]) -> Cluster:
+        """Start an embedded cluster in ``base/dirname`` (e.g. a monitored server)."""
+        cluster = Cluster.embedded(self.base / dirname, **kwargs)
+        self._clusters.append(cluster)
+        cluster.init()
+        cluster.start()
+        return cluster
+
+    def new_repository(self, dbname: str = "repo") -> str:
+        """Create a database on `repository` with the current pgfleet schema; return its dsn."""
+        from pgfleet.repository import schema  # the schema needs nothing of ours: no cycle
+
+        dsn = self.repository.create_database(dbname)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            schema.upgrade(conn)
+        return dsn
+
+    def stop(self) -> None:
+        for cluster in reversed(self._clusters):
+            cluster.stop()
+
+
+@contextlib.contextmanager
+def throwaway(
+    base: str | os.PathLike[str] | None = None, *, prefix: str = "pgfleet-bench-"
+) -> Iterator[Throwaway]:
+    """A started embedded repository cluster in `base` (a temporary directory,
+    removed afterwards, by default), stopped with every other cluster made
+    through the `Throwaway` on the way out."""
+    with contextlib.ExitStack() as stack:
+        if base is None:
+            where = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+            # The servers may run as another OS user (see DEFAULT_OS_USER).
+            where.chmod(0o755)
+        else:
+            where = Path(base).absolute()
+        repository = Cluster.embedded(where / "repository", name="repository")
+        tw = Throwaway(where, repository)
+        stack.callback(tw.stop)
+        repository.init()
+        repository.start()
+        yield tw
 
 
 def _ensure_os_user(name: str) -> pwd.struct_passwd:

@@ -19,10 +19,10 @@ from typing import Any
 
 import psycopg
 
-from pgfleet.cluster import Cluster
+from pgfleet.cluster import throwaway
 from pgfleet.collector import ServerSession, snapshot_remote
 from pgfleet.config import CollectorConfig
-from pgfleet.repository import schema, servers
+from pgfleet.repository import servers
 
 _TOP_QUERIES = """
 SELECT sum(s.calls)::bigint AS calls, round(sum(s.total_exec_time)::numeric, 1) AS ms,
@@ -54,20 +54,14 @@ def run(*, seconds: int = 60, frequency: int = 5, workdir: str = ".demo") -> int
     if base.exists():
         shutil.rmtree(base)
     base.mkdir(parents=True)
-    repo = Cluster.embedded(base / "repository", name="repository")
-    mon = Cluster.embedded(
-        base / "monitored", name="monitored", shared_preload_libraries="pg_stat_statements"
-    )
-    try:
-        for c in (repo, mon):
-            c.init()
-            c.start()
+    with throwaway(base) as tw:
+        repo = tw.repository
+        mon = tw.cluster("monitored", shared_preload_libraries="pg_stat_statements")
         _line(f"repository: PostgreSQL {repo.version_num // 10000} on {repo.host}:{repo.port}")
         _line(f"monitored:  PostgreSQL {mon.version_num // 10000} on {mon.host}:{mon.port}")
 
-        repo_dsn = repo.create_database("pgfleet")
+        repo_dsn = tw.new_repository("pgfleet")
         with psycopg.connect(repo_dsn, autocommit=True) as conn:
-            schema.upgrade(conn)
             server = servers.add(
                 conn,
                 "demo",
@@ -93,9 +87,6 @@ def run(*, seconds: int = 60, frequency: int = 5, workdir: str = ".demo") -> int
         if os.environ.get("PGFLEET_DEMO_WEB", "1") != "0":
             _serve_web(repo_dsn, server.srvid, since)
         return 0
-    finally:
-        for c in (mon, repo):
-            c.stop()
 
 
 async def _collect(repo_dsn: str, server: servers.Server, seconds: int, frequency: int) -> None:
