@@ -437,11 +437,7 @@ def _copy_many(
     done = 0
     error: psycopg.Error | None = None
     while True:
-        while pgconn.is_busy():
-            while not (yield Wait.R):
-                continue
-            pgconn.consume_input()
-        res = pgconn.get_result()
+        res = yield from _next_result(pgconn)
         if res is None:
             break
         status = res.status
@@ -856,11 +852,7 @@ def _script(
     copies = 0
     error: psycopg.Error | None = None
     while True:
-        while pgconn.is_busy():
-            while not (yield Wait.R):
-                continue
-            pgconn.consume_input()
-        res = pgconn.get_result()
+        res = yield from _next_result(pgconn)
         if res is None:
             break
         status = res.status
@@ -885,6 +877,15 @@ def _script(
             else:
                 error = psycopg.ProgrammingError(f"unexpected result status {status}")
     return results, error
+
+
+def _next_result(pgconn: PGconn) -> PQGen[PGresult | None]:
+    """The next result of the query in progress; None after its last."""
+    while pgconn.is_busy():
+        while not (yield Wait.R):
+            continue
+        pgconn.consume_input()
+    return pgconn.get_result()
 
 
 def _flush(pgconn: PGconn) -> PQGen[None]:

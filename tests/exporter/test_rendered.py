@@ -63,7 +63,7 @@ def test_laid_out_like_one_render_of_the_fleet(pg18, pg15, new_database):
     for accept in ("", OPENMETRICS):
         encoder, content_type = choose_encoder(accept)
         whole = encoder(registry(latest))
-        pieces = b"".join(rendered.pieces(content_type, encoder))
+        pieces = b"".join(asyncio.run(rendered.pieces(content_type, encoder)))
         if accept:
             pieces += b"# EOF\n"
         # The same samples, and each family's samples together after one header.
@@ -81,5 +81,5 @@ def test_laid_out_like_one_render_of_the_fleet(pg18, pg15, new_database):
     # A forgotten server leaves the next scrape.
     latest.forget("three")
     encoder, content_type = choose_encoder("")
-    text = b"".join(rendered.pieces(content_type, encoder)).decode()
+    text = b"".join(asyncio.run(rendered.pieces(content_type, encoder))).decode()
     assert 'server="three"' not in text and 'server="one"' in text

@@ -12,8 +12,9 @@ Bodies larger than one chunk go out with ``Transfer-Encoding: chunked``
 the scraper accepts it, as Prometheus does -- in a thread, as zlib lets go
 of the GIL and a fleet's body is megabytes.
 
-Everything else runs on the event loop, between the workers' awaits: the
-collectors read state the loop mutates.
+The health families are built on the event loop, between the workers'
+awaits (they read state the loop mutates); the fleet's pieces are
+rendered in a thread (see rendered.py).
 """
 
 from __future__ import annotations
@@ -123,19 +124,19 @@ class Endpoint:
             response = PlainTextResponse("forbidden: see /metrics\n", status_code=403)
         await response(scope, receive, send)
 
-    def body(self, accept: str) -> tuple[bytes, str]:
+    async def body(self, accept: str) -> tuple[bytes, str]:
         """The scrape's body in the format `accept` asks for, and its content type."""
         encoder, content_type = choose_encoder(accept)
         own = encoder(self.registry)
         if self.fleet is None:
             return own, content_type
-        fleet = self.fleet.pieces(content_type, encoder)
+        fleet = await self.fleet.pieces(content_type, encoder)
         if own.endswith(EOF_LINE):
             return b"".join((own[: -len(EOF_LINE)], *fleet, EOF_LINE)), content_type
         return b"".join((own, *fleet)), content_type
 
     async def metrics(self, accept: str, accept_encoding: str) -> Response:
-        body, content_type = self.body(accept)
+        body, content_type = await self.body(accept)
         headers: dict[str, Any] = {"Content-Type": content_type, "Vary": "Accept-Encoding"}
         if len(body) > CHUNK // 4 and "gzip" in accept_encoding.lower():
             # Level 1: most of the gain on such repetitive text, at the least CPU.

@@ -13,8 +13,10 @@ nothing of the format is written here, only put in order.
 
 Servers are rendered for the formats scraped recently, by :meth:`warm`
 in the background, right after their snapshots; a scrape renders only
-what changed since then.  All of it runs on the event loop that updates
-:class:`~pgfleet.exporter.latest.Latest`.
+what changed since then.  Rendering runs in a thread: it reads views that
+no one modifies once published, and a thousand servers rendered at once
+(a first scrape) would otherwise hold up the workers' event loop for
+seconds.  The kept pieces are only touched on the event loop.
 """
 
 from __future__ import annotations
@@ -82,10 +84,12 @@ class Rendered:
         self.latest = latest
         self._formats: dict[str, _Format] = {}
 
-    def _render(self, fmt: _Format, view: ServerView) -> None:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_One(view))
-        fmt.servers[view.alias] = (view, split(fmt.encoder(registry)))
+    async def _render(self, fmt: _Format, views: list[ServerView]) -> None:
+        if not views:
+            return
+        done = await asyncio.to_thread(_render, fmt.encoder, views)
+        for view, cut in zip(views, done, strict=True):
+            fmt.servers[view.alias] = (view, cut)
 
     def _stale(self, fmt: _Format, views: list[ServerView]) -> list[ServerView]:
         alive = {v.alias for v in views}
@@ -93,18 +97,20 @@ class Rendered:
             del fmt.servers[alias]  # left the fleet
         return [v for v in views if (fmt.servers.get(v.alias) or (None,))[0] is not v]
 
-    def pieces(self, content_type: str, encoder: Encoder) -> list[bytes]:
+    async def pieces(self, content_type: str, encoder: Encoder) -> list[bytes]:
         """Every server's families in `content_type`, laid out family by family."""
         fmt = self._formats.get(content_type)
         if fmt is None:
             fmt = self._formats[content_type] = _Format(encoder, 0.0, {})
         fmt.used = time.monotonic()
         views = self.latest.servers()
-        for view in self._stale(fmt, views):
-            self._render(fmt, view)
+        await self._render(fmt, self._stale(fmt, views))
         by_family: dict[bytes, list[bytes]] = {}
         for view in views:
-            for name, header, samples in fmt.servers[view.alias][1]:
+            kept = fmt.servers.get(view.alias)
+            if kept is None:
+                continue  # left the fleet while we rendered
+            for name, header, samples in kept[1]:
                 got = by_family.get(name)
                 if got is None:
                     by_family[name] = [header, samples]
@@ -119,8 +125,17 @@ class Rendered:
             del self._formats[ct]
         done = 0
         for fmt in list(self._formats.values()):
-            for view in self._stale(fmt, self.latest.servers()):
-                self._render(fmt, view)
-                done += 1
-                await asyncio.sleep(0)  # one server at a time: let the workers run
+            stale = self._stale(fmt, self.latest.servers())
+            await self._render(fmt, stale)
+            done += len(stale)
         return done
+
+
+def _render(encoder: Encoder, views: list[ServerView]) -> list[list[tuple[bytes, bytes, bytes]]]:
+    """Each view's families, rendered alone (in a thread: views are immutable)."""
+    out = []
+    for view in views:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_One(view))
+        out.append(split(encoder(registry)))
+    return out
