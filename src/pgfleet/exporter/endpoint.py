@@ -12,9 +12,9 @@ Bodies larger than one chunk go out with ``Transfer-Encoding: chunked``
 the scraper accepts it, as Prometheus does -- in a thread, as zlib lets go
 of the GIL and a fleet's body is megabytes.
 
-The health families are built on the event loop, between the workers'
-awaits (they read state the loop mutates); the fleet's pieces are
-rendered in a thread (see rendered.py).
+Everything but gzip runs on the event loop, between the workers' awaits:
+the collectors read state the loop mutates, and the fleet's servers are
+rendered one at a time (see rendered.py).
 """
 
 from __future__ import annotations

@@ -13,10 +13,11 @@ nothing of the format is written here, only put in order.
 
 Servers are rendered for the formats scraped recently, by :meth:`warm`
 in the background, right after their snapshots; a scrape renders only
-what changed since then.  Rendering runs in a thread: it reads views that
-no one modifies once published, and a thousand servers rendered at once
-(a first scrape) would otherwise hold up the workers' event loop for
-seconds.  The kept pieces are only touched on the event loop.
+what changed since then.  Rendering runs on the event loop one server at
+a time, yielding between servers: a first scrape renders the whole fleet,
+which must not hold up the workers for seconds.  (A thread does worse:
+rendering is pure Python, and the workers' many short steps then wait for
+the GIL at every turn -- measured, the fleet's p99 lag went from 2 s to 8.)
 """
 
 from __future__ import annotations
@@ -85,11 +86,9 @@ class Rendered:
         self._formats: dict[str, _Format] = {}
 
     async def _render(self, fmt: _Format, views: list[ServerView]) -> None:
-        if not views:
-            return
-        done = await asyncio.to_thread(_render, fmt.encoder, views)
-        for view, cut in zip(views, done, strict=True):
-            fmt.servers[view.alias] = (view, cut)
+        for view in views:
+            fmt.servers[view.alias] = (view, _render(fmt.encoder, view))
+            await asyncio.sleep(0)  # one server at a time: let the workers run
 
     def _stale(self, fmt: _Format, views: list[ServerView]) -> list[ServerView]:
         alive = {v.alias for v in views}
@@ -131,11 +130,8 @@ class Rendered:
         return done
 
 
-def _render(encoder: Encoder, views: list[ServerView]) -> list[list[tuple[bytes, bytes, bytes]]]:
-    """Each view's families, rendered alone (in a thread: views are immutable)."""
-    out = []
-    for view in views:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_One(view))
-        out.append(split(encoder(registry)))
-    return out
+def _render(encoder: Encoder, view: ServerView) -> list[tuple[bytes, bytes, bytes]]:
+    """One server's families, rendered alone, cut at each family."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_One(view))
+    return split(encoder(registry))
