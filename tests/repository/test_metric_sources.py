@@ -326,3 +326,37 @@ def test_rollups_written_by_the_snapshot(repo):
             ).fetchone()[0]
             == 3
         )
+
+
+def test_user_query_source_is_called(repo):
+    """A user's query_source function decides what a snapshot stores, even
+    when it is not a plain read of its transient table: the snapshot
+    function reads the staged rows through it, never around it."""
+    with connect(repo) as conn:
+        conn.execute(
+            """CREATE UNLOGGED TABLE public.doubled_src_tmp (
+                   srvid integer NOT NULL, ts timestamptz NOT NULL, k text NOT NULL, c bigint);
+               CREATE FUNCTION public.doubled_src(_srvid integer)
+               RETURNS TABLE (ts timestamptz, k text, c bigint) LANGUAGE sql AS
+               $$ SELECT t.ts, upper(t.k), t.c * 2 FROM public.doubled_src_tmp t
+                   WHERE t.srvid = _srvid $$;
+               SELECT pgfleet.create_metric_source(
+                   'doubled', 'public.doubled_src', _keys => '{k}', _counters => '{c}',
+                   _deltas => '{}', _gauges => '{}', _onces => '{}');"""
+        )
+        srvid = conn.execute(
+            "INSERT INTO pgfleet.servers (alias, host) VALUES ('d', 'h') RETURNING srvid"
+        ).fetchone()[0]
+    for c in (5, 8):
+        with connect(repo) as conn, conn.transaction():
+            conn.execute("INSERT INTO public.doubled_src_tmp VALUES (%s, now(), 'x', %s)", (srvid, c))
+            conn.execute("SELECT pgfleet.take_snapshot(%s, '{doubled}')", (srvid,))
+            conn.execute("TRUNCATE public.doubled_src_tmp")
+    with connect(repo) as conn:
+        assert conn.execute("SELECT count(*) FROM pgfleet.snapshot_errors").fetchone()[0] == 0
+        assert conn.execute(
+            "SELECT k, c FROM pgfleet.doubled_last WHERE srvid = %s", (srvid,)
+        ).fetchall() == [("X", 16)]
+        assert conn.execute(
+            "SELECT k, c FROM pgfleet.doubled_current WHERE srvid = %s ORDER BY ts", (srvid,)
+        ).fetchall() == [("X", None), ("X", 6)]

@@ -166,7 +166,7 @@ def test_upgrade_to_inline_rollups(pg18, new_database, monitored, run_cli, monke
     before = scalar(dsn, "SELECT count(*) FROM pgfleet.pg_stat_statements_rollup")
     assert before and before > 0
 
-    monkeypatch.setattr(schema, "migrations", every)
+    monkeypatch.setattr(schema, "migrations", lambda: [m for m in every() if m.version <= 5])
     with connect(dsn) as conn:
         assert [m.version for m in schema.upgrade(conn)] == [5]
     assert scalar(dsn, trigger) == 0
