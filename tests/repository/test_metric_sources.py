@@ -349,7 +349,9 @@ def test_user_query_source_is_called(repo):
         ).fetchone()[0]
     for c in (5, 8):
         with connect(repo) as conn, conn.transaction():
-            conn.execute("INSERT INTO public.doubled_src_tmp VALUES (%s, now(), 'x', %s)", (srvid, c))
+            conn.execute(
+                "INSERT INTO public.doubled_src_tmp VALUES (%s, now(), 'x', %s)", (srvid, c)
+            )
             conn.execute("SELECT pgfleet.take_snapshot(%s, '{doubled}')", (srvid,))
             conn.execute("TRUNCATE public.doubled_src_tmp")
     with connect(repo) as conn:
