@@ -1,7 +1,8 @@
 """Remote snapshot cost with ~2,000 distinct pg_stat_statements entries.
 
 Two embedded PostgreSQL 18 clusters: a monitored server with 2,000 distinct
-statements, and a repository.  For each scenario -- every entry changing
+statements, and a repository, both vacuumed, analyzed and checkpointed
+once set up (see settle()).  For each scenario -- every entry changing
 between snapshots, and 5% of them changing -- it takes a warm-up round of
 ``coalesce`` snapshots, then a measured round of ``coalesce`` snapshots
 (ending with an aggregation), then a plain VACUUM, and prints one line:
@@ -70,9 +71,8 @@ def settle(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     minute, on the same 2 cores as the snapshots being timed.  Done once
     here, as pgbench does before its runs.
     """
-    with conn:
-        conn.execute("VACUUM ANALYZE")
-        conn.execute("CHECKPOINT")
+    conn.execute("VACUUM ANALYZE")
+    conn.execute("CHECKPOINT")
 
 
 def run_queries(conn: psycopg.Connection[tuple[object, ...]], queries: list[str]) -> None:
@@ -194,13 +194,14 @@ def main() -> None:
         mon.create_database("bench")
         mon.create_extension("pg_stat_statements", "bench")
         queries = workload(mon, args.tables)
-        settle(mon.connect("bench"))
+        with mon.connect("bench") as conn:
+            settle(conn)
         figures = []
         breakdown: list[str] | None = [] if args.phases else None
         for label, share in (("all", 1.0), ("5%", 0.05)):
             repo_dsn = tw.new_repository(f"repo_{'all' if share == 1 else 'some'}")
-            settle(psycopg.connect(repo_dsn, autocommit=True))
             with psycopg.connect(repo_dsn, autocommit=True) as conn:
+                settle(conn)
                 server = servers.add(
                     conn,
                     "bench",
