@@ -12,9 +12,15 @@ between snapshots, and 5% of them changing -- it takes a warm-up round of
 
 Usage: python bench/snapshot.py [--coalesce N] [--tables N] [--phases]
 
+Each snapshot is what ``pgfleet snapshot SERVER`` takes: pg_stat_statements'
+rows are COPYed into the repository while the server sends them when the
+snapshot lock is free (it is, here; see collector.snapshot_remote).
+PGFLEET_BENCH_STREAM=0 takes them the daemon's way instead (fetch, then store).
+
 --phases (or PGFLEET_BENCH_PHASES=1) adds, after that line, per scenario:
-the median ms of each phase of store() (COPY, take_snapshot, the state
-queries, TRUNCATE, commit; timed by the repository's clock) and of fetch()
+the median ms of each phase of store() (stream -- from taking the lock to the
+end of the fetch, when streamed --, COPY, take_snapshot, the state queries,
+TRUNCATE, commit; timed by the repository's clock) and of fetch()
 (each connection's batch, "@dbname", and each source -- approximate, as a
 batch's results arrive as the server's output buffer fills); how often each
 source was left out as unchanged; and the repository functions that took
@@ -33,7 +39,7 @@ import time
 import psycopg
 
 from pgfleet.cluster import Cluster, throwaway
-from pgfleet.collector import ServerSession, snapshot_remote
+from pgfleet.collector import STREAM_HOLD, ServerSession, snapshot_remote
 from pgfleet.config import CollectorConfig
 from pgfleet.repository import servers
 
@@ -92,6 +98,7 @@ async def scenario(
 ) -> tuple[float, float, float, float, float, float]:
     cfg = CollectorConfig()
     session = ServerSession(server, cfg)
+    hold = 0.0 if os.environ.get("PGFLEET_BENCH_STREAM", "1") == "0" else STREAM_HOLD
     rng = random.Random(42)
     walls: list[float] = []
     cpus: list[float] = []
@@ -113,7 +120,9 @@ async def scenario(
                     run_queries(load, rng.sample(queries, n) if share < 1 else queries)
                     time.sleep(0.05)  # let the backend flush its statistics
                     c0, w0 = time.process_time(), time.perf_counter()
-                    result = await snapshot_remote(repo, server, cfg, session=session)
+                    result = await snapshot_remote(
+                        repo, server, cfg, session=session, stream_hold=hold
+                    )
                     w1, c1 = time.perf_counter(), time.process_time()
                     if result.errors:
                         raise SystemExit(f"snapshot failed: {result.errors}")

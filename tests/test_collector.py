@@ -323,3 +323,98 @@ def test_unchanged_sources_are_not_staged_again(repo, pg18, new_database, run_cl
     with connect(repo) as conn:
         for (module,) in conn.execute("SELECT module FROM pgfleet.metric_sources").fetchall():
             assert conn.execute(f"SELECT count(*) FROM pgfleet.{module}_src_tmp").fetchone()[0] == 0
+
+
+async def _snapshots(repo: str, alias: str, n: int, **kwargs: float) -> list[SnapshotResult]:
+    """``n`` one-shot snapshots of ``alias`` over one session, as the bench takes them."""
+    cfg = CollectorConfig()
+    with psycopg.connect(repo) as conn:
+        server = servers.get(conn, alias)
+    session = ServerSession(server, cfg)
+    out = []
+    async with await psycopg.AsyncConnection.connect(repo, autocommit=True) as conn:
+        for _ in range(n):
+            out.append(await snapshot_remote(conn, server, cfg, session=session, **kwargs))
+    await session.close()
+    return out
+
+
+_PROBE_CALLS = """
+SELECT sum(c.calls) FROM pgfleet.pg_stat_statements_current c
+  JOIN pgfleet.pg_stat_statements_once o USING (srvid, datname, rolname, toplevel, queryid)
+ WHERE c.srvid = %s AND o.query LIKE %s
+"""
+
+
+@pytest.mark.parametrize("how", ["streamed", "given up", "lock taken"])
+def test_streamed_snapshot_stores_every_row(repo, pg18, new_database, run_cli, how):
+    """pg_stat_statements' rows go into the repository while the server sends
+    them when the snapshot lock is free; when it is not, or the server takes
+    longer than the lock may be held, the snapshot is stored from the spools.
+    Either way every row is there: a statement run 7 times between two
+    snapshots has 7 calls, and the transient table is left empty."""
+    mon = new_database(pg18)
+    add_server(run_cli, "streamed", mon)
+    srvid = _srvid(repo, "streamed")
+    probe = f"SELECT %s AS probe_{how.replace(' ', '_')}"
+    # The test clusters hold many databases, each fetched on its own
+    # connection: give the streamed case all the time it needs.
+    hold = 1e-6 if how == "given up" else 60.0
+    asyncio.run(_snapshots(repo, "streamed", 1, stream_hold=hold))
+    with connect(mon) as conn:
+        for i in range(7):
+            conn.execute(probe, (i,))
+    locker = psycopg.connect(repo, autocommit=True)
+    try:
+        if how == "lock taken":
+            locker.execute("BEGIN")
+            locker.execute("SELECT pgfleet.snapshot_lock()")
+
+        async def taken_then_released() -> SnapshotResult:
+            task = asyncio.create_task(_snapshots(repo, "streamed", 1, stream_hold=hold))
+            if how == "lock taken":
+                # Fetched, then waiting for the lock to store: not holding it.
+                await asyncio.sleep(1.0)
+                assert not task.done()
+                locker.execute("COMMIT")
+            (result,) = await task
+            return result
+
+        result = asyncio.run(taken_then_released())
+    finally:
+        locker.close()
+    assert result.errors == []
+    assert "pg_stat_statements" in result.stored
+    assert ("stream" in result.phases) is (how == "streamed")
+    like = f"%probe_{how.replace(' ', '_')}%"
+    assert scalar(repo, _PROBE_CALLS, (srvid, like)) == 7
+    assert scalar(repo, "SELECT count(*) FROM pgfleet.pg_stat_statements_src_tmp") == 0
+
+
+def test_failing_streamed_source_loses_only_itself(repo, pg18, new_database, run_cli):
+    """pg_stat_statements at a version the source's SQL does not fit fails on
+    the server while its rows were being streamed: none of them stays, the
+    failure is recorded, and every other source is stored."""
+    mon = new_database(pg18)
+    with connect(mon) as conn:
+        conn.execute("DROP EXTENSION pg_stat_statements")
+        conn.execute("CREATE EXTENSION pg_stat_statements VERSION '1.4'")
+    add_server(run_cli, "old_pgss", mon)
+    srvid = _srvid(repo, "old_pgss")
+    (result,) = asyncio.run(_snapshots(repo, "old_pgss", 1))
+    failed = dict(result.errors)
+    assert set(failed) == {"pg_stat_statements"}
+    assert "does not exist" in failed["pg_stat_statements"]
+    assert "pg_stat_database" in result.stored and "pg_stat_statements" not in result.stored
+    recorded = scalar(
+        repo,
+        "SELECT count(*) FROM pgfleet.snapshot_errors WHERE srvid = %s"
+        " AND source = 'pg_stat_statements'",
+        (srvid,),
+    )
+    assert recorded == 1
+    for table in ("pg_stat_statements_src_tmp", "pg_stat_statements_last"):
+        assert scalar(repo, f"SELECT count(*) FROM pgfleet.{table}") == 0
+    assert scalar(
+        repo, "SELECT count(*) FROM pgfleet.pg_stat_database_last WHERE srvid = %s", (srvid,)
+    )

@@ -18,7 +18,15 @@ Remote mode, for one server:
 
 Querying the monitored server before opening the repository transaction means
 a slow server never holds repository locks, and the repository side of every
-snapshot stays a few milliseconds long.
+snapshot stays a few milliseconds long.  That is how the daemon works.
+
+A one-shot snapshot (:func:`snapshot_remote`) overlaps the two when it can:
+when pg_stat_statements' first rows arrive, if the repository's snapshot lock
+is free, it opens the transaction and COPYs them into the transient table
+while the server is still sending the rest, the other sources being spooled
+meanwhile; then step 2 for the others.  It holds the lock while the server answers for at most
+``STREAM_HOLD`` seconds: past that it rolls back (releasing the lock) and
+stores from the spools as above, which hold every row anyway.
 """
 
 from __future__ import annotations
@@ -47,7 +55,14 @@ from pgfleet.repository.servers import Server
 
 # Spooled rows stay in memory up to this size, then spill to a temp file.
 SPOOL_MEMORY = 4 * 1024 * 1024
-_CHUNK = 256 * 1024
+# Rows are written to spools, and read back into COPY, by the chunk: a write
+# per row costs more than reading the row, and a streamed source goes to the
+# repository a chunk at a time.
+_CHUNK = 64 * 1024
+# How long a one-shot snapshot may hold the repository's snapshot lock while
+# the monitored server is still answering (see snapshot_remote): other
+# stores wait for it.  A normal store holds it for tens of milliseconds.
+STREAM_HOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -215,6 +230,46 @@ class Staged:
     spool: IO[bytes]
 
 
+class _Stream:
+    """The source a one-shot snapshot COPYs into the repository as it arrives.
+
+    :func:`fetch` picks it (the first built-in source marked ``streamed``
+    that runs on one connection) and gives it a :class:`_StreamSpool`; every
+    write into the spool sets ``more``.  ``ready``: the pick is made (or there
+    is none); ``done``: the fetch is over, whatever its outcome.
+    """
+
+    def __init__(self) -> None:
+        self.source: RegisteredSource | None = None
+        self.spool: _StreamSpool | None = None
+        self.ready = asyncio.Event()
+        self.more = asyncio.Event()
+        self.done = False
+
+    def open(self, src: RegisteredSource) -> _StreamSpool:
+        self.source = src
+        self.spool = _StreamSpool(self)
+        return self.spool
+
+    def finish(self) -> None:
+        self.done = True
+        self.ready.set()
+        self.more.set()
+
+
+class _StreamSpool(tempfile.SpooledTemporaryFile[bytes]):
+    """A spool that says when rows were written into it."""
+
+    def __init__(self, stream: _Stream) -> None:
+        super().__init__(max_size=SPOOL_MEMORY)
+        self._stream = stream
+
+    def write(self, s: Any) -> int:
+        n = super().write(s)
+        self._stream.more.set()
+        return n
+
+
 @dataclass
 class _Job:
     """One built-in source's query on one database's connection."""
@@ -235,7 +290,11 @@ class _Job:
 
 
 async def fetch(
-    session: ServerSession, sources: Iterable[RegisteredSource], result: SnapshotResult
+    session: ServerSession,
+    sources: Iterable[RegisteredSource],
+    result: SnapshotResult,
+    *,
+    stream: _Stream | None = None,
 ) -> tuple[ServerInfo, list[Staged]]:
     """Run the sources on the monitored server into spools (step 1).
 
@@ -248,6 +307,9 @@ async def fetch(
     per source.  A user's source, and any source with a ``query_cleanup``,
     runs on its own afterwards.  Each source's spool holds its rows in the
     same order as when they ran one by one.
+
+    ``stream``: give the first source marked ``streamed`` (one query on one
+    connection) the stream's spool, so that its rows can be read as they come.
     """
     info = await session.info()
     known = builtin()
@@ -267,14 +329,29 @@ async def fetch(
                 continue
             if not src.query_cleanup:
                 dbs = info.databases if ds.per_database else (main,)
+                streams = (
+                    stream is not None
+                    and stream.source is None
+                    and ds.streamed
+                    and not ds.per_database
+                )
                 jobs[src.module] = [
-                    _Job(src, query, db, _spool(), ds.per_database, flexible=not ds.extension)
+                    _Job(
+                        src,
+                        query,
+                        db,
+                        stream.open(src) if stream is not None and streams else _spool(),
+                        ds.per_database,
+                        flexible=not ds.extension,
+                    )
                     for db in dbs
                 ]
                 order.append(src)
                 continue
         alone.append(src)
         order.append(src)
+    if stream is not None:
+        stream.ready.set()
 
     lanes: dict[str, list[_Job]] = {}
     for js in jobs.values():
@@ -547,6 +624,8 @@ async def store(
     info: ServerInfo | None,
     staged: list[Staged],
     result: SnapshotResult,
+    *,
+    preloaded: frozenset[str] = frozenset(),
 ) -> None:
     """Write spooled rows and take the snapshot, in one transaction (step 2).
 
@@ -564,6 +643,9 @@ async def store(
     counted as stored -- unless another snapshot of the server was stored
     since (``snapshot_state.snapshots`` says), which costs one more round
     trip when there is such a source.  Its spool is left as it is.
+
+    ``preloaded``: modules whose rows the caller already COPYed into their
+    transient tables, in the transaction this one is then a savepoint of.
     """
     ph = result.phases
     t = time.perf_counter()
@@ -586,6 +668,7 @@ async def store(
                     fast=True,
                     unchanged=unchanged,
                     expect=before.snapshots if before else None,
+                    preloaded=preloaded,
                 )
         except _StagingFailed:
             # Rolled back: nothing of the first attempt is left.
@@ -596,13 +679,18 @@ async def store(
             async with repo.transaction():
                 await repo.execute("SELECT pgfleet.snapshot_lock()")
                 for st in staged:
+                    if st.source.module in preloaded:
+                        loaded.append(st)
+                        continue
                     try:
                         async with repo.transaction():
                             result.rows += await _stage(repo, st)
                         loaded.append(st)
                     except psycopg.Error as e:
                         result.errors.append((st.source.module, f"cannot store: {first_line(e)}"))
-                stored = await _store_script(repo, srvid, info, result, loaded, fast=False)
+                stored = await _store_script(
+                    repo, srvid, info, result, loaded, fast=False, preloaded=preloaded
+                )
     except BaseException:
         _stored.pop(key, None)
         raise
@@ -683,6 +771,7 @@ async def _store_script(
     fast: bool,
     unchanged: set[str] | None = None,
     expect: int | None = None,
+    preloaded: frozenset[str] = frozenset(),
 ) -> _Stored:
     """Run what a snapshot writes as one multi-statement query.
 
@@ -690,6 +779,7 @@ async def _store_script(
     (else the caller took the lock and staged ``loaded`` already).
     ``unchanged``: modules to leave out, if the server's snapshot count is
     still ``expect`` (checked under the lock, before the rest is sent).
+    ``preloaded``: modules staged already (not COPYed, but TRUNCATEd).
     Return the snapshot count after this snapshot.
     """
     mark = sql.SQL("SELECT extract(epoch FROM clock_timestamp())")
@@ -722,6 +812,8 @@ async def _store_script(
         stmts.append(("mark", mark))
     if fast:
         for st in with_rows:
+            if st.source.module in preloaded:
+                continue
             tmp = st.source.tmp_table
             assert tmp is not None
             stmts.append(("copy", sql.SQL("COPY {} FROM STDIN").format(tmp)))
@@ -929,37 +1021,187 @@ async def snapshot_remote(
     cfg: CollectorConfig,
     *,
     session: ServerSession | None = None,
+    stream_hold: float = STREAM_HOLD,
 ) -> SnapshotResult:
     """Take one remote snapshot of ``server`` into the repository.
 
     Raise ServerError (after recording it) when the server cannot be reached
     at all; per-source failures are recorded and reported in the result.
+
+    The fetch runs as a task; meanwhile, if the snapshot lock is free, the
+    streamed source goes into the repository as it arrives (see the module's
+    docstring).  ``stream_hold``: how long the lock may be held before the
+    fetch is over (0: never stream).
     """
     t0 = time.perf_counter()
     result = SnapshotResult(server.alias, server.srvid)
     own = session is None
     sess = session or ServerSession(server, cfg)
-    staged: list[Staged] = []
+    fetching: asyncio.Task[tuple[ServerInfo, list[Staged]]] | None = None
     try:
         sources = await registered_sources(repo)
-        t1 = time.perf_counter()
+        stream = _Stream() if stream_hold > 0 else None
+        fetching = asyncio.create_task(_fetch_timed(sess, sources, result, stream))
         try:
-            info, staged = await fetch(sess, sources, result)
+            streamed = stream is not None and await _stream_and_store(
+                repo, server.srvid, fetching, stream, result, stream_hold
+            )
+            if not streamed:
+                info, staged = await fetching
+                t2 = time.perf_counter()
+                await store(repo, server.srvid, info, staged, result)
+                result.store_seconds = time.perf_counter() - t2
         except ServerError as e:
             await sess.close()
             await record_failure(repo, server.srvid, "connection", str(e))
             raise
-        t2 = time.perf_counter()
-        result.fetch_seconds = t2 - t1
-        await store(repo, server.srvid, info, staged, result)
-        result.store_seconds = time.perf_counter() - t2
     finally:
-        for st in staged:
-            st.spool.close()
+        if fetching is not None:
+            # Whatever happened, the fetch is over or stopped, and its spools
+            # closed (fetch() closes them itself when it fails).
+            if not fetching.done():
+                fetching.cancel()
+                await asyncio.wait({fetching})
+            if not fetching.cancelled() and fetching.exception() is None:
+                for st in fetching.result()[1]:
+                    st.spool.close()
         if own:
             await sess.close()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+async def _fetch_timed(
+    session: ServerSession,
+    sources: list[RegisteredSource],
+    result: SnapshotResult,
+    stream: _Stream | None,
+) -> tuple[ServerInfo, list[Staged]]:
+    t = time.perf_counter()
+    try:
+        return await fetch(session, sources, result, stream=stream)
+    finally:
+        result.fetch_seconds = time.perf_counter() - t
+        if stream is not None:
+            stream.finish()
+
+
+class _GiveUp(Exception):
+    """Stop streaming: roll the repository transaction back, store from the spools."""
+
+
+class _Abandon(Exception):
+    """The streamed rows are not the source's whole result: roll them back."""
+
+
+async def _stream_and_store(
+    repo: psycopg.AsyncConnection[Any],
+    srvid: int,
+    fetching: asyncio.Task[tuple[ServerInfo, list[Staged]]],
+    stream: _Stream,
+    result: SnapshotResult,
+    hold: float,
+) -> bool:
+    """Take the snapshot in one transaction opened before the fetch is over.
+
+    Nothing is held until the streamed source's first rows arrive.  Then, if
+    the snapshot lock is free, the transaction opens and they go in as they
+    come.  Return False (the transaction, if any, rolled back) when there is
+    nothing to stream, the fetch is over by then, the lock is taken, or the
+    fetch is not over within ``hold`` seconds of taking it: the caller then
+    stores as usual.  A fetch failure leaves nothing either.
+    """
+    await stream.ready.wait()
+    spool = stream.spool
+    if spool is None:
+        return False
+    while not stream.done and not (not spool.closed and spool.tell()):
+        stream.more.clear()
+        await stream.more.wait()
+    if stream.done:
+        return False
+    try:
+        async with repo.transaction():
+            try:
+                cur = await repo.execute("SELECT pgfleet.snapshot_try_lock()")
+            except psycopg.errors.UndefinedFunction:
+                raise _GiveUp("a repository older than migration 0007") from None
+            row = await cur.fetchone()
+            if not row or not row[0]:
+                raise _GiveUp("the snapshot lock is taken")
+            t = time.perf_counter()
+            deadline = t + hold
+            preloaded = await _stream_rows(repo, stream, fetching, deadline, result)
+            left = max(0.0, deadline - time.perf_counter())
+            done, _ = await asyncio.wait({fetching}, timeout=left)
+            if not done:
+                raise _GiveUp("the server is slow")
+            info, staged = fetching.result()
+            t2 = time.perf_counter()
+            result.phases["stream"] = t2 - t
+            await store(repo, srvid, info, staged, result, preloaded=preloaded)
+            commit = time.perf_counter()
+        result.phases["commit"] = result.phases.get("commit", 0.0) + time.perf_counter() - commit
+        result.store_seconds = time.perf_counter() - t2
+    except _GiveUp:
+        result.phases.pop("stream", None)
+        return False
+    return True
+
+
+async def _wait_for(event: asyncio.Event, deadline: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), max(0.0, deadline - time.perf_counter()))
+    except TimeoutError:
+        raise _GiveUp("the server is slow") from None
+
+
+async def _stream_rows(
+    repo: psycopg.AsyncConnection[Any],
+    stream: _Stream,
+    fetching: asyncio.Task[tuple[ServerInfo, list[Staged]]],
+    deadline: float,
+    result: SnapshotResult,
+) -> frozenset[str]:
+    """COPY the streamed source's rows into its transient table as they come.
+
+    Under a savepoint: if the fetch of that source fails (or its spool ends up
+    other than what was sent), its rows are rolled back and the empty set
+    returned -- the source is then stored from its spool, or recorded as
+    failed, by store().  Return the module whose rows are staged.
+    """
+    src, spool = stream.source, stream.spool
+    assert src is not None and spool is not None
+    tmp = src.tmp_table
+    assert tmp is not None
+    sent = 0
+    try:
+        async with repo.transaction():
+            async with repo.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(tmp)) as cp:
+                while True:
+                    stream.more.clear()
+                    # The fetch writes at the spool's end: read behind it and
+                    # put the position back before anything else runs.
+                    while not spool.closed and (end := spool.tell()) > sent:
+                        spool.seek(sent)
+                        data = spool.read(min(end - sent, _CHUNK))
+                        spool.seek(end)
+                        sent += len(data)
+                        await cp.write(data)
+                    if stream.done:
+                        break
+                    await _wait_for(stream.more, deadline)
+                await asyncio.wait({fetching})
+                if fetching.cancelled() or fetching.exception() is not None:
+                    raise _Abandon()
+                _, staged = fetching.result()
+                whole = not spool.closed and spool.tell() == sent
+                if not whole or not any(st.spool is spool for st in staged):
+                    raise _Abandon()
+            result.rows += max(cp.cursor.rowcount, 0)
+    except _Abandon:
+        return frozenset()
+    return frozenset({src.module})
 
 
 async def snapshot_local(repo: psycopg.AsyncConnection[Any]) -> SnapshotResult:

@@ -53,6 +53,10 @@ class Datasource:
     # Key column whose value bounds "vanished entry" detection: an entry is only
     # considered gone if another entry with the same scope value was seen.
     scope: str | None = None
+    # Rows that grow with the workload (thousands of statements): a one-shot
+    # snapshot COPYs them into the repository while the server still sends
+    # them (see collector.snapshot_remote).  At most one such source streams.
+    streamed: bool = False
     description: str = field(default="", compare=False)
 
     @property

@@ -49,5 +49,6 @@ DATASOURCE = Datasource(
     },
     extension="pg_stat_statements",
     priority=2,
+    streamed=True,
     description="executions, time, rows, block and WAL usage per normalized statement",
 )
