@@ -62,7 +62,7 @@ _CHUNK = 64 * 1024
 # How long a one-shot snapshot may hold the repository's snapshot lock while
 # the monitored server is still answering (see snapshot_remote): other
 # stores wait for it.  A normal store holds it for tens of milliseconds.
-STREAM_HOLD = 0.5
+STREAM_HOLD = 0.2
 
 
 @dataclass(frozen=True)
@@ -654,7 +654,11 @@ async def store(
     key = (repo.info.host, repo.info.port, repo.info.dbname, srvid)
     digests = _digests(staged)
     before = _stored.get(key)
-    unchanged = {m for m, d in digests.items() if before and before.digests.get(m) == d}
+    unchanged = {
+        m
+        for m, d in digests.items()
+        if before and before.digests.get(m) == d and m not in preloaded
+    }
     stored: _Stored | None = None
     try:
         try:
@@ -1090,10 +1094,6 @@ class _GiveUp(Exception):
     """Stop streaming: roll the repository transaction back, store from the spools."""
 
 
-class _Abandon(Exception):
-    """The streamed rows are not the source's whole result: roll them back."""
-
-
 async def _stream_and_store(
     repo: psycopg.AsyncConnection[Any],
     srvid: int,
@@ -1107,9 +1107,10 @@ async def _stream_and_store(
     Nothing is held until the streamed source's first rows arrive.  Then, if
     the snapshot lock is free, the transaction opens and they go in as they
     come.  Return False (the transaction, if any, rolled back) when there is
-    nothing to stream, the fetch is over by then, the lock is taken, or the
-    fetch is not over within ``hold`` seconds of taking it: the caller then
-    stores as usual.  A fetch failure leaves nothing either.
+    nothing to stream, the fetch is over by then, the lock is taken, the
+    fetch is not over within ``hold`` seconds of taking it, or anything went
+    wrong with the streamed rows (see _stream_rows): the caller then stores
+    as usual, from the spools, which hold every row.
     """
     await stream.ready.wait()
     spool = stream.spool
@@ -1130,15 +1131,11 @@ async def _stream_and_store(
             if not row or not row[0]:
                 raise _GiveUp("the snapshot lock is taken")
             t = time.perf_counter()
-            deadline = t + hold
-            preloaded = await _stream_rows(repo, stream, fetching, deadline, result)
-            left = max(0.0, deadline - time.perf_counter())
-            done, _ = await asyncio.wait({fetching}, timeout=left)
-            if not done:
-                raise _GiveUp("the server is slow")
+            await _stream_rows(repo, stream, fetching, t + hold, result)
             info, staged = fetching.result()
             t2 = time.perf_counter()
             result.phases["stream"] = t2 - t
+            preloaded = frozenset({stream.source.module}) if stream.source else frozenset()
             await store(repo, srvid, info, staged, result, preloaded=preloaded)
             commit = time.perf_counter()
         result.phases["commit"] = result.phases.get("commit", 0.0) + time.perf_counter() - commit
@@ -1162,13 +1159,13 @@ async def _stream_rows(
     fetching: asyncio.Task[tuple[ServerInfo, list[Staged]]],
     deadline: float,
     result: SnapshotResult,
-) -> frozenset[str]:
+) -> None:
     """COPY the streamed source's rows into its transient table as they come.
 
-    Under a savepoint: if the fetch of that source fails (or its spool ends up
-    other than what was sent), its rows are rolled back and the empty set
-    returned -- the source is then stored from its spool, or recorded as
-    failed, by store().  Return the module whose rows are staged.
+    Return once the fetch is over and every row of the source is in.  Raise
+    _GiveUp -- the caller rolls back and stores as usual, from the spools --
+    if the fetch or that source failed, the repository refused the rows, or
+    ``deadline`` passed.
     """
     src, spool = stream.source, stream.spool
     assert src is not None and spool is not None
@@ -1176,32 +1173,36 @@ async def _stream_rows(
     assert tmp is not None
     sent = 0
     try:
-        async with repo.transaction():
-            async with repo.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(tmp)) as cp:
-                while True:
-                    stream.more.clear()
-                    # The fetch writes at the spool's end: read behind it and
-                    # put the position back before anything else runs.
-                    while not spool.closed and (end := spool.tell()) > sent:
-                        spool.seek(sent)
-                        data = spool.read(min(end - sent, _CHUNK))
-                        spool.seek(end)
-                        sent += len(data)
-                        await cp.write(data)
-                    if stream.done:
-                        break
-                    await _wait_for(stream.more, deadline)
-                await asyncio.wait({fetching})
-                if fetching.cancelled() or fetching.exception() is not None:
-                    raise _Abandon()
-                _, staged = fetching.result()
-                whole = not spool.closed and spool.tell() == sent
-                if not whole or not any(st.spool is spool for st in staged):
-                    raise _Abandon()
-            result.rows += max(cp.cursor.rowcount, 0)
-    except _Abandon:
-        return frozenset()
-    return frozenset({src.module})
+        async with repo.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(tmp)) as cp:
+            while True:
+                stream.more.clear()
+                # The fetch writes at the spool's end: read behind it and put
+                # the position back before anything else runs.
+                while not spool.closed and (end := spool.tell()) > sent:
+                    if time.perf_counter() > deadline:
+                        raise _GiveUp("the server is slow")
+                    spool.seek(sent)
+                    data = spool.read(min(end - sent, _CHUNK))
+                    spool.seek(end)
+                    sent += len(data)
+                    await cp.write(data)
+                if stream.done or spool.closed:
+                    break
+                await _wait_for(stream.more, deadline)
+            if spool.closed:  # the source failed: fetch() closed its spool
+                raise _GiveUp("the source failed")
+            await asyncio.wait({fetching})
+            if fetching.cancelled() or fetching.exception() is not None:
+                raise _GiveUp("the fetch failed")
+            _, staged = fetching.result()
+            if spool.closed or spool.tell() != sent or all(st.spool is not spool for st in staged):
+                raise _GiveUp("the source's rows are not what was sent")
+    except psycopg.Error as e:
+        if repo.broken:
+            raise
+        # store() meets the same rows again, from the spool, and records why.
+        raise _GiveUp(f"the repository refused the rows: {first_line(e)}") from None
+    result.rows += max(cp.cursor.rowcount, 0)
 
 
 async def snapshot_local(repo: psycopg.AsyncConnection[Any]) -> SnapshotResult:
