@@ -269,62 +269,6 @@ def test_unreachable_database_loses_only_its_rows(repo, run_cli, new_cluster):
     )
 
 
-def test_unchanged_sources_are_not_staged_again(repo, pg18, new_database, run_cli):
-    """A built-in source whose rows did not change since the previous snapshot
-    this process stored is left out (it would write nothing), and still
-    reported stored; a change, or a snapshot stored by someone else in
-    between, brings it back."""
-    mon = new_database(pg18)
-    add_server(run_cli, "same", mon)
-    srvid = _srvid(repo, "same")
-
-    async def snapshots(n: int) -> list[SnapshotResult]:
-        cfg = CollectorConfig()
-        with psycopg.connect(repo) as conn:
-            server = servers.get(conn, "same")
-        session = ServerSession(server, cfg)
-        out = []
-        async with await psycopg.AsyncConnection.connect(repo, autocommit=True) as conn:
-            for _ in range(n):
-                out.append(await snapshot_remote(conn, server, cfg, session=session))
-        await session.close()
-        return out
-
-    first, second = asyncio.run(snapshots(2))
-    assert first.unchanged == []
-    assert "settings" in second.unchanged
-    assert "pg_stat_statements" not in second.unchanged
-    assert set(second.unchanged) <= set(second.stored)
-    assert second.errors == []
-    settings_rows = "SELECT count(*) FROM pgfleet.settings_current WHERE srvid = %s"
-    before = scalar(repo, settings_rows, (srvid,))
-    with connect(mon) as conn:
-        conn.execute("ALTER SYSTEM SET work_mem = '5MB'")
-        conn.execute("SELECT pg_reload_conf()")
-    try:
-        (changed,) = asyncio.run(snapshots(1))
-        assert "settings" not in changed.unchanged
-        assert scalar(repo, settings_rows, (srvid,)) == before + 1
-        (same,) = asyncio.run(snapshots(1))
-        assert "settings" in same.unchanged
-        # Another snapshot stored since: nothing is left out.
-        with connect(repo) as conn:
-            conn.execute(
-                "UPDATE pgfleet.snapshot_state SET snapshots = snapshots + 1 WHERE srvid = %s",
-                (srvid,),
-            )
-        (after,) = asyncio.run(snapshots(1))
-        assert after.unchanged == []
-    finally:
-        with connect(mon) as conn:
-            conn.execute("ALTER SYSTEM RESET work_mem")
-            conn.execute("SELECT pg_reload_conf()")
-    # Each source's transient table is empty, left out or not.
-    with connect(repo) as conn:
-        for (module,) in conn.execute("SELECT module FROM pgfleet.metric_sources").fetchall():
-            assert conn.execute(f"SELECT count(*) FROM pgfleet.{module}_src_tmp").fetchone()[0] == 0
-
-
 async def _snapshots(repo: str, alias: str, n: int, **kwargs: float) -> list[SnapshotResult]:
     """``n`` one-shot snapshots of ``alias`` over one session, as the bench takes them."""
     cfg = CollectorConfig()
@@ -337,6 +281,53 @@ async def _snapshots(repo: str, alias: str, n: int, **kwargs: float) -> list[Sna
             out.append(await snapshot_remote(conn, server, cfg, session=session, **kwargs))
     await session.close()
     return out
+
+
+def test_unchanged_sources_are_not_staged_again(repo, pg18, new_database, run_cli):
+    """A built-in source whose rows did not change since the previous snapshot
+    this process stored is left out (it would write nothing), and still
+    reported stored; a change, or a snapshot stored by someone else in
+    between, brings it back."""
+    mon = new_database(pg18)
+    add_server(run_cli, "same", mon)
+    srvid = _srvid(repo, "same")
+
+    def snapshots(n: int) -> list[SnapshotResult]:
+        return asyncio.run(_snapshots(repo, "same", n))
+
+    first, second = snapshots(2)
+    assert first.unchanged == []
+    assert "settings" in second.unchanged
+    assert "pg_stat_statements" not in second.unchanged
+    assert set(second.unchanged) <= set(second.stored)
+    assert second.errors == []
+    settings_rows = "SELECT count(*) FROM pgfleet.settings_current WHERE srvid = %s"
+    before = scalar(repo, settings_rows, (srvid,))
+    with connect(mon) as conn:
+        conn.execute("ALTER SYSTEM SET work_mem = '5MB'")
+        conn.execute("SELECT pg_reload_conf()")
+    try:
+        (changed,) = snapshots(1)
+        assert "settings" not in changed.unchanged
+        assert scalar(repo, settings_rows, (srvid,)) == before + 1
+        (same,) = snapshots(1)
+        assert "settings" in same.unchanged
+        # Another snapshot stored since: nothing is left out.
+        with connect(repo) as conn:
+            conn.execute(
+                "UPDATE pgfleet.snapshot_state SET snapshots = snapshots + 1 WHERE srvid = %s",
+                (srvid,),
+            )
+        (after,) = snapshots(1)
+        assert after.unchanged == []
+    finally:
+        with connect(mon) as conn:
+            conn.execute("ALTER SYSTEM RESET work_mem")
+            conn.execute("SELECT pg_reload_conf()")
+    # Each source's transient table is empty, left out or not.
+    with connect(repo) as conn:
+        for (module,) in conn.execute("SELECT module FROM pgfleet.metric_sources").fetchall():
+            assert conn.execute(f"SELECT count(*) FROM pgfleet.{module}_src_tmp").fetchone()[0] == 0
 
 
 _PROBE_CALLS = """

@@ -1135,8 +1135,10 @@ async def _stream_and_store(
             info, staged = fetching.result()
             t2 = time.perf_counter()
             result.phases["stream"] = t2 - t
-            preloaded = frozenset({stream.source.module}) if stream.source else frozenset()
-            await store(repo, srvid, info, staged, result, preloaded=preloaded)
+            assert stream.source is not None  # it has a spool
+            await store(
+                repo, srvid, info, staged, result, preloaded=frozenset({stream.source.module})
+            )
             commit = time.perf_counter()
         result.phases["commit"] = result.phases.get("commit", 0.0) + time.perf_counter() - commit
         result.store_seconds = time.perf_counter() - t2
