@@ -39,22 +39,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from snapshot import SHAPES, run_queries
 
-from pgfleet.cluster import Cluster
-from pgfleet.collector import (
-    RegisteredSource,
-    ServerInfo,
-    ServerSession,
-    SnapshotResult,
-    Staged,
-    fetch,
-)
+from pgfleet.collector.exporter.endpoint import Endpoint
+from pgfleet.collector.exporter.fleet import FleetCollector
+from pgfleet.collector.exporter.latest import Latest
+from pgfleet.collector.exporter.rendered import Rendered
 from pgfleet.config import CollectorConfig
 from pgfleet.datasources import builtin
-from pgfleet.exporter.endpoint import Endpoint
-from pgfleet.exporter.fleet import FleetCollector
-from pgfleet.exporter.latest import Latest
-from pgfleet.exporter.rendered import Rendered
+from pgfleet.demo.cluster import Cluster
 from pgfleet.repository.servers import Server
+from pgfleet.snapshot.fetch import ServerSession, fetch
+from pgfleet.snapshot.model import RegisteredSource, ServerInfo, SnapshotResult, Staged
 
 BAR_MS = 100.0
 STATEMENTS = 2000
@@ -88,8 +82,8 @@ async def fetch_round(mon: Cluster) -> tuple[ServerInfo, dict[RegisteredSource, 
         info, staged = await fetch(session, sources, result)
     finally:
         await session.close()
-    if result.errors:
-        raise SystemExit(f"fetch failed: {result.errors}")
+    if result.failures:
+        raise SystemExit(f"fetch failed: {result.failures}")
     out = {}
     for st in staged:
         st.spool.seek(0)

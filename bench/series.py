@@ -20,7 +20,7 @@ import time
 
 import psycopg
 
-from pgfleet.cluster import throwaway
+from pgfleet.demo.cluster import throwaway
 from pgfleet.repository import servers
 
 FILL_PGSS = """

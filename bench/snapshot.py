@@ -38,10 +38,11 @@ import time
 
 import psycopg
 
-from pgfleet.cluster import Cluster, throwaway
-from pgfleet.collector import STREAM_HOLD, ServerSession, snapshot_remote
 from pgfleet.config import CollectorConfig
+from pgfleet.demo.cluster import Cluster, throwaway
 from pgfleet.repository import servers
+from pgfleet.snapshot.fetch import ServerSession
+from pgfleet.snapshot.stream import STREAM_HOLD, snapshot_remote
 
 # Ten statement shapes per table: 200 tables give 2,000 distinct queryids.
 SHAPES = (
@@ -124,8 +125,8 @@ async def scenario(
                         repo, server, cfg, session=session, stream_hold=hold
                     )
                     w1, c1 = time.perf_counter(), time.process_time()
-                    if result.errors:
-                        raise SystemExit(f"snapshot failed: {result.errors}")
+                    if result.failures:
+                        raise SystemExit(f"snapshot failed: {result.failures}")
                     if measured:
                         walls.append((w1 - w0) * 1000)
                         cpus.append((c1 - c0) * 1000)

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from pgfleet.cluster import Cluster
+from pgfleet.demo.cluster import Cluster
 from pgfleet.errors import ClusterError
 
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")

@@ -19,7 +19,8 @@ from typing import Any
 
 import psycopg
 
-from pgfleet import __version__, commands
+from pgfleet import __version__
+from pgfleet.collector import commands
 from pgfleet.config import ENV_CONFIG, Config, load
 from pgfleet.connections import connect_repository, connect_repository_async, first_line
 from pgfleet.errors import ConfigError, PgfleetError, RepositoryError
@@ -296,12 +297,14 @@ def _print_table(headers: list[str], rows: list[list[Any]]) -> None:
 
 
 def cmd_snapshot(args: argparse.Namespace, cfg: Config) -> int:
-    from pgfleet import collector
+    from pgfleet.snapshot.model import SnapshotResult
+    from pgfleet.snapshot.store import snapshot_local
+    from pgfleet.snapshot.stream import snapshot_remote
 
     if args.now:
         return _snapshot_now(args, cfg)
 
-    async def run() -> collector.SnapshotResult:
+    async def run() -> SnapshotResult:
         dsn = _repo_dsn(args, cfg)
         with connect_repository(dsn) as conn:  # clear errors before going async
             schema.require_current(conn)
@@ -309,8 +312,8 @@ def cmd_snapshot(args: argparse.Namespace, cfg: Config) -> int:
         repo = await connect_repository_async(dsn)
         async with repo:
             if server is None:
-                return await collector.snapshot_local(repo)
-            return await collector.snapshot_remote(repo, server, cfg.collector)
+                return await snapshot_local(repo)
+            return await snapshot_remote(repo, server, cfg.collector)
 
     result = asyncio.run(run())
     if args.json:
@@ -321,7 +324,11 @@ def cmd_snapshot(args: argparse.Namespace, cfg: Config) -> int:
                     "srvid": result.srvid,
                     "stored": result.stored,
                     "skipped": dict(result.skipped),
-                    "errors": dict(result.errors),
+                    "errors": {f.source: f.message for f in result.failures},
+                    "failures": [
+                        {"source": f.source, "kind": f.kind.value, "message": f.message}
+                        for f in result.failures
+                    ],
                     "rows": result.rows,
                     "ms": round(result.seconds * 1000, 1),
                 },
@@ -330,9 +337,9 @@ def cmd_snapshot(args: argparse.Namespace, cfg: Config) -> int:
         )
     else:
         print(result.summary())
-    for module, message in result.errors:
-        print(f"pgfleet: error: server {result.alias!r}: {module}: {message}", file=sys.stderr)
-    return EXIT_PARTIAL if result.errors else 0
+    for f in result.failures:
+        print(f"pgfleet: error: server {result.alias!r}: {f.source}: {f.message}", file=sys.stderr)
+    return EXIT_PARTIAL if result.failures else 0
 
 
 def _command(
@@ -378,7 +385,7 @@ def _snapshot_now(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_collector(args: argparse.Namespace, cfg: Config) -> int:
-    from pgfleet import daemon
+    from pgfleet.collector import daemon
 
     if args.log_level:
         cfg = dataclasses.replace(
@@ -451,9 +458,9 @@ def cmd_web(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
-    from pgfleet import demo
+    from pgfleet.demo import run
 
-    return demo.run(seconds=args.seconds, frequency=args.frequency, workdir=args.workdir)
+    return run.run(seconds=args.seconds, frequency=args.frequency, workdir=args.workdir)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {

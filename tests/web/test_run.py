@@ -7,7 +7,7 @@ import httpx
 import psycopg
 import pytest
 
-from pgfleet.cluster import _free_port
+from pgfleet.demo.cluster import _free_port
 from tests.fix_daemon import wait_until
 from tests.fix_repository import add_server, connect, new_repository, scalar
 

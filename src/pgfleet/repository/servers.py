@@ -3,12 +3,17 @@
 Passwords never enter the repository: a server carries at most a *reference*
 (``env:NAME`` or ``file:/path``) that the collector resolves when it connects;
 without one, libpq's own passfile, service file or PGPASSWORD apply.
+
+This is the one module that writes ``pgfleet.servers``: the CLI's sync CRUD
+(``pgfleet server add/update/remove``) and the collectors' async discovery
+sync alike, so that what a row may hold is decided in one place.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -96,10 +101,19 @@ def _check_options(options: str) -> str:
     return options.strip()
 
 
+# The columns a discovery provider (static, file_sd) sets: the others
+# (retention, enabled) stay the user's, even on a discovered server.
+SYNCED = ("host", "port", "username", "dbname", "password_ref", "options", "frequency", "coalesce")
+
+
+def _fields() -> sql.Composable:
+    return sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclasses.fields(Server))
+
+
 def _fetch(
     conn: psycopg.Connection[Any], where: sql.Composable, args: tuple[Any, ...]
 ) -> list[Server]:
-    fields = sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclasses.fields(Server))
+    fields = _fields()
     with conn.cursor(row_factory=class_row(Server)) as cur:
         cur.execute(
             sql.SQL("SELECT {} FROM pgfleet.servers WHERE {} ORDER BY srvid").format(fields, where),
@@ -187,3 +201,56 @@ def by_srvid(conn: psycopg.Connection[Any], srvid: int) -> Server:
     if not found:
         raise RepositoryError(f"no server with srvid {srvid}")
     return found[0]
+
+
+# -- The collectors' side: discovery
+
+
+async def fetch_enabled(
+    conn: psycopg.AsyncConnection[Any], aliases: Sequence[str], *, registered: bool
+) -> list[Server]:
+    """The enabled servers a collector may collect, in srvid order.
+
+    Those named in ``aliases`` (the providers' targets) and, with
+    ``registered``, those added with 'pgfleet server add' (no provider).
+    The local server (srvid 0), the repository's own instance, is left out:
+    collectors do not snapshot it (``pgfleet snapshot --local`` does).
+    """
+    where = [sql.SQL("alias = ANY (%(aliases)s)")]
+    if registered:
+        where.append(sql.SQL("provider IS NULL"))
+    query = sql.SQL(
+        "SELECT {} FROM pgfleet.servers WHERE srvid <> 0 AND enabled AND ({}) ORDER BY srvid"
+    ).format(_fields(), sql.SQL(" OR ").join(where))
+    async with conn.cursor(row_factory=class_row(Server)) as cur:
+        await cur.execute(query, {"aliases": list(aliases)})
+        return await cur.fetchall()
+
+
+async def upsert_discovered(
+    conn: psycopg.AsyncConnection[Any], targets: Sequence[Mapping[str, Any]]
+) -> None:
+    """Register discovered servers under their alias, or bring their row up to date.
+
+    Each target maps ``alias``, the :data:`SYNCED` columns and ``provider``.
+    A row is rewritten only if something changed, so that an unchanged fleet
+    costs no dead tuples.
+    """
+    if not targets:
+        return
+    cols = ("alias", *SYNCED, "provider")
+    stmt = sql.SQL(
+        "INSERT INTO pgfleet.servers ({cols}) VALUES ({vals}) "
+        "ON CONFLICT (alias) DO UPDATE SET {sets} "
+        "WHERE ({old}) IS DISTINCT FROM ({new})"
+    ).format(
+        cols=sql.SQL(", ").join(map(sql.Identifier, cols)),
+        vals=sql.SQL(", ").join(sql.Placeholder() * len(cols)),
+        sets=sql.SQL(", ").join(
+            sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in cols[1:]
+        ),
+        old=sql.SQL(", ").join(sql.SQL("servers.{}").format(sql.Identifier(c)) for c in cols),
+        new=sql.SQL(", ").join(sql.SQL("excluded.{}").format(sql.Identifier(c)) for c in cols),
+    )
+    async with conn.transaction(), conn.cursor() as cur:
+        await cur.executemany(stmt, [[t[c] for c in cols] for t in targets])

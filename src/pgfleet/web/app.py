@@ -14,12 +14,10 @@ import logging
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import jinja2
 import psycopg
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -33,21 +31,14 @@ from pgfleet import asgi
 from pgfleet.config import Config
 from pgfleet.errors import ConfigError, PgfleetError
 from pgfleet.web import render, timerange
+from pgfleet.web.page import Ctx, NotFound, Page, WebState
 from pgfleet.web.sessions import LoginFailed, Sessions, User
-from pgfleet.web.views import Ctx, NotFound, Page, collector, database, fleet, query, server
+from pgfleet.web.views import collector, database, fleet, query, server
 
 logger = logging.getLogger("pgfleet.web")
 
 PAGES: list[Page] = [fleet.PAGE, server.PAGE, database.PAGE, query.PAGE, collector.PAGE]
 COOKIE = "pgfleet_session"
-
-
-@dataclass
-class WebState:
-    config: Config
-    sessions: Sessions
-    env: jinja2.Environment
-    uplot: bool  # whether uPlot's files were found
 
 
 def _read_secret(path: str, what: str) -> str:

@@ -1,7 +1,7 @@
 """The collectors: who runs, what each server's collection is doing, and the
 reload and force-snapshot buttons (members of pgfleet_admin only).
 
-Live state comes through the command channel (:mod:`pgfleet.commands`,
+Live state comes through the command channel (:mod:`pgfleet.collector.commands`,
 ``WORKERS_STATUS``), sent from the user's own repository connection so the
 collectors check the user's membership themselves; what the repository
 knows (collectors' leases, each server's last snapshot) is shown to anyone.
@@ -18,15 +18,15 @@ import psycopg
 
 from pgfleet.errors import PgfleetError
 from pgfleet.repository import reads
+from pgfleet.web.page import Ctx, Page
 from pgfleet.web.sessions import User
-from pgfleet.web.views import Ctx, Page
 
 logger = logging.getLogger("pgfleet.web")
 
 
 def command(user: User, name: str, *args: str, timeout: float = 5.0) -> list[dict[str, Any]]:
     """Send a command as `user` and wait for the collectors' answers (blocking)."""
-    from pgfleet import commands
+    from pgfleet.collector import commands
 
     if user.conninfo is None or not user.is_admin:
         raise PgfleetError("commanding the collectors needs a role member of pgfleet_admin")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from pgfleet.repository import reads
+from pgfleet.web.page import Ctx, NotFound, Page, buckets_for, chart, line, values
 from pgfleet.web.render import tilde_decode
-from pgfleet.web.views import Ctx, NotFound, Page, buckets_for, chart, line, values, workload
+from pgfleet.web.views import workload
 from pgfleet.web.views.server import load_server, sort_of
 
 

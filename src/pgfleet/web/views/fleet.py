@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pgfleet.repository import reads
-from pgfleet.web.views import Ctx, Page
+from pgfleet.web.page import Ctx, Page
 
 
 async def _load(ctx: Ctx, b: reads.Buckets) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from pgfleet.repository import reads
-from pgfleet.web.views import Ctx, NotFound, Page, buckets_for, chart, line, values
+from pgfleet.web.page import Ctx, NotFound, Page, buckets_for, chart, line, values
 from pgfleet.web.views.server import load_server
 
 _EXPRS = {

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from pgfleet.repository import reads
-from pgfleet.web.views import Ctx, NotFound, Page, buckets_for, workload
+from pgfleet.web.page import Ctx, NotFound, Page, buckets_for
+from pgfleet.web.views import workload
 
 
 async def load_server(ctx: Ctx) -> dict[str, Any]:

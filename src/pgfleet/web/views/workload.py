@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from pgfleet.repository import reads
-from pgfleet.web.views import Ctx, add, chart, line, values
+from pgfleet.web.page import Ctx, add, chart, line, values
 
 _PGSS = ["calls", "total_exec_time", "rows", "shared_blks_hit", "shared_blks_read",
          "temp_blks_read", "temp_blks_written", "wal_bytes"]  # fmt: skip

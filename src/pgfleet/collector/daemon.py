@@ -1,0 +1,634 @@
+"""``pgfleet collector``: the long-running process that keeps snapshots coming.
+
+One asyncio event loop runs:
+
+- a worker per server this collector holds (:mod:`pgfleet.collector.worker`), at
+  most ``max_in_flight`` of them snapshotting at once;
+- the fleet loop: discovery (:mod:`pgfleet.collector.discovery`) and lease rounds
+  (:mod:`pgfleet.collector.lease`), which start and stop workers;
+- the writer's replay of spooled snapshots (:mod:`pgfleet.collector.writer`);
+- the command listener and handler (:mod:`pgfleet.collector.commands`).
+
+Signals: SIGTERM and SIGINT stop taking snapshots, give those in flight
+``shutdown_timeout`` seconds, then cancel them and exit 0.  SIGHUP rereads
+the configuration and the fleet; settings that need a restart are named in
+the log and keep their old value.  systemd hears about all of it
+(:mod:`pgfleet.collector.systemd`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import signal
+import socket
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from prometheus_client.registry import CollectorRegistry
+
+from pgfleet import asgi, config, log
+from pgfleet.collector import commands, systemd
+from pgfleet.collector.discovery import Discovery
+from pgfleet.collector.exporter.endpoint import Endpoint, Row
+from pgfleet.collector.exporter.health import Fleet, HealthCollector
+from pgfleet.collector.exporter.latest import Latest
+from pgfleet.collector.exporter.rendered import Rendered
+from pgfleet.collector.lease import Leases, RoundResult
+from pgfleet.collector.link import RepositoryLink, RepositoryUnavailable
+from pgfleet.collector.scheduler import Backoff, Limiter
+from pgfleet.collector.spool import Spool, default_directory
+from pgfleet.collector.stats import Stats
+from pgfleet.collector.worker import Worker
+from pgfleet.collector.writer import Writer
+from pgfleet.config import Config
+from pgfleet.connections import connect_repository_async, first_line
+from pgfleet.errors import ConfigError, RepositoryError
+from pgfleet.repository import channel as repo_channel
+from pgfleet.repository import schema
+from pgfleet.repository.servers import Server
+from pgfleet.repository.snapshots import registered_sources
+from pgfleet.snapshot.model import FailureKind, RegisteredSource
+
+# Settings read once at start: a reload that changes them says so and keeps
+# the old value.
+RESTART_SETTINGS = (
+    "repository.dsn",
+    "collector.name",
+    "collector.lease_period",
+    "collector.command_channel",
+    "spool.directory",
+    "exporter.enabled",
+    "exporter.listen",
+    "exporter.port",
+    "web.enabled",
+    "web.listen",
+    "web.port",
+)
+
+_QUEUE_MAX = 1000  # notifications waiting to be handled; more are dropped
+SUMMARY_EVERY = 300.0  # seconds between two "collecting" lines at info level
+_SUMMARY_COUNTS = {
+    ("snapshot", "stored"),
+    ("snapshot", "spooled"),
+    ("snapshot", "dropped"),
+    ("spool", "dropped"),
+    ("spool", "replayed"),
+}
+
+
+def _setting(cfg: Config, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+class Daemon:
+    def __init__(
+        self, cfg: Config, *, config_path: str | None, dsn: str, serve_web: bool = False
+    ) -> None:
+        self.cfg = cfg
+        # ``pgfleet run`` with [web] enabled: the UI is served from this loop too.
+        self.serve_web = serve_web
+        self.config_path = config_path
+        self.dsn = dsn  # what --repository or the file said, fixed for our life
+        self.log = log.EventLogger("daemon")
+        self.stats = Stats()
+        self.latest = Latest(
+            max_statements=cfg.exporter.max_statements, max_tables=cfg.exporter.max_tables
+        )
+        self.workers: dict[int, Worker] = {}
+        self.fleet: dict[int, Server] = {}
+        self.exit_code = 0
+        self._sources: list[RegisteredSource] | None = None
+        self._stop = asyncio.Event()
+        self._fleet_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._notifications: asyncio.Queue[psycopg.Notify] = asyncio.Queue(_QUEUE_MAX)
+        self._schema_checked = False
+        self._summary_at = time.monotonic()
+        self._summary_totals: dict[str, int] = {}
+
+    # -- Life cycle
+
+    async def main(self) -> int:
+        cfg = self.cfg
+        spool_dir = Path(cfg.spool.directory).expanduser() if cfg.spool.directory else None
+        self.spool = Spool(spool_dir or default_directory(), round(cfg.spool.max_size * 2**20))
+        self.spool.open()
+        try:
+            return await self._run()
+        finally:
+            self.spool.close()
+
+    async def _run(self) -> int:
+        cfg = self.cfg
+        self.name = cfg.collector.name or self.spool.collector_name()
+        self.log = self.log.bind(collector=self.name)
+        app = f"{cfg.collector.application_name} {self.name}"
+        self.channel = cfg.collector.command_channel
+        self.control = RepositoryLink(
+            self.dsn,
+            "control",
+            application_name=app,
+            statement_timeout=30,
+            connect_timeout=cfg.collector.connect_timeout,
+        )
+        self.writer_link = RepositoryLink(
+            self.dsn,
+            "writer",
+            application_name=app,
+            statement_timeout=cfg.collector.store_timeout,
+            connect_timeout=cfg.collector.connect_timeout,
+        )
+        self.leases = Leases(self.name, cfg.collector.lease_period)
+        self.writer = Writer(
+            self.writer_link,
+            self.spool,
+            self.leases,
+            self.stats,
+            store_timeout=cfg.collector.store_timeout,
+            # A store refused for want of the lease: the next round says
+            # which servers are still ours, better now than later.
+            on_lease_lost=lambda srvid: self._fleet_wake.set(),
+        )
+        self.discovery = Discovery(cfg.discovery, cfg.source)
+        self.limiter = Limiter(cfg.collector.max_in_flight)
+        self.authorizer = commands.Authorizer(self.channel)
+        # Bound before anything starts, so that a busy port is one clear
+        # error at start rather than a collector without its endpoint.
+        servers = self._http_servers()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+
+        self.log.info(
+            "collector starting",
+            providers=",".join(cfg.discovery.providers),
+            spool=str(self.spool.directory),
+            spooled=len(self.spool),
+            max_in_flight=cfg.collector.max_in_flight,
+            lease_period=cfg.collector.lease_period,
+        )
+        for coro, name in (
+            (self._fleet_loop(), "fleet"),
+            (self._listen_loop(), "listen"),
+            (self._command_loop(), "commands"),
+            (self.writer.replay(), "replay"),
+            (self._watchdog(), "watchdog"),
+            *servers,
+        ):
+            self._tasks.append(asyncio.create_task(coro, name=name))
+        systemd.notify("READY=1", "STATUS=collecting")
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self._shutdown()
+        return self.exit_code
+
+    def _http_servers(self) -> list[tuple[Coroutine[Any, Any, None], str]]:
+        """The HTTP servers to run (exporter, web UI), their sockets bound."""
+        cfg = self.cfg
+        out = []
+        if cfg.exporter.enabled:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(
+                HealthCollector(Fleet(self.name, self.workers, self.stats, self.spool))
+            )
+            rendered = Rendered(self.latest)
+            app = Endpoint(registry, self._overview, rendered)
+            sock = asgi.bind(cfg.exporter.listen, cfg.exporter.port, "the exporter")
+            self.log.info("exporter listening", url=f"http://{_hostport(sock)}/metrics")
+            out.append((self._serving(asgi.serve(app, sock), "exporter"), "exporter"))
+            out.append((self._warm(rendered), "exporter warm-up"))
+        if self.serve_web:
+            from pgfleet import web
+
+            ui = web.create_app(cfg)
+            sock = asgi.bind(cfg.web.listen, cfg.web.port, "the web UI")
+            self.log.info("web UI listening", url=f"http://{_hostport(sock)}/")
+            out.append((self._serving(asgi.serve(ui, sock, lifespan="on"), "web UI"), "web"))
+        return out
+
+    async def _serving(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        try:
+            await coro
+        except ConfigError as e:
+            self.fatal(str(e))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception(f"the {what} stopped")
+            self.fatal(f"the {what} stopped unexpectedly")
+
+    async def _warm(self, rendered: Rendered) -> None:
+        """Render servers for the exporter soon after their snapshots, not at scrape time."""
+        while True:
+            await asyncio.sleep(1)
+            try:
+                await rendered.warm()
+            except Exception:
+                self.log.exception("exporter warm-up failed")
+
+    def _overview(self) -> tuple[str, list[Row]]:
+        rows = []
+        for w in sorted(self.workers.values(), key=lambda w: w.server.alias):
+            err = w.last_error
+            rows.append(
+                Row(
+                    w.server.alias,
+                    w.state,
+                    w.reachable,
+                    w.last_success,
+                    None if err is None else f"{err[1]}: {err[2]}",
+                )
+            )
+        return self.name, rows
+
+    def _on_stop(self, sig: signal.Signals) -> None:
+        if self._stop.is_set():
+            return
+        self.log.info("stopping", signal=sig.name)
+        systemd.notify("STOPPING=1", "STATUS=stopping")
+        self._stop.set()
+
+    def _on_hup(self) -> None:
+        self._spawn(self.reload("SIGHUP"))
+
+    def fatal(self, message: str) -> None:
+        """Stop with exit status 1: something only a human can fix."""
+        self.log.error(message)
+        self.exit_code = 1
+        self._stop.set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _shutdown(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        workers = list(self.workers.values())
+        for w in workers:
+            w.stop()
+        pending = [w.task for w in workers if w.task is not None]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=self.cfg.collector.shutdown_timeout)
+            if late:
+                self.log.warning(
+                    "snapshots still running at the deadline: cancelled", count=len(late)
+                )
+            for w in workers:
+                await w.cancel(keep=True)
+        for t in list(self._background):
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        # Let the others take our servers now rather than when our leases
+        # expire; keep those whose snapshots wait in our spool.
+        try:
+            async with asyncio.timeout(5), self.control.use() as conn:
+                await self.leases.leave(conn, self.spool.servers())
+        except (RepositoryError, psycopg.Error, TimeoutError) as e:
+            self.log.debug("leases not released", error=str(e))
+        await self.control.close()
+        await self.writer_link.close()
+        self.log.info("collector stopped", spooled=len(self.spool))
+
+    # -- Fleet: discovery, leases, workers
+
+    async def _fleet_loop(self) -> None:
+        last_discovery = 0.0
+        while True:
+            period = self.cfg.collector.lease_period
+            interval = min(period / 3, self.cfg.discovery.refresh)
+            try:
+                due = time.monotonic() - last_discovery >= self.cfg.discovery.refresh
+                async with self.control.use() as conn:
+                    if not self._schema_checked and not await self._check_repository(conn):
+                        return
+                    if due or self._fleet_wake.is_set() or not self.fleet:
+                        self._fleet_wake.clear()
+                        self.fleet = await self.discovery.refresh(conn)
+                        self._sources = await registered_sources(conn)
+                        self.writer.fleet = self.fleet
+                        last_discovery = time.monotonic()
+                    result = await self.leases.round(conn, set(self.fleet))
+                    if self.leases.rounds % 100 == 1:
+                        await commands.housekeeping(conn)
+                await self._reconcile(result)
+                self.writer.ready = True
+                self.writer_link.retry_now()
+                self.writer.kick.set()
+            except RepositoryUnavailable:
+                pass  # the link said so; carry on with the servers we have
+            except ConfigError as e:
+                self.log.error("discovery failed", error=str(e))
+            except psycopg.Error as e:
+                # A lost race with another collector (deadlock) or the like.
+                self.log.warning("fleet round failed", error=first_line(e))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception("fleet round failed")
+            if time.monotonic() - self._summary_at >= SUMMARY_EVERY:
+                self._summary()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._fleet_wake.wait(), interval)
+
+    def _summary(self) -> None:
+        """What happened since the last summary, in one line."""
+        totals: dict[str, int] = {}
+        for (_, source, kind), n in self.stats.counters().items():
+            # "spool/spooled" repeats "snapshot/spooled": counted once.
+            if (source, kind) in _SUMMARY_COUNTS:
+                totals[kind] = totals.get(kind, 0) + n
+        for (_, source, fkind), n in self.stats.failures().items():
+            if source == "connection":
+                key = "unreachable"
+            elif fkind in (FailureKind.TIMEOUT, FailureKind.CANCELLED):
+                key = "timeouts"
+            else:
+                continue
+            totals[key] = totals.get(key, 0) + n
+        delta = {k: n - self._summary_totals.get(k, 0) for k, n in totals.items()}
+        self._summary_totals = totals
+        lag = self.stats.histograms().get(("", "scheduler", "lag"))
+        self.log.info(
+            "collecting",
+            servers=len(self.workers),
+            seconds=round(time.monotonic() - self._summary_at),
+            **{k: delta.get(k, 0) for k in ("stored", "spooled", "replayed", "dropped")},
+            unreachable=delta.get("unreachable", 0),
+            timeouts=delta.get("timeouts", 0),
+            spool=len(self.spool),
+            # Since the start, as an upper bound (a histogram bucket).
+            lag_p99_le=lag.quantile(0.99) if lag else None,
+        )
+        self._summary_at = time.monotonic()
+
+    async def _check_repository(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Whether we can work with this repository; if not, stop with a reason."""
+        have = await schema.current_version_async(conn)
+        latest = schema.latest_version()
+        if have is None:
+            self.fatal("the repository is not initialised: run 'pgfleet repo init'")
+        elif have != latest:
+            self.fatal(
+                f"the repository schema is at version {have}, this pgfleet needs {latest}: "
+                + ("run 'pgfleet repo upgrade'" if have < latest else "upgrade pgfleet")
+            )
+        elif (other := await self.leases.name_taken(conn)) is not None:
+            self.fatal(
+                f"collector name {self.name!r} is in use by a live collector ({other}): "
+                "give each collector its own [collector] name"
+            )
+        self._schema_checked = not self.exit_code
+        return self._schema_checked
+
+    async def _reconcile(self, rr: RoundResult) -> None:
+        owned = rr.owned & set(self.fleet)
+        for srvid in list(self.workers):
+            w = self.workers[srvid]
+            if srvid not in self.fleet:
+                self.log.info("server left the fleet", server=w.server.alias)
+                await self._drop_worker(srvid, keep=False)
+                dropped = self.spool.drop_server(srvid)
+                if dropped:
+                    self.stats.count("", "spool", "dropped", dropped)
+                self.stats.forget(w.server.alias)
+                self.latest.forget(w.server.alias)
+            elif srvid not in owned:
+                self.log.info("server now collected by another collector", server=w.server.alias)
+                await self._drop_worker(srvid, keep=False)
+                self.stats.forget(w.server.alias)
+                self.latest.forget(w.server.alias)
+        for srvid in sorted(owned - set(self.workers)):
+            self._start_worker(self.fleet[srvid])
+        for srvid, w in self.workers.items():
+            if w.server != self.fleet[srvid] or w.cfg != self.cfg.collector:
+                await w.update(self.fleet[srvid], self.cfg.collector)
+        await self._balance(rr)
+        systemd.notify(f"STATUS=collecting {len(self.workers)} server(s)")
+
+    def _start_worker(self, server: Server) -> None:
+        w = Worker(
+            server,
+            self.cfg.collector,
+            limiter=self.limiter,
+            writer=self.writer,
+            stats=self.stats,
+            sources=lambda: self._sources,
+            collector=self.name,
+            latest=self.latest,
+        )
+        self.workers[server.srvid] = w
+        w.start()
+        self.log.debug("server collected here", server=server.alias)
+
+    async def _drop_worker(self, srvid: int, *, keep: bool) -> None:
+        w = self.workers.pop(srvid, None)
+        if w is not None:
+            await w.cancel(keep=keep)
+
+    async def _balance(self, rr: RoundResult) -> None:
+        """Give back leases above our fair share, so that a new collector gets its part."""
+        excess = len(self.workers) - rr.share
+        if excess <= 0:
+            return
+        # Idle ones with nothing spooled: nothing is lost by letting them go.
+        candidates = sorted(
+            (
+                w
+                for srvid, w in self.workers.items()
+                if w.state in ("waiting", "backoff") and not self.spool.has(srvid)
+            ),
+            key=lambda w: w.next_run or 0.0,
+            reverse=True,
+        )[:excess]
+        if not candidates:
+            return
+        released = {w.server.srvid for w in candidates}
+        for srvid in released:
+            await self._drop_worker(srvid, keep=False)
+        async with self.control.use() as conn:
+            await self.leases.release(conn, released)
+        self.log.info(
+            "leases given back for balance",
+            servers=len(released),
+            share=rr.share,
+            collectors=rr.collectors,
+        )
+
+    # -- Reload
+
+    async def reload(self, origin: str) -> str:
+        """Reread the configuration and the fleet; return what happened, in one line."""
+        systemd.reloading()
+        try:
+            try:
+                new = config.load(self.config_path)
+                self.discovery.configure(new.discovery, new.source)
+            except ConfigError as e:
+                self.log.error("reload failed, configuration unchanged", error=str(e))
+                raise
+            restart = [k for k in RESTART_SETTINGS if _setting(new, k) != _setting(self.cfg, k)]
+            if restart:
+                self.log.warning(
+                    "settings changed that need a restart: old values kept",
+                    settings=",".join(restart),
+                )
+            # Those keep their current values until a restart.
+            new = dataclasses.replace(
+                new,
+                repository=self.cfg.repository,
+                collector=dataclasses.replace(
+                    new.collector,
+                    name=self.cfg.collector.name,
+                    lease_period=self.cfg.collector.lease_period,
+                    command_channel=self.cfg.collector.command_channel,
+                ),
+                spool=dataclasses.replace(new.spool, directory=self.cfg.spool.directory),
+            )
+            self.cfg = new
+            log.setup(new.logging.level, new.logging.format)
+            await self.limiter.resize(new.collector.max_in_flight)
+            self.spool.max_bytes = round(new.spool.max_size * 2**20)
+            self.writer.store_timeout = new.collector.store_timeout
+            self.latest.configure(
+                max_statements=new.exporter.max_statements, max_tables=new.exporter.max_tables
+            )
+            self._fleet_wake.set()  # rediscover now; workers get new settings there
+            self.log.info("configuration reloaded", origin=origin, source=new.source)
+            message = f"configuration reloaded from {new.source}"
+            if restart:
+                message += "; needs a restart to apply: " + ", ".join(restart)
+            return message
+        finally:
+            systemd.notify("READY=1", f"STATUS=collecting {len(self.workers)} server(s)")
+
+    # -- Commands
+
+    async def _listen_loop(self) -> None:
+        backoff = Backoff(30)
+        while True:
+            try:
+                conn = await connect_repository_async(self.dsn)
+                async with conn:
+                    await repo_channel.listen_async(conn, self.channel)
+                    self.log.debug("listening for commands", channel=self.channel)
+                    backoff.reset()
+                    async for n in conn.notifies():
+                        try:
+                            self._notifications.put_nowait(n)
+                        except asyncio.QueueFull:
+                            self.stats.count("", "commands", "dropped")
+            except (RepositoryError, psycopg.Error) as e:
+                self.log.debug("command channel lost", error=str(e).splitlines()[0])
+            await asyncio.sleep(backoff.next())
+
+    async def _command_loop(self) -> None:
+        while True:
+            n = await self._notifications.get()
+            try:
+                await self._handle(n)
+            except asyncio.CancelledError:
+                raise
+            except (RepositoryError, psycopg.Error) as e:
+                self.log.warning("command not answered", error=str(e).splitlines()[0])
+            except Exception:
+                self.log.exception("command failed", payload=n.payload[:200])
+
+    async def _handle(self, n: psycopg.Notify) -> None:
+        try:
+            req = commands.parse(n.payload)
+        except commands.BadRequest as e:
+            self.stats.count("", "commands", "malformed")
+            self.log.warning("malformed command", payload=n.payload[:200], error=e.reason)
+            if e.channel is not None and e.channel != self.channel:
+                await self._answer(e.channel, e.command or "ERROR", False, e.reason)
+            return
+        if req.channel == self.channel:
+            # An answer there would read as a command to every collector.
+            self.log.warning("command ignored: its response channel is the command channel")
+            return
+        async with self.control.use() as conn:
+            refusal = await self.authorizer.check(conn, n.pid, n.payload)
+        if refusal is not None:
+            self.stats.count("", "commands", "refused")
+            self.log.warning("command refused", command=req.command, error=refusal)
+            await self._answer(req.channel, req.command, False, refusal)
+            return
+        self.stats.count("", "commands", req.command.lower())
+        self.log.info("command", command=req.command, args=" ".join(req.args))
+        ok, data = await self._execute(req)
+        await self._answer(req.channel, req.command, ok, data)
+
+    async def _execute(self, req: commands.Request) -> tuple[bool, str]:
+        if req.command == "RELOAD":
+            try:
+                return True, f"collector {self.name}: " + await self.reload("command")
+            except ConfigError as e:
+                return False, str(e)
+        if req.command == "WORKERS_STATUS":
+            srvid = req.srvid()
+            picked = {s: w for s, w in self.workers.items() if srvid is None or s == srvid}
+            return True, json.dumps(
+                {str(s): w.status(self.spool.count(s)) for s, w in sorted(picked.items())}
+            )
+        # FORCE_SNAPSHOT
+        srvid = req.srvid()
+        assert srvid is not None
+        w = self.workers.get(srvid)
+        if w is None:
+            return False, f"server {srvid} is not collected by collector {self.name}"
+        if w.force():
+            return True, f"snapshot of {w.server.alias!r} started by collector {self.name}"
+        return True, f"snapshot of {w.server.alias!r} already running on collector {self.name}"
+
+    async def _answer(self, channel: str | None, command: str, ok: bool, data: str) -> None:
+        if channel is None:
+            return
+        async with self.control.use() as conn:
+            await commands.send_answer(conn, channel, command, ok, data)
+
+    # -- systemd watchdog
+
+    async def _watchdog(self) -> None:
+        interval = systemd.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            # The loop runs if we get here at all; that is what the watchdog asks.
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+
+def _hostport(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run(cfg: Config, *, config_path: str | None, dsn: str, serve_web: bool = False) -> int:
+    """Run the collector until SIGTERM or SIGINT; return the exit status."""
+    if not dsn:
+        raise ConfigError(
+            "no repository configured: pass --repository DSN, set PGFLEET_REPOSITORY, "
+            "or [repository] dsn in the configuration file"
+        )
+    log.setup(cfg.logging.level, cfg.logging.format)
+    try:
+        daemon = Daemon(cfg, config_path=config_path, dsn=dsn, serve_web=serve_web)
+        return asyncio.run(daemon.main())
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 130

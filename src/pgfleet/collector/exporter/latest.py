@@ -1,0 +1,441 @@
+"""Each server's latest statistics, kept in memory for the exporter.
+
+The collector calls :meth:`Latest.update` with every snapshot it fetched,
+before the spools go to the repository; :class:`~pgfleet.collector.exporter.fleet.
+FleetCollector` reads :meth:`Latest.servers` at scrape time.  Only what
+:data:`~pgfleet.collector.exporter.views.VIEWS` exports is parsed and kept.
+
+Counters are exported *monotonic*: an entry's value is the sum of its
+non-negative increments since it was first seen, its first value counting
+whole.  When a raw counter goes backwards, or the entry's epoch column
+(``stats_reset``, pg_stat_statements' ``stats_since``) changes, the increment
+is the new raw value.  Until an entry's first reset the exported value is the
+raw one, exactly.  A reset therefore never shows up as a drop, and
+``rate()``/``increase()`` see through it.
+
+Capped views (statements, tables, indexes) export the entries ranked highest
+by cumulative activity (View.rank).  Counter state is kept only for entries
+exported: those that stop being exported -- out of the top, vanished from the
+server, or their source failed this time -- keep their state for
+:data:`RETAIN` seconds so that a return, even after a reset, does not drop.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import math
+import re
+import sys
+import threading
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from pgfleet.collector.exporter.views import VIEWS, View
+from pgfleet.datasources import builtin
+from pgfleet.snapshot.model import ServerInfo, Staged
+
+# Seconds an entry no longer exported keeps its counter state.
+RETAIN = 3600.0
+
+NAN = math.nan
+_NULL = b"\\N"
+_NOTHING = frozenset((b"0", _NULL))
+
+
+class Row:
+    """One entry of a view: its label values, then its values in View.series order."""
+
+    __slots__ = ("epoch", "info", "labels", "raw", "seen", "values")
+
+    def __init__(
+        self,
+        labels: tuple[str, ...],
+        values: array[float],
+        raw: array[float] | None,
+        epoch: bytes | None,
+        info: str | None,
+        seen: float,
+    ) -> None:
+        self.labels = labels
+        # Exported values: monotonic counters first, then gauges; NaN for NULL.
+        self.values = values
+        # The raw counters last seen, when they differ from the exported
+        # ones (after a reset); None saves the memory otherwise.
+        self.raw = raw
+        self.epoch = epoch
+        self.info = info
+        self.seen = seen
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """What the exporter shows of one server: rows per view, by VIEWS index."""
+
+    alias: str
+    taken_at: float
+    version_num: int
+    in_recovery: bool
+    rows: tuple[list[Row], ...]
+
+
+# -- COPY text format ---------------------------------------------------------
+
+_ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9A-Fa-f]{1,2})|(.))", re.DOTALL)
+_SIMPLE = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
+
+
+def _unescape_one(m: re.Match[bytes]) -> bytes:
+    if m[1] is not None:
+        return bytes((int(m[1], 8) & 0xFF,))
+    if m[2] is not None:
+        return bytes((int(m[2], 16),))
+    return _SIMPLE.get(m[3], m[3])
+
+
+def copy_text(field: bytes) -> str:
+    """A COPY text field as a string, NULL as ''."""
+    if field == _NULL:
+        return ""
+    if b"\\" in field:
+        field = _ESCAPE.sub(_unescape_one, field)
+    return field.decode("utf-8", "replace")
+
+
+def _num(field: bytes) -> float:
+    return NAN if field == _NULL else float(field)
+
+
+def _bool(field: bytes) -> float:
+    return NAN if field == _NULL else float(field == b"t")
+
+
+def copy_time(field: bytes) -> float:
+    """A COPY timestamptz as Unix seconds; NaN for NULL, infinity or a non-ISO DateStyle."""
+    try:
+        return NAN if field == _NULL else datetime.fromisoformat(field.decode()).timestamp()
+    except ValueError:
+        return NAN
+
+
+_PARSERS: dict[str, Callable[[bytes], float]] = {"num": _num, "bool": _bool, "time": copy_time}
+
+
+# -- Views compiled against their datasource's columns -----------------------
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    index: int  # in VIEWS
+    view: View
+    ncols: int
+    labels: tuple[int, ...]
+    values: tuple[tuple[int, float, Callable[[bytes], float]], ...]
+    ncounters: int
+    maxed: tuple[bool, ...]  # per value: merged with max rather than sum
+    epoch: int | None
+    where: tuple[int, bytes, bool] | None
+    rank: tuple[int, ...]
+    info: tuple[int, int] | None  # column, characters kept
+    # Label columns do not identify a row: rows sharing them merge.
+    merge: bool
+
+    def parse(self, f: list[bytes]) -> list[float]:
+        return [p(f[i]) * scale for i, scale, p in self.values]
+
+
+def _compile(index: int, view: View) -> _Compiled:
+    ds = builtin()[view.module]
+    # COPY rows are srvid, ts, then the declared columns.
+    pos = {c.name: 2 + i for i, c in enumerate(ds.columns)}
+    labels = tuple(pos[c] for _, c in view.labels)
+    identified = {c for _, c in view.labels}
+    where = None
+    if view.where is not None:
+        col, value, equal = view.where
+        where = (pos[col], value.encode(), equal)
+        if equal:
+            identified.add(col)
+    epoch = ds.names("epoch")
+    info = None
+    if view.info is not None:
+        info = (pos[view.info[2]], view.info[4])
+    if view.cap is not None and not view.rank:
+        raise ValueError(f"{view.module}: a capped view needs rank columns")
+    return _Compiled(
+        index=index,
+        view=view,
+        ncols=2 + len(ds.columns),
+        labels=labels,
+        values=tuple((pos[s.column], s.scale, _PARSERS[s.parse]) for s in view.series),
+        ncounters=len(view.counters),
+        maxed=tuple(s.merge == "max" for s in view.series),
+        epoch=pos[epoch[0]] if epoch else None,
+        where=where,
+        rank=tuple(pos[c] for c in view.rank),
+        info=info,
+        merge=not set(ds.names("key")) <= identified,
+    )
+
+
+@functools.cache
+def _sources() -> dict[str, tuple[_Compiled, ...]]:
+    out: dict[str, list[_Compiled]] = {}
+    for i, view in enumerate(VIEWS):
+        out.setdefault(view.module, []).append(_compile(i, view))
+    return {m: tuple(cs) for m, cs in out.items()}
+
+
+def _lines(data: bytes) -> list[bytes]:
+    # Tabs and newlines inside values are escaped: splitting is parsing.
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def _filter(cv: _Compiled, fields: list[list[bytes]]) -> list[list[bytes]]:
+    if cv.where is None:
+        return fields
+    i, value, equal = cv.where
+    return [f for f in fields if (f[i] == value) is equal]
+
+
+def _top(cv: _Compiled, lines: list[bytes], cap: int) -> list[list[bytes]]:
+    """The ``cap`` most active rows that pass the view's filter, split, most active first.
+
+    pg_stat_statements has thousands of rows of some 30 columns, a query text
+    among them, and we keep a hundred: rank every row on its rank columns
+    alone, split off the end of the line, and split whole only the winners.
+    """
+    ncols = cv.ncols
+    cut = ncols - min(cv.rank)
+    offsets = [i - ncols for i in cv.rank]
+    ranked = []
+    for n, line in enumerate(lines):
+        parts = line.rsplit(b"\t", cut)
+        r = 0.0
+        for o in offsets:
+            v = parts[o]
+            if v != _NULL:
+                r += float(v)
+        ranked.append((r, n))
+    ranked.sort(reverse=True)
+    out: list[list[bytes]] = []
+    if cap <= 0:
+        return out
+    for _, n in ranked:
+        f = lines[n].split(b"\t")
+        if cv.where is not None:
+            i, value, equal = cv.where
+            if (f[i] == value) is not equal:
+                continue
+        out.append(f)
+        if len(out) == cap:
+            break
+    return out
+
+
+def _read(st: Staged) -> bytes:
+    spool = st.spool
+    if spool.closed:
+        return b""
+    end = spool.tell()
+    try:
+        spool.seek(0)
+        return spool.read(end)
+    finally:
+        # The writer copies the spool from here afterwards: leave it as found.
+        spool.seek(end)
+
+
+def _merge(into: list[float], vals: list[float], maxed: tuple[bool, ...]) -> None:
+    for j, v in enumerate(vals):
+        if v != v:
+            continue
+        cur = into[j]
+        if cur != cur:
+            into[j] = v
+        elif maxed[j]:
+            into[j] = max(cur, v)
+        else:
+            into[j] = cur + v
+
+
+def _info(field: bytes, chars: int) -> str:
+    # Enough bytes for `chars` characters even after collapsing whitespace.
+    s = copy_text(field[: chars * 4 + 64])
+    return " ".join(s.split())[:chars]
+
+
+class Latest:
+    """Per server alias, the latest values of the built-in sources."""
+
+    def __init__(self, *, max_statements: int = 20, max_tables: int = 20) -> None:
+        self._caps = {"statements": max_statements, "tables": max_tables}
+        self._servers: dict[str, ServerView] = {}
+        # Per server, per view: the rows exported, and those retired that
+        # still have counter state worth keeping.
+        self._kept: dict[str, list[dict[tuple[str, ...], Row]]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def max_statements(self) -> int:
+        return self._caps["statements"]
+
+    @property
+    def max_tables(self) -> int:
+        return self._caps["tables"]
+
+    def configure(self, *, max_statements: int, max_tables: int) -> None:
+        """Change the caps; lowering one applies at once, raising one at the next snapshot."""
+        caps = {"statements": max_statements, "tables": max_tables}
+        with self._lock:
+            self._caps = caps
+            for alias, srv in self._servers.items():
+                rows = tuple(
+                    r[: caps[v.cap]] if v.cap is not None else r
+                    for v, r in zip(VIEWS, srv.rows, strict=True)
+                )
+                self._servers[alias] = ServerView(
+                    srv.alias, srv.taken_at, srv.version_num, srv.in_recovery, rows
+                )
+
+    def forget(self, alias: str) -> None:
+        """The server left the fleet: its series vanish from the next scrape."""
+        with self._lock:
+            self._servers.pop(alias, None)
+            self._kept.pop(alias, None)
+
+    def servers(self) -> list[ServerView]:
+        """Every server's latest view, by alias.
+
+        Views and their rows are never modified once published (updates and
+        reloads publish new ones), so the caller may read them in any thread.
+        """
+        with self._lock:
+            return [self._servers[a] for a in sorted(self._servers)]
+
+    def update(
+        self, alias: str, taken_at: float, info: ServerInfo, staged: Sequence[Staged]
+    ) -> None:
+        """Take a snapshot's values: called right after the fetch, before the store."""
+        sources = _sources()
+        known = builtin()
+        with self._lock:
+            caps = dict(self._caps)
+            kept = self._kept.get(alias) or [{} for _ in VIEWS]
+        rows: list[list[Row]] = [[] for _ in VIEWS]
+        new_kept: list[dict[tuple[str, ...], Row]] = [{} for _ in VIEWS]
+        for st in staged:
+            src = st.source
+            compiled = sources.get(src.module)
+            if compiled is None or src.added_manually or src.module not in known:
+                continue
+            lines = _lines(_read(st))
+            split: list[list[bytes]] | None = None
+            for cv in compiled:
+                if cv.view.cap is not None:
+                    fields = _top(cv, lines, caps[cv.view.cap])
+                else:
+                    if split is None:
+                        split = [line.split(b"\t") for line in lines]
+                    fields = _filter(cv, split)
+                rows[cv.index] = _rows(cv, fields, kept[cv.index], taken_at)
+        for cv in (c for cs in sources.values() for c in cs):
+            new = {r.labels: r for r in rows[cv.index]}
+            if cv.ncounters:
+                cap = caps[cv.view.cap] if cv.view.cap is not None else None
+                _retire(kept[cv.index], new, taken_at, cap)
+            new_kept[cv.index] = new
+        view = ServerView(alias, taken_at, info.version_num, info.in_recovery, tuple(rows))
+        with self._lock:
+            self._servers[alias] = view
+            self._kept[alias] = new_kept
+
+
+def _retire(
+    old: dict[tuple[str, ...], Row],
+    new: dict[tuple[str, ...], Row],
+    now: float,
+    cap: int | None,
+) -> None:
+    """Carry into ``new`` the rows of ``old`` not exported now but recent enough."""
+    retired = [r for k, r in old.items() if k not in new and now - r.seen <= RETAIN]
+    if cap is not None and len(retired) > cap:
+        retired = heapq.nlargest(cap, retired, key=lambda r: r.seen)
+    for r in retired:
+        new[r.labels] = r
+
+
+def _label(field: bytes) -> str:
+    # Database, schema and role names repeat on many rows and servers.
+    return sys.intern(copy_text(field))
+
+
+def _rows(
+    cv: _Compiled,
+    fields: list[list[bytes]],
+    kept: dict[tuple[str, ...], Row],
+    taken_at: float,
+) -> list[Row]:
+    """One view's rows from the chosen split COPY rows, in their order."""
+    epoch_i = cv.epoch
+    sparse = cv.view.sparse
+    entries: dict[tuple[bytes, ...], tuple[list[float], bytes | None, list[bytes]]] = {}
+    for f in fields:
+        key = tuple(f[i] for i in cv.labels)
+        if (
+            sparse
+            and all(f[i] in _NOTHING for i, _, _ in cv.values)
+            and tuple(_label(b) for b in key) not in kept
+        ):
+            continue  # the common case of a sparse view: spare the parsing
+        vals = cv.parse(f)
+        epoch = f[epoch_i] if epoch_i is not None else None
+        seen = entries.get(key) if cv.merge else None
+        if seen is None:
+            entries[key] = (vals, epoch, f)
+        else:
+            _merge(seen[0], vals, cv.maxed)
+            if epoch is not None and (seen[1] is None or epoch > seen[1]):
+                entries[key] = (seen[0], epoch, seen[2])
+    out = []
+    for key, (vals, epoch, f) in entries.items():
+        labels = tuple(_label(b) for b in key)
+        prev = kept.get(labels)
+        info = None
+        if cv.info is not None:
+            info = prev.info if prev is not None else _info(f[cv.info[0]], cv.info[1])
+        values, raw = _monotonic(cv, vals, epoch, prev)
+        if sparse and not any(v for v in values if v == v):
+            continue
+        out.append(Row(labels, values, raw, epoch, info, taken_at))
+    return out
+
+
+def _monotonic(
+    cv: _Compiled, vals: list[float], epoch: bytes | None, prev: Row | None
+) -> tuple[array[float], array[float] | None]:
+    """The exported values for raw ``vals``, and the raw counters when they differ."""
+    n = cv.ncounters
+    if prev is None or n == 0:
+        return array("d", vals), None
+    reset = cv.epoch is not None and epoch != prev.epoch
+    last_raw = prev.raw if prev.raw is not None else prev.values
+    out = list(vals)
+    differs = False
+    for j in range(n):
+        r = vals[j]
+        total = prev.values[j]
+        if r != r or total != total:  # NULL now or before: start again from raw
+            continue
+        last = last_raw[j]
+        if reset or r < last:
+            out[j] = total + r
+        elif total != last:  # an earlier reset's offset
+            out[j] = total + (r - last)
+        differs = differs or out[j] != r
+    return array("d", out), (array("d", vals[:n]) if differs else None)

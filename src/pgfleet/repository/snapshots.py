@@ -1,0 +1,148 @@
+"""The repository's side of a snapshot: every statement a snapshot sends.
+
+The statement builders return ``sql.Composable`` so that
+:mod:`pgfleet.snapshot.store` can send a whole snapshot as one
+multi-statement query (one round trip per COPY, plus one); the functions run
+one statement each.  What the statements call (``take_snapshot``,
+``record_error``, ``snapshot_lock``...) is defined in the migrations; its
+current definition is ``repository/functions.sql``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgfleet.snapshot.model import Failure, FailureKind, RegisteredSource, ServerInfo
+
+# The server's clock, read between statements of a multi-statement query to
+# time each phase where it runs.
+MARK = sql.SQL("SELECT extract(epoch FROM clock_timestamp())")
+LOCK = sql.SQL("SELECT pgfleet.snapshot_lock()")
+TRY_LOCK = sql.SQL("SELECT pgfleet.snapshot_try_lock()")
+
+
+async def registered_sources(repo: psycopg.AsyncConnection[Any]) -> list[RegisteredSource]:
+    """The enabled snapshot sources, in the order they run."""
+    cur = await repo.execute(
+        """SELECT module, query_source, query_cleanup, added_manually, priority
+             FROM pgfleet.functions
+            WHERE operation = 'snapshot' AND enabled
+            ORDER BY priority, module"""
+    )
+    return [RegisteredSource(*row) for row in await cur.fetchall()]
+
+
+def snapshot_count(srvid: int) -> sql.Composed:
+    return sql.SQL("SELECT snapshots FROM pgfleet.snapshot_state WHERE srvid = {}").format(
+        sql.Literal(srvid)
+    )
+
+
+def copy_in(src: RegisteredSource) -> sql.Composed:
+    tmp = src.tmp_table
+    assert tmp is not None
+    return sql.SQL("COPY {} FROM STDIN").format(tmp)
+
+
+def take_snapshot(srvid: int, modules: list[str]) -> sql.Composed:
+    return sql.SQL("SELECT pgfleet.take_snapshot({}, {}::text[])").format(
+        sql.Literal(srvid), sql.Literal(modules)
+    )
+
+
+def record_error(srvid: int, failure: Failure) -> sql.Composed:
+    return sql.SQL("SELECT pgfleet.record_error({}, {}, {}, {})").format(
+        sql.Literal(srvid),
+        sql.Literal(failure.source),
+        sql.Literal(failure.message),
+        sql.Literal(failure.kind.value),
+    )
+
+
+def state(srvid: int, info: ServerInfo | None, recorded: list[str]) -> sql.Composed:
+    """Save what we learnt of the server; return (source, message) of the
+    failures this snapshot's transaction recorded besides ``recorded``: those
+    of ``take_snapshot``, whose registered functions failed (see :func:`failures`)."""
+    return sql.SQL(
+        """WITH st AS (
+               UPDATE pgfleet.snapshot_state
+                  SET server_version_num = coalesce({}::integer, server_version_num),
+                      in_recovery = coalesce({}::boolean, in_recovery)
+                WHERE srvid = {})
+           SELECT source, message FROM pgfleet.snapshot_errors
+            WHERE srvid = {} AND ts = now() AND NOT (source = ANY ({}::text[]))"""
+    ).format(
+        sql.Literal(info.version_num if info else None),
+        sql.Literal(info.in_recovery if info else None),
+        sql.Literal(srvid),
+        sql.Literal(srvid),
+        sql.Literal(recorded),
+    )
+
+
+def failures(rows: list[list[str]]) -> list[Failure]:
+    """The rows of :func:`state` as failures.
+
+    Known to be store failures by where they come from: in a snapshot's
+    transaction, only ``take_snapshot`` records failures besides the
+    collector's own (``run_operation`` records them with kind ``store``).
+    """
+    return [Failure(source, FailureKind.STORE, message) for source, message in rows]
+
+
+def truncate(sources: list[RegisteredSource]) -> sql.Composed:
+    tables = {s.query_source: s.tmp_table for s in sources if s.tmp_table is not None}
+    return sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(tables.values()))
+
+
+async def record_failure(repo: psycopg.AsyncConnection[Any], srvid: int, failure: Failure) -> None:
+    """Put one failure on the record, in its own transaction."""
+    async with repo.transaction():
+        await repo.execute(
+            "INSERT INTO pgfleet.snapshot_state (srvid) VALUES (%s) ON CONFLICT DO NOTHING",
+            (srvid,),
+        )
+        await repo.execute(record_error(srvid, failure))
+
+
+async def seed_state(
+    conn: psycopg.AsyncConnection[Any], srvid: int, coalesce_seq: int, aggregates: int
+) -> None:
+    """Start a new server's aggregate and purge counters where given (no-op if it has some)."""
+    await conn.execute(
+        """INSERT INTO pgfleet.snapshot_state (srvid, coalesce_seq, aggregates)
+           VALUES (%s, %s, %s) ON CONFLICT DO NOTHING""",
+        (srvid, coalesce_seq, aggregates),
+    )
+
+
+async def local_info(repo: psycopg.AsyncConnection[Any]) -> ServerInfo:
+    """The repository's own instance, as the local mode's server (srvid 0)."""
+    cur = await repo.execute(
+        """SELECT current_setting('server_version_num')::int, pg_is_in_recovery(),
+                  ARRAY(SELECT extname::text FROM pg_extension)"""
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return ServerInfo(row[0], row[1], frozenset(row[2]), ())
+
+
+async def take_local_snapshot(
+    repo: psycopg.AsyncConnection[Any], info: ServerInfo, modules: list[str]
+) -> list[Failure]:
+    """Snapshot srvid 0 in one transaction; return the failures it recorded."""
+    async with repo.transaction():
+        await repo.execute("SELECT pgfleet.take_snapshot(0, %s)", (modules,))
+        cur = await repo.execute(
+            "SELECT source, message FROM pgfleet.snapshot_errors WHERE srvid = 0 AND ts = now()"
+        )
+        found = failures([list(r) for r in await cur.fetchall()])
+        await repo.execute(
+            "UPDATE pgfleet.snapshot_state SET server_version_num = %s, in_recovery = %s"
+            " WHERE srvid = 0",
+            (info.version_num, info.in_recovery),
+        )
+    return found

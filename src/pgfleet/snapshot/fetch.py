@@ -1,0 +1,385 @@
+"""Step 1 of a remote snapshot: run the sources on the monitored server into spools.
+
+Every enabled source runs -- the built-in ones from their version-gated SQL
+(nothing to install on the server beyond the statistics extensions), a
+user's source by calling its query_source function with 0 -- as ``COPY
+(...) TO STDOUT``.  The rows stream into spools (memory, spilling to disk
+past a few MB), never a Python list.  Nothing here touches the repository:
+a slow server never holds repository locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import IO, Any
+
+import psycopg
+from psycopg import sql
+
+from pgfleet.config import CollectorConfig
+from pgfleet.connections import connect_server, first_line
+from pgfleet.datasources import Datasource, builtin
+from pgfleet.errors import ServerError
+from pgfleet.repository.servers import Server
+from pgfleet.snapshot import wire
+from pgfleet.snapshot.model import (
+    CHUNK,
+    Failure,
+    FailureKind,
+    RegisteredSource,
+    ServerInfo,
+    SnapshotResult,
+    Staged,
+    StreamTarget,
+    new_spool,
+)
+
+
+class ServerSession:
+    """The connections to one monitored server: one per database, reused.
+
+    The daemon keeps a session per server for its whole life; a one-shot
+    snapshot opens one and closes it.
+    """
+
+    def __init__(self, server: Server, cfg: CollectorConfig) -> None:
+        self.server = server
+        self.cfg = cfg
+        self._conns: dict[str, psycopg.AsyncConnection[Any]] = {}
+
+    async def conn(self, dbname: str | None = None) -> psycopg.AsyncConnection[Any]:
+        db = dbname or self.server.dbname
+        c = self._conns.get(db)
+        if c is None or c.closed or c.broken:
+            c = await connect_server(self.server, self.cfg, dbname=db)
+            self._conns[db] = c
+        return c
+
+    async def discard(self, dbname: str | None = None) -> None:
+        c = self._conns.pop(dbname or self.server.dbname, None)
+        if c is not None:
+            await c.close()
+
+    async def close(self) -> None:
+        conns, self._conns = list(self._conns.values()), {}
+        for c in conns:
+            await c.close()
+
+    async def info(self) -> ServerInfo:
+        c = await self.conn()
+        cur = await c.execute(
+            """SELECT current_setting('server_version_num')::int, pg_is_in_recovery(),
+                      ARRAY(SELECT extname::text FROM pg_extension),
+                      ARRAY(SELECT datname::text FROM pg_database
+                             WHERE datallowconn AND NOT datistemplate ORDER BY datname)"""
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return ServerInfo(row[0], row[1], frozenset(row[2]), tuple(row[3]))
+
+
+def plan_builtin(ds: Datasource, info: ServerInfo) -> tuple[str | None, str | None]:
+    """Return (sql, None) to run the source, or (None, reason) to skip it."""
+    query = ds.query_for(info.version_num)
+    if query is None:
+        return None, f"not available on PostgreSQL {info.version_num // 10000}"
+    if ds.extension and ds.extension not in info.extensions:
+        return None, f"extension {ds.extension} is not installed"
+    if info.in_recovery and not ds.on_standby:
+        return None, "not applicable on a standby"
+    return query, None
+
+
+def _copy_stmt(srvid: int, query: sql.Composable) -> sql.Composed:
+    return sql.SQL("COPY (SELECT {}::integer AS srvid, * FROM ({}) s) TO STDOUT").format(
+        sql.Literal(srvid), query
+    )
+
+
+def source_failure(module: str, e: psycopg.Error, cfg: CollectorConfig) -> Failure:
+    """What a source's query failing on the server means."""
+    if isinstance(e, psycopg.errors.QueryCanceled):
+        return Failure(
+            module,
+            FailureKind.TIMEOUT,
+            f"timed out after {cfg.statement_timeout:g} s (cancelled on the server)",
+        )
+    if isinstance(e, psycopg.errors.InsufficientPrivilege):
+        return Failure(module, FailureKind.QUERY, f"permission denied: {first_line(e)}")
+    return Failure(module, FailureKind.QUERY, first_line(e))
+
+
+def _lost(session: ServerSession, e: BaseException) -> ServerError:
+    return ServerError(f"server {session.server.alias!r}: connection lost: {first_line(e)}")
+
+
+@dataclass
+class _Job:
+    """One built-in source's query on one database's connection."""
+
+    src: RegisteredSource
+    query: str
+    db: str
+    spool: IO[bytes]
+    # A per-database source loses only this database when it cannot be reached.
+    per_database: bool
+    # A cluster-wide source: any database's connection will do.
+    flexible: bool = False
+    # A per-database connection failure: recorded, the source still stored.
+    unreachable: str | None = None
+    # A query failure: the source is not stored.
+    failed: Failure | None = None
+    seconds: float = 0.0
+
+
+async def fetch(
+    session: ServerSession,
+    sources: Iterable[RegisteredSource],
+    result: SnapshotResult,
+    *,
+    stream: StreamTarget | None = None,
+) -> tuple[ServerInfo, list[Staged]]:
+    """Run the sources on the monitored server into spools.
+
+    Built-in sources run as a few multi-statement batches of ``COPY ... TO
+    STDOUT``, one per database connection, concurrently: the per-database
+    sources on their database's connection, the cluster-wide ones on another
+    database's connection when the server has one (pg_stat_statements and
+    other extensions' views stay on the main one), so that two server
+    backends work at once and each connection pays one round trip, not one
+    per source.  A user's source, and any source with a ``query_cleanup``,
+    runs on its own afterwards.  Each source's spool holds its rows in the
+    same order as when they ran one by one; ``result.phases["fetch <module>"]``
+    has each source's time, and ``result.failures`` each failure, with its kind.
+
+    Raise ServerError when the server (its main database) cannot be reached
+    or a connection is lost half-way.
+
+    ``stream``: give the first source marked ``streamed`` (one query on one
+    connection) the stream's spool, so that its rows can be read as they come.
+    """
+    info = await session.info()
+    known = builtin()
+    main = session.server.dbname
+    jobs: dict[str, list[_Job]] = {}  # per source module, in database order
+    alone: list[RegisteredSource] = []
+    order: list[RegisteredSource] = []
+    for src in sources:
+        if src.tmp_table is None:
+            result.fail(src.module, FailureKind.QUERY, "registered without a query_source function")
+            continue
+        ds = None if src.added_manually else known.get(src.module)
+        if ds is not None:
+            query, why = plan_builtin(ds, info)
+            if query is None:
+                result.skipped.append((src.module, why or "skipped"))
+                continue
+            if not src.query_cleanup:
+                dbs = info.databases if ds.per_database else (main,)
+                streams = (
+                    stream is not None
+                    and stream.source is None
+                    and ds.streamed
+                    and not ds.per_database
+                )
+                jobs[src.module] = [
+                    _Job(
+                        src,
+                        query,
+                        db,
+                        stream.open(src) if stream is not None and streams else new_spool(),
+                        ds.per_database,
+                        flexible=not ds.extension,
+                    )
+                    for db in dbs
+                ]
+                order.append(src)
+                continue
+        alone.append(src)
+        order.append(src)
+    if stream is not None:
+        stream.ready.set()
+
+    lanes: dict[str, list[_Job]] = {}
+    for js in jobs.values():
+        for job in js:
+            lanes.setdefault(job.db, []).append(job)
+    helper = next((db for db in lanes if db != main), None)
+    if helper is not None:
+        moved = [j for j in lanes.get(main, []) if j.flexible and not j.per_database]
+        lanes[main] = [j for j in lanes.get(main, []) if j not in moved]
+        lanes[helper] = moved + lanes[helper]
+    staged_alone: dict[str, Staged] = {}
+
+    async def timed(db: str, lane: list[_Job]) -> list[_Job]:
+        t0 = time.perf_counter()
+        try:
+            return await _run_lane(session, db, lane)
+        finally:
+            result.phases["fetch @" + db] = time.perf_counter() - t0
+
+    try:
+        outcomes = await asyncio.gather(
+            *(timed(db, lane) for db, lane in lanes.items() if lane),
+            return_exceptions=True,
+        )
+        for out in outcomes:
+            if isinstance(out, BaseException):
+                raise out
+        # Cluster-wide sources whose helper connection could not be opened.
+        retry = [j for out in outcomes if isinstance(out, list) for j in out]
+        if retry:
+            for job in retry:
+                job.unreachable = None
+            await _run_lane(session, main, retry, fallback=False)
+        for src in alone:
+            st = await _fetch_alone(session, src, known, info, result)
+            if st is not None:
+                staged_alone[src.module] = st
+    except BaseException:
+        for js in jobs.values():
+            for job in js:
+                job.spool.close()
+        for st in staged_alone.values():
+            st.spool.close()
+        raise
+
+    staged: list[Staged] = []
+    for src in order:
+        if src.module in staged_alone:
+            staged.append(staged_alone[src.module])
+            continue
+        mine = jobs.get(src.module)
+        if mine is None:
+            continue  # a source run alone that failed
+        # Approximate: the server sends a batch's results as its buffer fills.
+        result.phases["fetch " + src.module] = sum(j.seconds for j in mine)
+        for job in mine:
+            if job.unreachable:
+                result.fail(src.module, FailureKind.CONNECT, job.unreachable)
+        failed = next((j.failed for j in mine if j.failed), None)
+        if failed is not None:
+            result.failures.append(failed)
+            for job in mine:
+                job.spool.close()
+            continue
+        spool = mine[0].spool
+        for job in mine[1:]:
+            job.spool.seek(0)
+            shutil.copyfileobj(job.spool, spool, CHUNK)
+            job.spool.close()
+        staged.append(Staged(src, spool))
+    return info, staged
+
+
+async def _run_lane(
+    session: ServerSession, db: str, lane: list[_Job], *, fallback: bool = True
+) -> list[_Job]:
+    """Run one connection's jobs in batches; return the jobs to run elsewhere.
+
+    Those are the cluster-wide jobs of a helper connection that could not be
+    opened (``fallback``); a per-database job records the failure instead.
+    A connection lost half-way raises ServerError, as it does for the whole
+    snapshot.
+    """
+    try:
+        conn = await session.conn(db)
+    except ServerError as e:
+        if db == session.server.dbname and any(not j.per_database for j in lane):
+            raise
+        retry = [j for j in lane if fallback and not j.per_database]
+        for job in lane:
+            if job not in retry:
+                job.unreachable = str(e)
+        return retry
+    srvid = session.server.srvid
+    pending = lane
+    one_by_one = False
+    while pending:
+        batch = pending[:1] if one_by_one else pending
+        query = b";\n".join(_copy_stmt(srvid, sql.SQL(job.query)).as_bytes(conn) for job in batch)
+        try:
+            seconds, error = await wire.copy_batch(conn, query, [j.spool for j in batch])
+        except psycopg.Error as e:
+            # libpq itself failed (the connection, mostly): where is unknown.
+            seconds, error = [], e
+            one_by_one = True
+        done = len(seconds)
+        for job, s in zip(batch, seconds, strict=False):
+            job.seconds += s
+        if error is None:
+            pending = pending[len(batch) :]
+            continue
+        if conn.broken:
+            raise _lost(session, error) from None
+        if isinstance(error, psycopg.errors.SyntaxError) and done == 0 and len(batch) > 1:
+            # The whole batch is parsed before any of it runs: find the culprit.
+            one_by_one = True
+            continue
+        batch[done].failed = source_failure(batch[done].src.module, error, session.cfg)
+        pending = pending[done + 1 :]
+    return []
+
+
+async def _fetch_alone(
+    session: ServerSession,
+    src: RegisteredSource,
+    known: dict[str, Datasource],
+    info: ServerInfo,
+    result: SnapshotResult,
+) -> Staged | None:
+    """Run one source on its own: a user's source, or one with a cleanup query."""
+    t0 = time.perf_counter()
+    srvid = session.server.srvid
+    spool = new_spool()
+    ds = None if src.added_manually else known.get(src.module)
+    conn: psycopg.AsyncConnection[Any] | None = None
+    try:
+        if ds is not None:
+            query, _ = plan_builtin(ds, info)
+            assert query is not None
+            dbnames = info.databases if ds.per_database else (None,)
+            for db in dbnames:
+                try:
+                    conn = await session.conn(db)
+                    await wire.copy_out(conn, _copy_stmt(srvid, sql.SQL(query)), spool)
+                except ServerError as e:
+                    # One unreachable database (e.g. connection limit)
+                    # must not lose the others.
+                    result.fail(src.module, FailureKind.CONNECT, str(e))
+        else:
+            conn = await session.conn()
+            assert src.query_source is not None
+            cur = await conn.execute(
+                "SELECT to_regprocedure(%s) IS NOT NULL", (src.query_source + "(integer)",)
+            )
+            row = await cur.fetchone()
+            if not row or not row[0]:
+                result.fail(
+                    src.module,
+                    FailureKind.QUERY,
+                    f"function {src.query_source}(integer) does not exist on the server",
+                )
+                spool.close()
+                return None
+            *schema, name = src.query_source.split(".")
+            call = sql.SQL("SELECT * FROM {}(0)").format(sql.Identifier(*schema, name))
+            await wire.copy_out(conn, _copy_stmt(srvid, call), spool)
+        if src.query_cleanup:
+            conn = await session.conn()
+            await conn.execute(src.query_cleanup.encode())
+    except psycopg.Error as e:
+        spool.close()
+        if conn is not None and conn.broken:
+            raise _lost(session, e) from None
+        result.failures.append(source_failure(src.module, e, session.cfg))
+        return None
+    except BaseException:
+        spool.close()
+        raise
+    result.phases["fetch " + src.module] = time.perf_counter() - t0
+    return Staged(src, spool)

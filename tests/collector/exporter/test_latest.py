@@ -1,0 +1,311 @@
+"""Latest: real snapshots in, monotonic counters, caps and units out."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from pgfleet.collector.exporter.latest import Latest, copy_text, copy_time
+from tests.collector.exporter import registry, snapshot
+
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+
+
+def _db(dsn: str) -> str:
+    return str(conninfo_to_dict(dsn)["dbname"])
+
+
+def _wait_for(dsn: str, query: str, ok: Callable[[Any], bool], timeout: float = 20) -> Any:
+    """Poll ``query`` until its value is ``ok``: backends flush statistics lazily."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while True:
+            row = conn.execute(query).fetchone()
+            value = row[0] if row else None
+            if ok(value):
+                return value
+            assert time.monotonic() < deadline, f"{query!r} still gives {value!r}"
+            time.sleep(0.1)
+
+
+def _queryid(dsn: str, marker: str) -> str:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            """SELECT queryid FROM pg_stat_statements
+                WHERE query LIKE %s AND toplevel
+                  AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database())""",
+            (f"%{marker}%",),
+        ).fetchone()
+    assert row is not None, f"no statement like {marker!r}"
+    return str(row[0])
+
+
+def _samples(latest: Latest, name: str, **labels: str) -> list[Any]:
+    body = generate_latest(registry(latest)).decode()
+    return [
+        s
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+
+
+def test_copy_text_format():
+    assert copy_text(b"plain") == "plain"
+    assert copy_text(b"\\N") == ""
+    assert copy_text(b"a\\tb\\nc\\\\d\\re") == "a\tb\nc\\d\re"
+    assert copy_text(b"\\101\\x42\\q") == "ABq"
+    assert copy_text("é".encode()) == "é"
+    utc = datetime(2026, 11, 21, 22, 45, 1, 500000, tzinfo=UTC).timestamp()
+    assert copy_time(b"2026-11-21 23:45:01.5+01") == utc
+    assert copy_time(b"2026-11-22 04:15:01.5+05:30") == utc
+    assert math.isnan(copy_time(b"\\N"))
+    assert math.isnan(copy_time(b"infinity"))
+
+
+def test_spools_are_left_as_the_writer_expects(pg18, new_database):
+    # snapshot() itself checks each spool is whole and positioned at its end.
+    latest = Latest()
+    snapshot(latest, "s", new_database(pg18))
+    (srv,) = latest.servers()
+    assert srv.alias == "s" and srv.version_num == pg18.version_num and not srv.in_recovery
+
+
+def test_statement_reset_does_not_go_backwards(monitored, new_database):
+    dsn = new_database(monitored)
+    dbname = _db(dsn)
+    latest = Latest(max_statements=100_000)
+    reg = registry(latest)
+
+    def run(n: int) -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for _ in range(n):
+                conn.execute("SELECT pg_sleep(0.001) AS exporter_reset_marker")
+
+    run(10)
+    labels = {
+        "server": "s",
+        "dbname": dbname,
+        "user": "postgres",
+        "queryid": _queryid(dsn, "exporter_reset_marker"),
+    }
+    snapshot(latest, "s", dsn)
+    assert reg.get_sample_value("pgfleet_statement_calls_total", labels) == 10
+    exec1 = reg.get_sample_value("pgfleet_statement_exec_seconds_total", labels)
+    assert exec1 is not None and exec1 >= 0.01
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_statements_reset()")
+    run(3)
+    snapshot(latest, "s", dsn)
+    # 10 before the reset, 3 after: the counter went on from 10.
+    assert reg.get_sample_value("pgfleet_statement_calls_total", labels) == 13
+    exec2 = reg.get_sample_value("pgfleet_statement_exec_seconds_total", labels)
+    assert exec2 is not None and exec2 >= exec1 + 0.003
+
+    run(2)
+    snapshot(latest, "s", dsn)
+    assert reg.get_sample_value("pgfleet_statement_calls_total", labels) == 15
+    exec3 = reg.get_sample_value("pgfleet_statement_exec_seconds_total", labels)
+    assert exec3 is not None and exec3 >= exec2 + 0.002
+
+
+def test_failed_source_is_dropped_then_resumes_where_it_was(pg18, new_database):
+    dsn = new_database(pg18)
+    latest = Latest(max_statements=100_000)
+    reg = registry(latest)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for _ in range(4):
+            conn.execute("SELECT 1 AS exporter_failed_marker")
+    labels = {
+        "server": "s",
+        "dbname": _db(dsn),
+        "user": "postgres",
+        "queryid": _queryid(dsn, "exporter_failed_marker"),
+    }
+    snapshot(latest, "s", dsn)
+    assert reg.get_sample_value("pgfleet_statement_calls_total", labels) == 4
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_statements_reset()")
+        conn.execute("SELECT 1 AS exporter_failed_marker")
+    snapshot(latest, "s", dsn, without={"pg_stat_statements"})
+    # No stale numbers passed off as fresh ones...
+    assert not _samples(latest, "pgfleet_statement_calls_total")
+    assert not _samples(latest, "pgfleet_statement_info")
+    assert reg.get_sample_value(
+        "pgfleet_database_xact_commit_total", {"server": "s", "dbname": _db(dsn)}
+    )
+
+    # ...and the counter state survived the gap and the reset within it.
+    snapshot(latest, "s", dsn)
+    assert reg.get_sample_value("pgfleet_statement_calls_total", labels) == 5
+
+
+def test_counter_going_backwards_without_epoch(pg18, new_database):
+    """pg_stat_reset() zeroes a database's table counters, which have no epoch column."""
+    dsn = new_database(pg18)
+    dbname = _db(dsn)
+    # Uncapped: the session's cluster holds other tests' busier tables.
+    latest = Latest(max_tables=100_000)
+    reg = registry(latest)
+    labels = {"server": "s", "dbname": dbname, "schema": "public", "table": "t"}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int)")
+        for _ in range(5):
+            conn.execute("SELECT count(*) FROM t")
+    seq_scan = "SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 't'"
+    _wait_for(dsn, seq_scan, lambda v: v == 5)
+    snapshot(latest, "s", dsn)
+    assert reg.get_sample_value("pgfleet_table_seq_scans_total", labels) == 5
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_reset()")
+        for _ in range(2):
+            conn.execute("SELECT count(*) FROM t")
+    _wait_for(dsn, seq_scan, lambda v: v == 2)
+    snapshot(latest, "s", dsn)
+    assert reg.get_sample_value("pgfleet_table_seq_scans_total", labels) == 7
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT count(*) FROM t")
+    _wait_for(dsn, seq_scan, lambda v: v == 3)
+    snapshot(latest, "s", dsn)
+    assert reg.get_sample_value("pgfleet_table_seq_scans_total", labels) == 8
+
+
+def test_units_are_seconds_and_bytes(pg18, new_database):
+    dsn = new_database(pg18)
+    dbname = _db(dsn)
+    latest = Latest(max_statements=100_000, max_tables=100_000)
+    reg = registry(latest)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # No autovacuum: its maps would grow the table behind our back.
+        conn.execute("CREATE TABLE big (id int, pad text) WITH (autovacuum_enabled = off)")
+        conn.execute("INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g")
+        conn.execute("SELECT pg_sleep(0.05) AS exporter_units_marker")
+        # A sort too big for work_mem spills to a temporary file.
+        conn.execute("SET work_mem = '64kB'")
+        conn.execute(
+            "SELECT count(*) FROM (SELECT g FROM generate_series(1, 100000) g ORDER BY g DESC) s"
+        )
+    temp = f"SELECT temp_bytes FROM pg_stat_database WHERE datname = '{dbname}'"
+    _wait_for(dsn, temp, lambda v: v and v > 0)
+    qid = _queryid(dsn, "exporter_units_marker")
+    snapshot(latest, "s", dsn)
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        exec_ms, plan_ms = conn.execute(
+            "SELECT total_exec_time, total_plan_time FROM pg_stat_statements WHERE queryid = %s",
+            (int(qid),),
+        ).fetchone()
+        (size,) = conn.execute("SELECT pg_table_size('big')").fetchone()
+        (temp_bytes,) = conn.execute(temp).fetchone()
+    stmt = {"server": "s", "dbname": dbname, "user": "postgres", "queryid": qid}
+    exec_s = reg.get_sample_value("pgfleet_statement_exec_seconds_total", stmt)
+    assert exec_s == pytest.approx(exec_ms / 1000)
+    assert exec_s >= 0.05
+    assert reg.get_sample_value("pgfleet_statement_plan_seconds_total", stmt) == pytest.approx(
+        plan_ms / 1000
+    )
+    table = {"server": "s", "dbname": dbname, "schema": "public", "table": "big"}
+    assert reg.get_sample_value("pgfleet_table_size_bytes", table) == size
+    db = {"server": "s", "dbname": dbname}
+    assert reg.get_sample_value("pgfleet_database_temp_bytes_total", db) == temp_bytes
+    # Milliseconds in pg_stat_database too (0 unless track_io_timing, but present).
+    assert reg.get_sample_value("pgfleet_database_session_seconds_total", db) is not None
+    info = _samples(latest, "pgfleet_statement_info", queryid=qid)
+    assert [s.labels["query"] for s in info] == ["SELECT pg_sleep($1) AS exporter_units_marker"]
+
+
+def test_caps_rank_by_activity_and_apply_at_once(new_cluster):
+    mon = new_cluster("caps", shared_preload_libraries=["pg_stat_statements"])
+    mon.create_extension("pg_stat_statements")
+    dsn = mon.dsn()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for i in range(4):
+            conn.execute(f"CREATE TABLE t{i} (id int PRIMARY KEY)")
+            conn.execute(f"INSERT INTO t{i} SELECT generate_series(1, {10 ** (i + 1)})")
+            conn.execute(f"SELECT count(*) FROM t{i} WHERE id > {i}")
+        for i in range(8):
+            conn.execute(f"SELECT {i} AS exporter_caps_{i}")
+        conn.execute("SELECT pg_sleep(0.3) AS exporter_caps_slowest")
+    _wait_for(dsn, "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 't3'", lambda v: v)
+
+    latest = Latest(max_statements=5, max_tables=2)
+    snapshot(latest, "a", dsn)
+    snapshot(latest, "b", dsn)
+    for server in ("a", "b"):
+        assert len(_samples(latest, "pgfleet_statement_calls_total", server=server)) == 5
+        assert len(_samples(latest, "pgfleet_statement_info", server=server)) == 5
+        tables = _samples(latest, "pgfleet_table_seq_scans_total", server=server)
+        # The most active by tuples read and written: 10,000 and 1,000 rows.
+        assert sorted(s.labels["table"] for s in tables) == ["t2", "t3"]
+        assert len(_samples(latest, "pgfleet_index_scans_total", server=server)) == 2
+        assert len(_samples(latest, "pgfleet_index_size_bytes", server=server)) == 2
+    # The slowest statement ranks first by cumulative time.
+    info = _samples(latest, "pgfleet_statement_info", server="a")
+    assert any("exporter_caps_slowest" in s.labels["query"] for s in info)
+
+    latest.configure(max_statements=3, max_tables=1)
+    assert len(_samples(latest, "pgfleet_statement_calls_total", server="a")) == 3
+    (table,) = _samples(latest, "pgfleet_table_size_bytes", server="a")
+    assert table.labels["table"] == "t3"
+    latest.configure(max_statements=10, max_tables=10)
+    snapshot(latest, "a", dsn)
+    assert len(_samples(latest, "pgfleet_statement_calls_total", server="a")) == 10
+    assert len(_samples(latest, "pgfleet_table_size_bytes", server="a")) == 4
+
+
+def test_forgotten_server_is_gone(pg18, new_database):
+    dsn = new_database(pg18)
+    latest = Latest()
+    snapshot(latest, "stays", dsn)
+    snapshot(latest, "leaves", dsn)
+    body = generate_latest(registry(latest)).decode()
+    assert 'server="leaves"' in body and 'server="stays"' in body
+    latest.forget("leaves")
+    body = generate_latest(registry(latest)).decode()
+    assert 'server="leaves"' not in body
+    assert 'server="stays"' in body
+    latest.forget("never-seen")  # not an error
+
+
+def test_odd_names_survive_the_text_format(pg18, new_database):
+    dsn = new_database(pg18)
+    alias = 'we"ird\nal\\ias {server="x"}'
+    table = 'odd "table"\nname\\x'
+    column = 'col "q"\t\\n'
+    quoted_column = '"' + column.replace('"', '""') + '"'
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE TABLE {} (id int)").format(sql.Identifier(table)))
+        conn.execute(f"SELECT 'it''s \"quoted\"\\', E'two\\nlines' AS {quoted_column}")
+    latest = Latest(max_statements=100_000, max_tables=100_000)
+    snapshot(latest, alias, dsn)
+    body = generate_latest(registry(latest)).decode()
+    families = list(text_string_to_metric_families(body))
+    servers = {s.labels["server"] for f in families for s in f.samples}
+    assert servers == {alias}
+    tables = {s.labels["table"] for f in families for s in f.samples if "table" in s.labels}
+    assert table in tables
+    queries = [
+        s.labels["query"] for f in families if f.name == "pgfleet_statement_info" for s in f.samples
+    ]
+    # Whitespace collapses to one space; quotes and backslashes stay.
+    assert f"SELECT $1, $2 AS {quoted_column}".replace("\t", " ") in queries
+    res = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=body.encode(), capture_output=True, timeout=60
+    )
+    assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
