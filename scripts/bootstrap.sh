@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make the development environment; idempotent and quick when there's nothing to do.
 #
-# - .venv with pgfleet installed editable with its dev extras, reinstalled
+# - .venv with pgfleet installed editable with its dev and embedded extras, reinstalled
 #   only when pyproject.toml changed since the last install;
 # - Debian's PostgreSQL 15 and the extensions the tests need, when we are
 #   root (otherwise we say what's missing: the PG15 tests will be skipped).
@@ -24,7 +24,7 @@ fi
 stamp=$VENV/.pgfleet-pyproject.toml
 if ! cmp -s pyproject.toml "$stamp"; then
     echo "bootstrap: installing pgfleet and its dev dependencies into $VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev,embedded]'
     cp pyproject.toml "$stamp"
 fi
 
