@@ -6,7 +6,8 @@ naming the file and the key path, e.g.
 or ``... discovery.servers[2].port: expected int``.
 
 Every number must be positive; a key with a fixed set of values lists them
-in its field's metadata (``choices``) and any other value is rejected.
+in its field's metadata (``choices``), a number with bounds gives them as
+``range`` (inclusive), and any other value is rejected.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from pgfleet.errors import ConfigError
 
 ENV_REPOSITORY = "PGFLEET_REPOSITORY"
 ENV_CONFIG = "PGFLEET_CONFIG"
+
+PORT = {"range": (1, 65535)}
+SSLMODES = ("", "disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,23 @@ class CollectorConfig:
     # Cap of the exponential backoff between attempts to reach a server that
     # failed (never more than its frequency either).
     retry_max: float = 300.0
+    # Connections to one monitored server open at once, at most: the main
+    # one (kept between snapshots) and one per database visited in turn
+    # (closed after the visit).  A server with few free connection slots is
+    # visited with one.
+    max_connections_per_server: int = 2
+    # libpq sslmode for every monitored server ("" = libpq's default, or the
+    # server's own options); "verify-full" is the production choice.
+    sslmode: str = field(default="", metadata={"choices": SSLMODES})
+    # A server's password reference "env:NAME" may only name variables with
+    # this prefix (the collector's other variables hold its own secrets).
+    password_env_prefix: str = "PGFLEET_PW_"
+    # Directories "file:/path" password references may point into (none by
+    # default: file references are refused until a directory is given).
+    password_dirs: tuple[str, ...] = ()
+    # Seconds between two purges of a server's old data at most, whatever its
+    # coalesce (purges also run every 10 aggregates).
+    purge_interval: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -69,7 +90,7 @@ class StaticServer:
 
     alias: str
     host: str = ""
-    port: int = 5432
+    port: int = field(default=5432, metadata=PORT)
     user: str = ""
     dbname: str = "postgres"
     password_ref: str = ""
@@ -123,7 +144,7 @@ class ExporterConfig:
     # Loopback by default: the numbers say what the fleet runs; open it on
     # purpose.  Needs a restart.
     listen: str = "127.0.0.1"
-    port: int = 9630
+    port: int = field(default=9630, metadata=PORT)
     # Per server, the statements and the tables exposed (the most active
     # ones, see docs/metrics.md): Prometheus pays for every series.
     max_statements: int = 20
@@ -138,7 +159,7 @@ class WebConfig:
     # (``pgfleet web`` serves it regardless).
     enabled: bool = False
     listen: str = "127.0.0.1"
-    port: int = 8080
+    port: int = field(default=8080, metadata=PORT)
     # File holding the key that signs session cookies.  Without one a random
     # key is made at each start, and everyone logs in again after a restart.
     secret_key_file: str = ""
@@ -151,6 +172,19 @@ class WebConfig:
     session_max_age: float = 43200.0
     # Send the session cookie over HTTPS only: set it behind a TLS proxy.
     secure_cookie: bool = False
+    # Repository connections of one login's pool, at most.
+    pool_size: int = 2
+    # Repository connections of the whole UI (every login and the token's
+    # pool), at most: a login past it waits for an idle pool to close.
+    max_connections: int = 20
+    # Seconds a login's pool stays open without a request.
+    pool_idle: float = 600.0
+    # Seconds a UI query may run before the repository cancels it.
+    statement_timeout: float = 30.0
+    # Failed logins allowed per client address, and per user name, in a
+    # minute; past it every login from there (or as that user) is refused
+    # until the minute is over.
+    login_attempts: int = 10
 
 
 @dataclass(frozen=True)
@@ -188,6 +222,12 @@ def _build(cls: type[T], data: Any, path: str, origin: str) -> T:
     for name, value in data.items():
         where = f"{path}.{name}" if path else name
         kwargs[name] = _value(hints[name], value, where, origin)
+        bounds = fields[name].metadata.get("range")
+        if bounds and not bounds[0] <= kwargs[name] <= bounds[1]:
+            raise ConfigError(
+                f"invalid configuration {origin!r}: {where}: {kwargs[name]!r} is not between "
+                f"{bounds[0]} and {bounds[1]}"
+            )
         choices = fields[name].metadata.get("choices")
         if choices:
             for v in kwargs[name] if isinstance(kwargs[name], tuple) else (kwargs[name],):

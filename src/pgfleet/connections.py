@@ -2,7 +2,12 @@
 
 Monitored-server connections are autocommit, carry an ``application_name``
 naming pgfleet, a ``connect_timeout`` and a server-side ``statement_timeout``
-(so a runaway source query is cancelled *on the server*, not just abandoned).
+(so a runaway source query is cancelled *on the server*, not just abandoned),
+and a ``search_path`` pinned to ``pg_catalog, pg_temp``: whoever may create
+objects in a schema of the monitored server (``public`` before PostgreSQL 15,
+or a database owner who sets the database's search_path) must not get code run
+as our monitoring role.  A startup option outranks the database's and the
+role's settings.
 Errors become one readable line that names the server but never its password
 or full connection string.
 """
@@ -63,8 +68,9 @@ def server_conninfo(server: Server, cfg: CollectorConfig, *, dbname: str | None 
     params["application_name"] = cfg.application_name
     params["connect_timeout"] = max(1, round(cfg.connect_timeout))
     ms = round(cfg.statement_timeout * 1000)
-    params["options"] = f"-c statement_timeout={ms} -c lock_timeout={ms} " + params.get(
-        "options", ""
+    params["options"] = (
+        f"-c statement_timeout={ms} -c lock_timeout={ms} -c search_path=pg_catalog,pg_temp "
+        + params.get("options", "")
     )
     password = resolve_password(server.password_ref)
     if password is not None:

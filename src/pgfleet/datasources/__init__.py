@@ -11,6 +11,12 @@ metric machinery (``pgfleet.create_metric_source``) knows how to store it:
 - ``gauge``: a current value; stored only when it changed.
 - ``once``: an attribute fixed for an entry (a query text): stored once per key.
 - ``epoch``: changes when the entry's counters restarted (``stats_reset``).
+
+The SQL runs with ``search_path`` pinned to ``pg_catalog, pg_temp`` (see
+:mod:`pgfleet.connections`): built-in functions and catalogs are written
+``pg_catalog.``-qualified, and an extension's objects ``@extschema:NAME@.object``,
+replaced by the schema extension NAME lives in, in each database (a database
+without it simply has nothing for that source).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Literal
@@ -25,6 +32,10 @@ from typing import Literal
 Kind = Literal["key", "counter", "delta", "gauge", "once", "epoch"]
 
 KINDS: tuple[str, ...] = ("key", "counter", "delta", "gauge", "once", "epoch")
+
+# An extension's schema in source SQL: @extschema:NAME@ (PostgreSQL's own
+# notation in extension scripts).
+EXTSCHEMA = re.compile(r"@extschema:([A-Za-z0-9_]+)@")
 
 
 @dataclass(frozen=True)

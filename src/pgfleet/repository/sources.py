@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgfleet.datasources import Datasource, builtin
+from pgfleet.datasources import EXTSCHEMA, Datasource, builtin
 
 
 def install_builtin(conn: psycopg.Connection[Any]) -> None:
@@ -135,12 +135,27 @@ def _src_function(ds: Datasource, version: int) -> sql.Composed:
             sql.Literal(f"{ds.module} is not available on PostgreSQL {version // 10000}")
         )
     else:
-        local_branch = sql.SQL("RETURN QUERY EXECUTE {};").format(
-            sql.Literal(f"SELECT {casted.as_string(None)} FROM ({local}) s")
+        # An extension's objects are written @extschema:NAME@.object (see
+        # snapshot.fetch.qualify): qualified at call time with the schema the
+        # extension is in then, as the collector does on a monitored server.
+        steps = [
+            sql.SQL(
+                "_q := replace(_q, {}, (SELECT pg_catalog.quote_ident(n.nspname)"
+                " FROM pg_catalog.pg_extension e"
+                " JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace"
+                " WHERE e.extname = {}));"
+            ).format(sql.Literal(f"@extschema:{ext}@"), sql.Literal(ext))
+            for ext in sorted(set(EXTSCHEMA.findall(local)))
+        ]
+        local_branch = sql.SQL("_q := {};\n        {}\n        RETURN QUERY EXECUTE _q;").format(
+            sql.Literal(f"SELECT {casted.as_string(None)} FROM ({local}) s"),
+            sql.SQL("\n        ").join(steps),
         )
     return sql.SQL(
         """CREATE OR REPLACE FUNCTION {fn}(_srvid integer)
 RETURNS TABLE ({outputs}) LANGUAGE plpgsql AS $src$
+DECLARE
+    _q text;
 BEGIN
     IF _srvid = 0 THEN
         {local_branch}

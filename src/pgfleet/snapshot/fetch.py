@@ -11,9 +11,10 @@ a slow server never holds repository locks.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -22,7 +23,7 @@ from psycopg import sql
 
 from pgfleet.config import CollectorConfig
 from pgfleet.connections import connect_server, first_line
-from pgfleet.datasources import Datasource, builtin
+from pgfleet.datasources import EXTSCHEMA, Datasource, builtin
 from pgfleet.errors import ServerError
 from pgfleet.repository.servers import Server
 from pgfleet.snapshot import wire
@@ -72,9 +73,10 @@ class ServerSession:
     async def info(self) -> ServerInfo:
         c = await self.conn()
         cur = await c.execute(
-            """SELECT current_setting('server_version_num')::int, pg_is_in_recovery(),
-                      ARRAY(SELECT extname::text FROM pg_extension),
-                      ARRAY(SELECT datname::text FROM pg_database
+            """SELECT pg_catalog.current_setting('server_version_num')::int,
+                      pg_catalog.pg_is_in_recovery(),
+                      ARRAY(SELECT extname::text FROM pg_catalog.pg_extension),
+                      ARRAY(SELECT datname::text FROM pg_catalog.pg_database
                              WHERE datallowconn AND NOT datistemplate ORDER BY datname)"""
         )
         row = await cur.fetchone()
@@ -92,6 +94,38 @@ def plan_builtin(ds: Datasource, info: ServerInfo) -> tuple[str | None, str | No
     if info.in_recovery and not ds.on_standby:
         return None, "not applicable on a standby"
     return query, None
+
+
+def needs_schemas(query: str) -> bool:
+    return "@extschema:" in query
+
+
+async def extension_schemas(conn: psycopg.AsyncConnection[Any]) -> dict[str, str]:
+    """Each extension of the connection's database, and its schema as an identifier."""
+    cur = await conn.execute(
+        """SELECT e.extname::text, pg_catalog.quote_ident(n.nspname::text)
+             FROM pg_catalog.pg_extension e
+             JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace"""
+    )
+    return {name: schema for name, schema in await cur.fetchall()}
+
+
+def qualify(query: str, schemas: Mapping[str, str]) -> str | None:
+    """``query`` with every ``@extschema:NAME@`` replaced by NAME's schema;
+    None when one of those extensions is not in ``schemas`` (not installed
+    in that database)."""
+    missing = False
+
+    def schema(m: re.Match[str]) -> str:
+        nonlocal missing
+        found = schemas.get(str(m[1]))
+        if found is None:
+            missing = True
+            return m[0]
+        return found
+
+    out = EXTSCHEMA.sub(schema, query)
+    return None if missing else out
 
 
 def _copy_stmt(srvid: int, query: sql.Composable) -> sql.Composed:
@@ -298,6 +332,22 @@ async def _run_lane(
         return retry
     srvid = session.server.srvid
     pending = lane
+    if any(needs_schemas(j.query) for j in lane):
+        try:
+            schemas = await extension_schemas(conn)
+        except psycopg.Error as e:
+            if conn.broken:
+                raise _lost(session, e) from None
+            schemas = {}
+        pending = []
+        for job in lane:
+            resolved = qualify(job.query, schemas)
+            if resolved is None:
+                # An extension's source in a database without the extension:
+                # nothing to collect there, and nothing wrong either.
+                continue
+            job.query = resolved
+            pending.append(job)
     one_by_one = False
     while pending:
         batch = pending[:1] if one_by_one else pending
@@ -346,7 +396,12 @@ async def _fetch_alone(
             for db in dbnames:
                 try:
                     conn = await session.conn(db)
-                    await wire.copy_out(conn, _copy_stmt(srvid, sql.SQL(query)), spool)
+                    here: str | None = query
+                    if needs_schemas(query):
+                        here = qualify(query, await extension_schemas(conn))
+                    if here is None:
+                        continue  # the extension is not in this database
+                    await wire.copy_out(conn, _copy_stmt(srvid, sql.SQL(here)), spool)
                 except ServerError as e:
                     # One unreachable database (e.g. connection limit)
                     # must not lose the others.

@@ -9,7 +9,7 @@ WITH q AS (
            sum(q.occurences)::bigint AS occurences,
            sum(q.execution_count)::bigint AS execution_count,
            sum(q.nbfiltered)::bigint AS nbfiltered
-      FROM pg_qualstats() q
+      FROM @extschema:pg_qualstats@.pg_qualstats() q
       JOIN pg_database d ON d.oid = q.dbid
      WHERE d.datname = current_database()
      GROUP BY q.userid, coalesce(q.queryid, 0), q.uniquequalnodeid,

@@ -5,7 +5,7 @@ SELECT now() AS ts, d.datname, r.rolname, k.top AS toplevel, k.queryid,
        k.exec_reads, k.exec_writes, k.exec_minflts, k.exec_majflts,
        k.exec_nvcsws, k.exec_nivcsws,
        k.plan_user_time, k.plan_system_time, k.exec_user_time, k.exec_system_time
-  FROM pg_stat_kcache() k
+  FROM @extschema:pg_stat_kcache@.pg_stat_kcache() k
   JOIN pg_database d ON d.oid = k.dbid
   JOIN pg_roles r ON r.oid = k.userid
  WHERE k.queryid IS NOT NULL

@@ -13,8 +13,8 @@ SELECT now() AS ts, d.datname, r.rolname, s.toplevel, s.queryid,
        NULL::double precision AS temp_blk_read_time,
        NULL::double precision AS temp_blk_write_time,
        NULL::double precision AS jit_generation_time
-  FROM pg_stat_statements s
+  FROM @extschema:pg_stat_statements@.pg_stat_statements s
   JOIN pg_database d ON d.oid = s.dbid
   JOIN pg_roles r ON r.oid = s.userid
- CROSS JOIN pg_stat_statements_info i
+ CROSS JOIN @extschema:pg_stat_statements@.pg_stat_statements_info i
  WHERE s.queryid IS NOT NULL

@@ -12,8 +12,8 @@ SELECT now() AS ts, d.datname, r.rolname, s.toplevel, s.queryid,
        s.blk_read_time, s.blk_write_time,
        s.temp_blk_read_time, s.temp_blk_write_time,
        s.jit_generation_time
-  FROM pg_stat_statements s
+  FROM @extschema:pg_stat_statements@.pg_stat_statements s
   JOIN pg_database d ON d.oid = s.dbid
   JOIN pg_roles r ON r.oid = s.userid
- CROSS JOIN pg_stat_statements_info i
+ CROSS JOIN @extschema:pg_stat_statements@.pg_stat_statements_info i
  WHERE s.queryid IS NOT NULL
