@@ -15,14 +15,14 @@ venv:
 test: venv
 	@status=0; \
 	$(RUFF) check src tests bench || status=1; \
-	$(MYPY) src || status=1; \
+	$(MYPY) src tests || status=1; \
 	$(PYTEST) || status=1; \
 	exit $$status
 
 lint: venv
 	@status=0; \
 	$(RUFF) check src tests bench || status=1; \
-	$(MYPY) src || status=1; \
+	$(MYPY) src tests || status=1; \
 	exit $$status
 
 demo: venv

@@ -23,7 +23,7 @@ import shutil
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -33,6 +33,17 @@ from pgfleet.errors import ClusterError
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 PG15_PRELOAD = ["pg_stat_statements", "pg_qualstats", "pg_stat_kcache", "pg_wait_sampling"]
 PG15_EXTENSIONS = [*PG15_PRELOAD, "hypopg"]
+
+# The factories' types, for the tests asking for them.
+NewDatabase = Callable[[Cluster], str]
+"""``new_database(cluster)``: the dsn of a new, empty database on ``cluster``."""
+
+
+class NewCluster(Protocol):
+    """``new_cluster(name, **kwargs)``: a started private cluster (see the fixture)."""
+
+    def __call__(self, name: str, **kwargs: Any) -> Cluster: ...
+
 
 # Every cluster we start, so that none outlives the run even if a teardown
 # blows up or pytest dies of an internal error.
@@ -173,7 +184,7 @@ _cluster_numbers = itertools.count(1)
 
 
 @pytest.fixture
-def new_database(request: pytest.FixtureRequest) -> Callable[[Cluster], str]:
+def new_database(request: pytest.FixtureRequest) -> NewDatabase:
     """A factory: ``new_database(cluster)`` creates an empty database and returns its dsn.
 
     The databases are left behind: their clusters go at the end of the session.
@@ -188,7 +199,7 @@ def new_database(request: pytest.FixtureRequest) -> Callable[[Cluster], str]:
 
 
 @pytest.fixture
-def new_cluster(clusters_dir: Path) -> Iterator[Callable[..., Cluster]]:
+def new_cluster(clusters_dir: Path) -> Iterator[NewCluster]:
     """A factory: ``new_cluster(name, **kwargs)`` starts a private embedded cluster.
 
     `kwargs` go to `Cluster.embedded()`. The clusters are destroyed after the test.

@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -151,10 +151,22 @@ class DaemonProcess:
         return path.read_text().strip()
 
 
+class DaemonFactory(Protocol):
+    """The `daemon` fixture's factory."""
+
+    def __call__(
+        self,
+        repo_dsn: str,
+        name: str = ...,
+        env: dict[str, str] | None = ...,
+        start: bool = ...,
+        command: str = ...,
+        **sections: dict[str, Any],
+    ) -> DaemonProcess: ...
+
+
 @pytest.fixture
-def daemon(
-    tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[Callable[..., DaemonProcess]]:
+def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonFactory]:
     """``daemon(repo_dsn, name="a", env={}, start=True, command="collector", **sections)``."""
     made: list[DaemonProcess] = []
 

@@ -7,7 +7,11 @@ local and in remote mode, aggregated, purged by retention and unregistered.
 
 from __future__ import annotations
 
-from tests.fix_repository import add_server, connect, scalar
+from psycopg.rows import TupleRow
+
+from pgfleet.demo.cluster import Cluster
+from tests.fix_clusters import NewDatabase
+from tests.fix_repository import RunCli, add_server, connect, one_row, scalar
 
 # What a monitored server needs: the counter and the query_source function.
 MONITORED_SQL = """
@@ -15,7 +19,7 @@ CREATE TABLE my_counter_table (my_counter integer NOT NULL);
 INSERT INTO my_counter_table VALUES (41);
 CREATE FUNCTION public.my_datasource_src(srvid integer)
 RETURNS TABLE (ts timestamptz, my_counter integer) LANGUAGE sql AS
-$$ SELECT now(), my_counter FROM my_counter_table $$;
+$$ SELECT now(), my_counter FROM public.my_counter_table $$;
 """
 
 # What the repository needs: the same source (local data for srvid 0, the
@@ -83,7 +87,9 @@ VALUES ('my_datasource', 'snapshot',   'public.my_datasource_snapshot',   'publi
 """
 
 
-def test_my_datasource_local_and_remote(repo, run_cli, monitored, new_database):
+def test_my_datasource_local_and_remote(
+    repo: str, run_cli: RunCli, monitored: Cluster, new_database: NewDatabase
+) -> None:
     with connect(repo) as conn:
         conn.execute(REPOSITORY_SQL)
     mon = new_database(monitored)
@@ -103,7 +109,7 @@ def test_my_datasource_local_and_remote(repo, run_cli, monitored, new_database):
         rows = conn.execute(
             "SELECT srvid, my_counter FROM public.my_datasource_history ORDER BY srvid"
         ).fetchall()
-        srvid = conn.execute("SELECT srvid FROM pgfleet.servers WHERE alias = 'mon'").fetchone()[0]
+        srvid = one_row(conn, "SELECT srvid FROM pgfleet.servers WHERE alias = 'mon'")[0]
     assert rows == [(0, 7), (srvid, 41)]
     # Transient rows never outlive the snapshot's transaction.
     assert scalar(repo, "SELECT count(*) FROM public.my_datasource_src_tmp") == 0
@@ -152,9 +158,10 @@ def test_my_datasource_local_and_remote(repo, run_cli, monitored, new_database):
     with connect(repo) as conn:
         conn.execute("SELECT pgfleet.unregister_module('my_datasource')")
         assert (
-            conn.execute(
-                "SELECT count(*) FROM pgfleet.functions WHERE module = 'my_datasource'"
-            ).fetchone()[0]
+            one_row(
+                conn,
+                "SELECT count(*) FROM pgfleet.functions WHERE module = 'my_datasource'",
+            )[0]
             == 0
         )
     assert run_cli("snapshot", "mon").rc == 0
@@ -164,7 +171,9 @@ def test_my_datasource_local_and_remote(repo, run_cli, monitored, new_database):
     )
 
 
-def test_user_source_missing_on_server_is_an_error_not_a_loss(repo, run_cli, pg18, new_database):
+def test_user_source_missing_on_server_is_an_error_not_a_loss(
+    repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase
+) -> None:
     """A source whose function is absent on the server fails alone."""
     with connect(repo) as conn:
         conn.execute(REPOSITORY_SQL)
@@ -175,12 +184,14 @@ def test_user_source_missing_on_server_is_an_error_not_a_loss(repo, run_cli, pg1
     assert "my_datasource: function public.my_datasource_src(integer) does not exist" in res.err
     assert len(res.err.strip().splitlines()) == 1
     with connect(repo) as conn:
-        srvid = conn.execute("SELECT srvid FROM pgfleet.servers WHERE alias = 'bare'").fetchone()[0]
+        srvid = one_row(conn, "SELECT srvid FROM pgfleet.servers WHERE alias = 'bare'")[0]
         # The built-in sources were stored all the same.
         assert (
-            conn.execute(
-                "SELECT count(*) FROM pgfleet.pg_stat_database_current WHERE srvid = %s", (srvid,)
-            ).fetchone()[0]
+            one_row(
+                conn,
+                "SELECT count(*) FROM pgfleet.pg_stat_database_current WHERE srvid = %s",
+                (srvid,),
+            )[0]
             > 0
         )
         assert conn.execute(
@@ -188,7 +199,9 @@ def test_user_source_missing_on_server_is_an_error_not_a_loss(repo, run_cli, pg1
         ).fetchall() == [("my_datasource",)]
 
 
-def test_failing_snapshot_function_loses_nothing_else(repo, run_cli, pg18, new_database):
+def test_failing_snapshot_function_loses_nothing_else(
+    repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase
+) -> None:
     with connect(repo) as conn:
         conn.execute(REPOSITORY_SQL)
         conn.execute(
@@ -206,15 +219,13 @@ def test_failing_snapshot_function_loses_nothing_else(repo, run_cli, pg18, new_d
     assert "my_datasource is broken" in res.err
     with connect(repo) as conn:
         # Its own partial insert was rolled back with its subtransaction...
-        assert conn.execute("SELECT count(*) FROM public.my_datasource_history").fetchone()[0] == 0
+        assert one_row(conn, "SELECT count(*) FROM public.my_datasource_history")[0] == 0
         # ...and the other sources were stored.
-        assert (
-            conn.execute("SELECT count(*) FROM pgfleet.pg_stat_database_current").fetchone()[0] > 0
-        )
-        assert conn.execute("SELECT count(*) FROM public.my_datasource_src_tmp").fetchone()[0] == 0
+        assert one_row(conn, "SELECT count(*) FROM pgfleet.pg_stat_database_current")[0] > 0
+        assert one_row(conn, "SELECT count(*) FROM public.my_datasource_src_tmp")[0] == 0
 
 
-def test_registry_shape(repo):
+def test_registry_shape(repo: str) -> None:
     with connect(repo) as conn:
         cols = [
             r[0]
@@ -248,7 +259,9 @@ def test_registry_shape(repo):
         assert ops == [("aggregate",), ("purge",), ("snapshot",), ("unregister",)]
 
 
-def test_rows_that_do_not_fit_fail_only_their_source(repo, run_cli, pg18, new_database):
+def test_rows_that_do_not_fit_fail_only_their_source(
+    repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase
+) -> None:
     """A COPY into a transient table that fails loses that source, not the others."""
     with connect(repo) as conn:
         conn.execute(REPOSITORY_SQL)
@@ -264,12 +277,14 @@ def test_rows_that_do_not_fit_fail_only_their_source(repo, run_cli, pg18, new_da
     assert res.rc == 3
     assert "my_datasource: cannot store: invalid input syntax for type integer" in res.err
     with connect(repo) as conn:
-        assert conn.execute("SELECT count(*) FROM public.my_datasource_history").fetchone()[0] == 0
-        assert conn.execute("SELECT count(*) FROM pgfleet.pg_stat_database_current").fetchone()[0] > 0
-        assert conn.execute("SELECT count(*) FROM public.my_datasource_src_tmp").fetchone()[0] == 0
+        assert one_row(conn, "SELECT count(*) FROM public.my_datasource_history")[0] == 0
+        assert one_row(conn, "SELECT count(*) FROM pgfleet.pg_stat_database_current")[0] > 0
+        assert one_row(conn, "SELECT count(*) FROM public.my_datasource_src_tmp")[0] == 0
 
 
-def test_user_source_on_the_generic_storage(repo, run_cli, pg18, new_database):
+def test_user_source_on_the_generic_storage(
+    repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase
+) -> None:
     """A user's source stored by pgfleet.create_metric_source: deltas, series, purge."""
     with connect(repo) as conn:
         conn.execute("""
@@ -299,19 +314,23 @@ def test_user_source_on_the_generic_storage(repo, run_cli, pg18, new_database):
         # Unknown on the first snapshot, +4, restarted at 3, +7; aggregated
         # rows and current ones read alike.
         assert deltas == [None, 4, 3, 7]
-        assert conn.execute(
+        assert one_row(
+            conn,
             "SELECT count(*) FROM pgfleet.my_datasource_history WHERE srvid = %s", (srvid,)
-        ).fetchone()[0] == 2
-        assert conn.execute(
+        )[0] == 2
+        assert one_row(
+            conn,
             "SELECT added_manually FROM pgfleet.functions WHERE module = 'my_datasource' "
-            "AND operation = 'snapshot'").fetchone()[0] is True
+            "AND operation = 'snapshot'")[0] is True
 
 
-def test_query_cleanup_runs_on_the_server_after_the_source(repo, run_cli, pg18, new_database):
+def test_query_cleanup_runs_on_the_server_after_the_source(
+    repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase
+) -> None:
     with connect(repo) as conn:
         conn.execute(REPOSITORY_SQL)
         conn.execute(
-            "UPDATE pgfleet.functions SET query_cleanup = 'UPDATE my_counter_table SET my_counter = 0' "
+            "UPDATE pgfleet.functions SET query_cleanup = 'UPDATE public.my_counter_table SET my_counter = 0' "
             "WHERE module = 'my_datasource' AND operation = 'snapshot'"
         )
     mon = new_database(pg18)
@@ -325,6 +344,6 @@ def test_query_cleanup_runs_on_the_server_after_the_source(repo, run_cli, pg18, 
     assert scalar(mon, "SELECT my_counter FROM my_counter_table") == 0
 
 
-def _rows(dsn, query):
+def _rows(dsn: str, query: str) -> list[TupleRow]:
     with connect(dsn) as conn:
         return conn.execute(query).fetchall()

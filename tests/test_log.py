@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Iterator
 
 import pytest
 
@@ -12,9 +13,9 @@ from pgfleet import log
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging():
+def _restore_logging() -> Iterator[None]:
     """setup() changes process-wide loggers: put them back as they were."""
-    saved = {}
+    saved: dict[str, tuple[list[logging.Handler], int, bool]] = {}
     for name in ("pgfleet", "psycopg"):
         lg = logging.getLogger(name)
         saved[name] = (list(lg.handlers), lg.level, lg.propagate)
@@ -30,7 +31,7 @@ def capture(fmt: str, level: str = "info") -> io.StringIO:
     return out
 
 
-def test_keyvalue_lines():
+def test_keyvalue_lines() -> None:
     out = capture("keyvalue")
     lg = log.EventLogger("test").bind(server="db1")
     lg.info("snapshot stored", rows=12, ms=3.25, error='said "no"\nthen', lag=None)
@@ -42,7 +43,7 @@ def test_keyvalue_lines():
     assert "lag=" not in line and "hidden" not in line
 
 
-def test_json_lines_and_trace_level():
+def test_json_lines_and_trace_level() -> None:
     out = capture("json", "trace")
     lg = log.EventLogger("test", server="db2")
     lg.trace("value", source="pg_stat_database", row="1\t2")
@@ -53,7 +54,7 @@ def test_json_lines_and_trace_level():
     assert not logging.getLogger("pgfleet").isEnabledFor(log.TRACE)
 
 
-def test_secrets_are_masked_whatever_the_message():
+def test_secrets_are_masked_whatever_the_message() -> None:
     out = capture("keyvalue")
     lg = log.EventLogger("test")
     lg.error("oops", dsn="host=h password=s3cr3t user=u", uri="postgresql://u:pa55@h/db")

@@ -7,7 +7,7 @@ import pytest
 from pgfleet.collector.commands import BadRequest, Request, answer_text, parse
 
 
-def test_valid_requests():
+def test_valid_requests() -> None:
     assert parse("RELOAD chan") == Request("RELOAD", "chan", ())
     assert parse("  workers_status   chan  12 ") == Request("WORKERS_STATUS", "chan", ("12",))
     assert parse("FORCE_SNAPSHOT - 3") == Request("FORCE_SNAPSHOT", None, ("3",))
@@ -32,7 +32,7 @@ def test_valid_requests():
         ("FORCE_SNAPSHOT c 99999999999", "invalid srvid", "c"),
     ],
 )
-def test_bad_requests(payload, reason, channel):
+def test_bad_requests(payload: str, reason: str, channel: str | None) -> None:
     with pytest.raises(BadRequest) as exc:
         parse(payload)
     assert exc.value.reason.startswith(reason)

@@ -9,19 +9,30 @@ import json
 import logging
 import signal
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
 
 from pgfleet import config
+from pgfleet.demo.cluster import Cluster
 from pgfleet.errors import ConfigError
 from pgfleet.repository import schema
-from tests.fix_daemon import wait_until
-from tests.fix_repository import add_server, connect, new_repository, scalar
+from tests.fix_clusters import NewCluster, NewDatabase
+from tests.fix_daemon import DaemonFactory, wait_until
+from tests.fix_repository import (
+    RunCli,
+    add_server,
+    connect,
+    new_repository,
+    one_row,
+    scalar,
+    scalar_int,
+)
 
 
 @pytest.fixture
-def repo(repo_cluster, new_database) -> str:
+def repo(repo_cluster: Cluster, new_database: NewDatabase) -> str:
     """A fresh repository, on this module's own cluster (see fix_daemon)."""
     return new_repository(repo_cluster, new_database)
 
@@ -33,7 +44,8 @@ def snapshots(repo: str, alias: str) -> int:
              LEFT JOIN pgfleet.snapshot_state st USING (srvid) WHERE s.alias = %s""",
         (alias,),
     )
-    return int(v or 0)  # type: ignore[call-overload]
+    assert v is None or isinstance(v, int), v
+    return int(v or 0)
 
 
 def srvid(repo: str, alias: str) -> int:
@@ -50,14 +62,14 @@ def leases(repo: str) -> dict[str, int]:
     return {r[0]: r[1] for r in rows}
 
 
-def add(run_cli, alias: str, cluster, *extra: str) -> None:
+def add(run_cli: RunCli, alias: str, cluster: Cluster, *extra: str) -> None:
     add_server(run_cli, alias, cluster.dsn(), *extra)
 
 
 # -- Settings
 
 
-def test_daemon_settings_are_checked(tmp_path):
+def test_daemon_settings_are_checked(tmp_path: Path) -> None:
     path = tmp_path / "pgfleet.toml"
     cases = [
         ("[collector]\nmax_in_flight = 0\n", "collector.max_in_flight: must be positive"),
@@ -89,7 +101,7 @@ def test_daemon_settings_are_checked(tmp_path):
     assert cfg.discovery.servers[0].alias == "a" and cfg.discovery.servers[0].port == 5433
 
 
-def test_collector_command_line_errors(run_cli, tmp_path):
+def test_collector_command_line_errors(run_cli: RunCli, tmp_path: Path) -> None:
     res = run_cli("collector", env={"PGFLEET_REPOSITORY": ""})
     assert res.rc == 1
     assert res.err.startswith("pgfleet: error: no repository configured")
@@ -104,7 +116,9 @@ def test_collector_command_line_errors(run_cli, tmp_path):
 # -- Collecting
 
 
-def test_collects_and_answers_the_cli(repo, run_cli, daemon, mon):
+def test_collects_and_answers_the_cli(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, mon: Cluster
+) -> None:
     """Servers at their own frequency, status/reload/snapshot --now, clean stop, no secrets."""
     mon.execute("DROP ROLE IF EXISTS watcher")
     mon.execute("CREATE ROLE watcher LOGIN PASSWORD 'hunter2-secret' IN ROLE pg_monitor")
@@ -159,7 +173,9 @@ def test_collects_and_answers_the_cli(repo, run_cli, daemon, mon):
     )
 
 
-def test_run_with_trace_logs_in_key_value_lines(repo, run_cli, daemon, mon):
+def test_run_with_trace_logs_in_key_value_lines(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, mon: Cluster
+) -> None:
     """'pgfleet run' is the collector; TRACE logs every value fetched; SIGINT stops it."""
     add(run_cli, "tr", mon, "--frequency", "1")
     d = daemon(repo, command="run", logging={"level": "trace", "format": "keyvalue"})
@@ -174,11 +190,14 @@ def test_run_with_trace_logs_in_key_value_lines(repo, run_cli, daemon, mon):
     assert any("postgres" in line for line in values)
     assert any(' msg="source fetched" ' in line and " rows=" in line for line in lines)
     d.signal(signal.SIGINT)
+    assert d.proc is not None
     assert d.proc.wait(15) == 0
     assert "signal=SIGINT" in d.text()
 
 
-def test_discovery_providers_and_reload(repo, run_cli, daemon, mon, tmp_path):
+def test_discovery_providers_and_reload(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, mon: Cluster, tmp_path: Path
+) -> None:
     """Static and file_sd servers, file changes picked up, SIGHUP reloads."""
     targets = tmp_path / "targets.json"
     targets.write_text(
@@ -212,7 +231,11 @@ def test_discovery_providers_and_reload(repo, run_cli, daemon, mon, tmp_path):
         },
     )
     for alias in ("st1", "f1", "f2", "y1"):
-        wait_until(lambda a=alias: snapshots(repo, a) >= 2, 20, f"snapshots of {alias}")
+
+        def collected(a: str = alias) -> bool:
+            return snapshots(repo, a) >= 2
+
+        wait_until(collected, 20, f"snapshots of {alias}")
     with connect(repo) as conn:
         providers = dict(conn.execute("SELECT alias, provider FROM pgfleet.servers").fetchall())
     assert providers == {
@@ -256,7 +279,9 @@ def test_discovery_providers_and_reload(repo, run_cli, daemon, mon, tmp_path):
     assert d.stop() == 0
 
 
-def test_monitored_server_stops_and_comes_back(repo, run_cli, daemon, new_cluster, mon):
+def test_monitored_server_stops_and_comes_back(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, new_cluster: NewCluster, mon: Cluster
+) -> None:
     """The daemon survives, records the error, and the next snapshot succeeds."""
     flaky = new_cluster("flaky")
     add(run_cli, "flaky", flaky, "--frequency", "1")
@@ -290,7 +315,9 @@ def test_monitored_server_stops_and_comes_back(repo, run_cli, daemon, new_cluste
     assert d.stop() == 0
 
 
-def test_hung_query_is_cancelled_on_the_server(repo, run_cli, daemon, new_cluster, mon):
+def test_hung_query_is_cancelled_on_the_server(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, new_cluster: NewCluster, mon: Cluster
+) -> None:
     """A source blocked by a lock times out server-side; other servers keep their pace."""
     locked = new_cluster("locked")
     locked.execute("CREATE TABLE busy (id int)")
@@ -311,7 +338,7 @@ def test_hung_query_is_cancelled_on_the_server(repo, run_cli, daemon, new_cluste
         sid = srvid(repo, "locked")
         wait_until(
             lambda: (
-                scalar(
+                scalar_int(
                     repo,
                     "SELECT count(*) FROM pgfleet.snapshot_errors WHERE srvid = %s AND source = 'pg_stat_user_tables'",
                     (sid,),
@@ -347,7 +374,9 @@ def test_hung_query_is_cancelled_on_the_server(repo, run_cli, daemon, new_cluste
     assert d.stop() == 0
 
 
-def test_repository_outage_loses_nothing(run_cli, daemon, new_cluster, mon):
+def test_repository_outage_loses_nothing(
+    run_cli: RunCli, daemon: DaemonFactory, new_cluster: NewCluster, mon: Cluster
+) -> None:
     """Snapshots taken while the repository is down are spooled, then stored in order."""
     repo_cluster = new_cluster("outage_repo")
     repo = repo_cluster.create_database("pgfleet")
@@ -409,7 +438,9 @@ def test_repository_outage_loses_nothing(run_cli, daemon, new_cluster, mon):
     assert d.stop() == 0
 
 
-def test_sigkill_mid_snapshot_leaves_no_partial_snapshot(repo, run_cli, daemon, mon):
+def test_sigkill_mid_snapshot_leaves_no_partial_snapshot(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, mon: Cluster
+) -> None:
     """Killed inside the store transaction: nothing of that snapshot is in the repository."""
     add(run_cli, "k1", mon, "--frequency", "1")
     d = daemon(repo, collector={"store_timeout": 60})
@@ -431,20 +462,23 @@ def test_sigkill_mid_snapshot_leaves_no_partial_snapshot(repo, run_cli, daemon, 
         with connect(repo) as conn:
             # Mid-snapshot indeed: its transaction has written metric rows.
             assert (
-                conn.execute(
+                one_row(
+                    conn,
                     """SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
                         WHERE a.application_name LIKE 'pgfleet collector %% (writer)' AND l.granted
                           AND l.relation = 'pgfleet.pg_stat_database_current'::regclass
-                          AND l.mode = 'RowExclusiveLock'"""
-                ).fetchone()[0]
+                          AND l.mode = 'RowExclusiveLock'""",
+                )[0]
                 == 1
             )
-            state = conn.execute(
-                "SELECT snapshots FROM pgfleet.snapshot_state WHERE srvid = %s", (sid,)
-            ).fetchone()[0]
-            current = conn.execute(
-                "SELECT count(*) FROM pgfleet.pg_stat_database_current WHERE srvid = %s", (sid,)
-            ).fetchone()[0]
+            state = one_row(
+                conn, "SELECT snapshots FROM pgfleet.snapshot_state WHERE srvid = %s", (sid,)
+            )[0]
+            current = one_row(
+                conn,
+                "SELECT count(*) FROM pgfleet.pg_stat_database_current WHERE srvid = %s",
+                (sid,),
+            )[0]
         d.kill()
         blocker.rollback()
     # The dead collector's transaction ends with its connection.
@@ -461,21 +495,23 @@ def test_sigkill_mid_snapshot_leaves_no_partial_snapshot(repo, run_cli, daemon, 
     )
     with connect(repo) as conn:
         assert (
-            conn.execute(
-                "SELECT snapshots FROM pgfleet.snapshot_state WHERE srvid = %s", (sid,)
-            ).fetchone()[0]
+            one_row(
+                conn,
+                "SELECT snapshots FROM pgfleet.snapshot_state WHERE srvid = %s",
+                (sid,),
+            )[0]
             == state
         )
         assert (
-            conn.execute(
-                "SELECT count(*) FROM pgfleet.pg_stat_database_current WHERE srvid = %s", (sid,)
-            ).fetchone()[0]
+            one_row(
+                conn,
+                "SELECT count(*) FROM pgfleet.pg_stat_database_current WHERE srvid = %s",
+                (sid,),
+            )[0]
             == current
         )
         for (module,) in conn.execute("SELECT module FROM pgfleet.metric_sources").fetchall():
-            assert (
-                conn.execute(f"SELECT count(*) FROM pgfleet.{module}_src_tmp").fetchone()[0] == 0
-            ), module
+            assert one_row(conn, f"SELECT count(*) FROM pgfleet.{module}_src_tmp")[0] == 0, module
     # Restarted, it carries on: same name, same leases, no errors.
     d.start()
     wait_until(lambda: snapshots(repo, "k1") >= state + 2, 20, "snapshots after the restart")
@@ -483,10 +519,12 @@ def test_sigkill_mid_snapshot_leaves_no_partial_snapshot(repo, run_cli, daemon, 
     assert d.stop() == 0
 
 
-def test_two_collectors_share_the_fleet_and_take_over(repo, run_cli, daemon, mon):
+def test_two_collectors_share_the_fleet_and_take_over(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, mon: Cluster
+) -> None:
     aliases = [f"m{i}" for i in range(4)]
-    for a in aliases:
-        add(run_cli, a, mon, "--frequency", "1")
+    for alias in aliases:
+        add(run_cli, alias, mon, "--frequency", "1")
     a = daemon(repo, name="a")
     wait_until(lambda: leases(repo) == {a.name: 4}, 15, "a to hold everything")
     b = daemon(repo, name="b")
@@ -530,7 +568,9 @@ def test_two_collectors_share_the_fleet_and_take_over(repo, run_cli, daemon, mon
     assert b.stop() == 0
 
 
-def test_command_channel_refuses_garbage(repo, run_cli, daemon, mon, repo_cluster):
+def test_command_channel_refuses_garbage(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, mon: Cluster, repo_cluster: Cluster
+) -> None:
     """Malformed or unauthorized commands get KO, never disturb the daemon; long answers arrive whole."""
     add(run_cli, "c1", mon, "--frequency", "1")
     # Enough servers for an answer longer than a NOTIFY payload; they would
@@ -543,7 +583,7 @@ def test_command_channel_refuses_garbage(repo, run_cli, daemon, mon, repo_cluste
     d = daemon(repo)
     wait_until(lambda: snapshots(repo, "c1") >= 1, 20, "a snapshot")
     wait_until(lambda: leases(repo) == {d.name: 61}, 10, "all servers held")
-    dbname = psycopg.conninfo.conninfo_to_dict(repo)["dbname"]
+    dbname = str(psycopg.conninfo.conninfo_to_dict(repo)["dbname"])
     for role in ("cmd_admin", "cmd_nobody"):
         repo_cluster.execute(f"DROP ROLE IF EXISTS {role}")
         repo_cluster.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
@@ -609,10 +649,11 @@ def test_command_channel_refuses_garbage(repo, run_cli, daemon, mon, repo_cluste
             c.execute("SELECT pgfleet.collector_command('WORKERS_STATUS t_answers')")
             got = answers(1)
             assert len(got) == 1 and got[0].startswith("WORKERS_STATUS OK @reply ")
-            body = c.execute(
+            body = one_row(
+                c,
                 "SELECT body FROM pgfleet.collector_replies WHERE id = %s",
                 (int(got[0].rsplit(" ", 1)[1]),),
-            ).fetchone()[0]
+            )[0]
             status = json.loads(body)
             assert len(status) == 61 and len(body.encode()) > 8000
             c.execute(
@@ -650,7 +691,7 @@ def test_command_channel_refuses_garbage(repo, run_cli, daemon, mon, repo_cluste
         repo_cluster.execute(f"DROP ROLE {role}")
 
 
-def test_summary_line_counts_since_the_last_one(tmp_path):
+def test_summary_line_counts_since_the_last_one(tmp_path: Path) -> None:
     import io
 
     from pgfleet import log

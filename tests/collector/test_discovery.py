@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,7 @@ from pgfleet.config import StaticServer
 from pgfleet.errors import ConfigError
 
 
-def test_targets():
+def test_targets() -> None:
     assert split_target("db1") == ("db1", 5432)
     assert split_target("db1.example:5433") == ("db1.example", 5433)
     assert split_target("[::1]:6432") == ("::1", 6432)
@@ -22,7 +23,7 @@ def test_targets():
             split_target(bad)
 
 
-def test_json_and_yaml(tmp_path):
+def test_json_and_yaml(tmp_path: Path) -> None:
     j = tmp_path / "a.json"
     j.write_text(
         json.dumps(
@@ -75,7 +76,7 @@ def test_json_and_yaml(tmp_path):
         ("[{", "invalid file_sd file"),
     ],
 )
-def test_invalid_files_are_named(tmp_path, content, message):
+def test_invalid_files_are_named(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "t.json"
     path.write_text(content)
     with pytest.raises(ConfigError) as exc:
@@ -86,7 +87,7 @@ def test_invalid_files_are_named(tmp_path, content, message):
     assert "\n" not in text
 
 
-def test_watch_keeps_the_last_good_targets(tmp_path):
+def test_watch_keeps_the_last_good_targets(tmp_path: Path) -> None:
     path = tmp_path / "t.json"
     path.write_text('[{"targets": ["h1"]}]')
     watch = FileWatch((str(tmp_path / "*.json"),))
@@ -103,7 +104,7 @@ def test_watch_keeps_the_last_good_targets(tmp_path):
     assert watch.poll() == ([], True)
 
 
-def test_static_servers_are_validated():
+def test_static_servers_are_validated() -> None:
     ok = from_static((StaticServer("s1", host="h", port=5433),), "cfg.toml")
     assert ok == [Target("s1", "h", 5433)]
     with pytest.raises(ConfigError) as exc:

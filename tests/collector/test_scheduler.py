@@ -8,7 +8,7 @@ import statistics
 from pgfleet.collector.scheduler import Backoff, Limiter, next_due, phase, slot_at_or_before, spread
 
 
-def test_phases_spread_a_fleet_over_the_period():
+def test_phases_spread_a_fleet_over_the_period() -> None:
     phases = [phase(f"db{i}", 60) for i in range(1000)]
     assert all(0 <= p < 60 for p in phases)
     # Roughly uniform: every 6-second tenth of the period gets its share.
@@ -18,7 +18,7 @@ def test_phases_spread_a_fleet_over_the_period():
     assert len({spread(f"db{i}", 10) for i in range(100)}) == 10
 
 
-def test_next_due_takes_a_late_snapshot_once():
+def test_next_due_takes_a_late_snapshot_once() -> None:
     f, off = 10.0, 3.0
     # No snapshot yet: the next slot ahead.
     assert next_due(100.0, None, f, off) == 103.0
@@ -30,7 +30,7 @@ def test_next_due_takes_a_late_snapshot_once():
     assert slot_at_or_before(148.0, f, off) == 143.0
 
 
-def test_backoff_grows_with_jitter_up_to_its_cap():
+def test_backoff_grows_with_jitter_up_to_its_cap() -> None:
     b = Backoff(cap=8)
     delays = [b.next() for _ in range(8)]
     assert 0.5 <= delays[0] <= 1
@@ -43,7 +43,7 @@ def test_backoff_grows_with_jitter_up_to_its_cap():
     assert statistics.pstdev(many) > 0.05
 
 
-def test_limiter_bounds_and_resizes():
+def test_limiter_bounds_and_resizes() -> None:
     async def main() -> list[int]:
         lim = Limiter(2)
         peak: list[int] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,7 @@ def staged(*rows: bytes) -> list[Staged]:
 INFO = ServerInfo(180000, False, frozenset({"pg_stat_statements"}), ("postgres", "app"))
 
 
-def test_round_trip_in_order_across_restarts(tmp_path):
+def test_round_trip_in_order_across_restarts(tmp_path: Path) -> None:
     spool = Spool(tmp_path, 10**6)
     spool.open()
     boom = Failure("src9", FailureKind.TIMEOUT, "boom")
@@ -53,7 +54,7 @@ def test_round_trip_in_order_across_restarts(tmp_path):
     assert not (tmp_path / a1.path.name).exists() and a2.path.exists()
 
 
-def test_full_spool_drops_the_oldest_and_counts(tmp_path):
+def test_full_spool_drops_the_oldest_and_counts(tmp_path: Path) -> None:
     spool = Spool(tmp_path, 2000)
     spool.open()
     big = b"x" * 600
@@ -72,7 +73,7 @@ def test_full_spool_drops_the_oldest_and_counts(tmp_path):
     assert oldest in spool
 
 
-def test_leftovers_and_lock(tmp_path):
+def test_leftovers_and_lock(tmp_path: Path) -> None:
     (tmp_path / ".tmp-0000000000000009-1.snap").write_bytes(b"half")
     (tmp_path / "0000000000000003-7.snap").write_bytes(b'{"truncated": true')
     spool = Spool(tmp_path, 10**6)

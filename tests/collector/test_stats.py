@@ -6,7 +6,7 @@ from pgfleet.collector.stats import BUCKETS, Stats
 from pgfleet.snapshot.model import Failure, FailureKind
 
 
-def test_counters_histograms_and_forget():
+def test_counters_histograms_and_forget() -> None:
     s = Stats()
     s.fail("db1", Failure("pg_stat_database", FailureKind.TIMEOUT, "timed out"))
     s.count("db1", "connection", "opened", 2)

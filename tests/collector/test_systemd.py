@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
+
+import pytest
 
 from pgfleet.collector import systemd
 
 
-def test_notify(tmp_path, monkeypatch):
+def test_notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind(str(path))
@@ -23,7 +26,7 @@ def test_notify(tmp_path, monkeypatch):
     assert not systemd.notify("READY=1")
 
 
-def test_abstract_socket_and_watchdog(monkeypatch):
+def test_abstract_socket_and_watchdog(monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind("\0pgfleet-test-notify")
         monkeypatch.setenv("NOTIFY_SOCKET", "@pgfleet-test-notify")

@@ -21,6 +21,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from pgfleet.datasources import Datasource, builtin
+from pgfleet.snapshot.fetch import qualify
 
 MONITOR = "pgfleet_ds_monitor"
 MONITOR_PASSWORD = "pgfleet-ds-monitor-secret"
@@ -47,8 +48,14 @@ class Target:
         return int(self.cluster.version_num)
 
     def monitor(self) -> psycopg.Connection[Any]:
+        """A session as the collector's: pg_monitor, search_path pinned to pg_catalog."""
         dsn = self.cluster.dsn(dbname=self.dbname, user=MONITOR, password=MONITOR_PASSWORD)
-        return psycopg.connect(dsn, autocommit=True, application_name="pgfleet-test")
+        return psycopg.connect(
+            dsn,
+            autocommit=True,
+            application_name="pgfleet-test",
+            options="-c search_path=pg_catalog,pg_temp",
+        )
 
     def superuser(self, primary: bool = False) -> psycopg.Connection[Any]:
         where = self.primary if primary else self.cluster
@@ -161,11 +168,22 @@ def _query_or_skip(ds: Datasource, t: Target) -> str:
     return query
 
 
+def _qualified(query: str, conn: psycopg.Connection[Any]) -> str:
+    """The source's SQL with its extensions' schemas, as the collector runs it."""
+    rows = conn.execute(
+        "SELECT e.extname::text, pg_catalog.quote_ident(n.nspname::text)"
+        " FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace"
+    ).fetchall()
+    resolved = qualify(query, {name: schema for name, schema in rows})
+    assert resolved is not None, "an extension the source needs is missing"
+    return resolved
+
+
 def _run(ds: Datasource, t: Target) -> list[dict[str, Any]]:
     """Run a source as the monitor role; return its rows as dicts."""
     query = _query_or_skip(ds, t)
     with t.monitor() as conn:
-        cur = conn.execute(query)
+        cur = conn.execute(_qualified(query, conn))
         assert cur.description is not None
         names = [c.name for c in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
@@ -177,6 +195,7 @@ def test_source_runs_as_pg_monitor(target: Target, module: str) -> None:
     query = _query_or_skip(ds, target)
 
     with target.monitor() as conn:
+        query = _qualified(query, conn)
         cur = conn.execute(query)
         assert cur.description is not None
         assert [c.name for c in cur.description] == ["ts", *(c.name for c in ds.columns)]

@@ -3,7 +3,6 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -13,9 +12,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from pgfleet.demo.cluster import Cluster
 from pgfleet.errors import ClusterError
-
-NewDatabase = Callable[[Cluster], str]
-NewCluster = Callable[..., Cluster]
+from tests.fix_clusters import NewCluster, NewDatabase
 
 _roles = itertools.count(1)
 

@@ -12,11 +12,13 @@ import re
 import pytest
 
 from pgfleet.datasources import builtin
+from pgfleet.demo.cluster import Cluster
 from pgfleet.repository import functions
+from tests.fix_clusters import NewDatabase
 from tests.fix_repository import connect, new_repository
 
 
-def test_functions_sql_is_current(pg18, new_database):
+def test_functions_sql_is_current(pg18: Cluster, new_database: NewDatabase) -> None:
     with connect(new_database(pg18)) as conn:
         dumped = functions.dump(conn)
     shipped = functions.FILE.read_text(encoding="utf-8") if functions.FILE.exists() else ""
@@ -34,7 +36,7 @@ def test_functions_sql_is_current(pg18, new_database):
         )
 
 
-def test_left_out_only_per_source_functions(pg18, new_database):
+def test_left_out_only_per_source_functions(pg18: Cluster, new_database: NewDatabase) -> None:
     """A repository holds the dumped functions, plus per-source ones the footer names."""
     text = functions.FILE.read_text(encoding="utf-8")
     dumped = set(re.findall(r"^CREATE OR REPLACE FUNCTION pgfleet\.(\w+)\(", text, re.M))

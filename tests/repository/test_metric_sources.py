@@ -6,7 +6,11 @@ entries, retention that drops whole partitions, index-driven series reads.
 
 from __future__ import annotations
 
-from tests.fix_repository import add_server, connect, scalar
+from psycopg.rows import TupleRow
+
+from pgfleet.demo.cluster import Cluster
+from tests.fix_clusters import NewDatabase
+from tests.fix_repository import RunCli, add_server, connect, one_row, scalar, scalar_int
 
 PGSS_CALLS = """
 SELECT coalesce(sum(c.calls), 0)
@@ -18,12 +22,15 @@ SELECT coalesce(sum(c.calls), 0)
 """
 
 
-def _setup(repo, run_cli, cluster, new_database, *extra):
+def _setup(
+    repo: str, run_cli: RunCli, cluster: Cluster, new_database: NewDatabase, *extra: str
+) -> tuple[str, int]:
     mon = new_database(cluster)
     with connect(mon) as conn:
         conn.execute("CREATE TABLE marker (id int)")
     add_server(run_cli, "m", mon, *extra)
     srvid = scalar(repo, "SELECT srvid FROM pgfleet.servers WHERE alias = 'm'")
+    assert isinstance(srvid, int)
     return mon, srvid
 
 
@@ -33,7 +40,9 @@ def _run_marker(mon: str, times: int) -> None:
             conn.execute("SELECT count(*) FROM marker")
 
 
-def test_counter_resets_never_go_negative(repo, run_cli, pg18, new_database):
+def test_counter_resets_never_go_negative(
+    repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase
+) -> None:
     mon, srvid = _setup(repo, run_cli, pg18, new_database)
     _run_marker(mon, 3)
     assert run_cli("snapshot", "m").rc == 0  # baseline
@@ -49,31 +58,36 @@ def test_counter_resets_never_go_negative(repo, run_cli, pg18, new_database):
 
     assert scalar(repo, PGSS_CALLS, (srvid, srvid)) == 16
     with connect(repo) as conn:
-        negatives = conn.execute(
+        negatives = one_row(
+            conn,
             """
             SELECT count(*) FROM pgfleet.pg_stat_statements_series(%s, now() - interval '1 day', now())
              WHERE calls < 0 OR total_exec_time < 0 OR rows < 0 OR shared_blks_hit < 0""",
             (srvid,),
-        ).fetchone()[0]
+        )[0]
         assert negatives == 0
-        negatives = conn.execute(
+        negatives = one_row(
+            conn,
             """
             SELECT count(*) FROM pgfleet.pg_stat_database_series(%s, now() - interval '1 day', now())
              WHERE xact_commit < 0 OR blks_hit < 0 OR tup_returned < 0""",
             (srvid,),
-        ).fetchone()[0]
+        )[0]
         assert negatives == 0
         # A rate over a range: transactions per second, never absurd.
-        rate = conn.execute(
+        rate = one_row(
+            conn,
             """
             SELECT sum(xact_commit) / 86400.0
               FROM pgfleet.pg_stat_database_series(%s, now() - interval '1 day', now())""",
             (srvid,),
-        ).fetchone()[0]
+        )[0]
         assert 0 < rate < 1
 
 
-def test_unchanged_entries_cost_nothing(repo, run_cli, pg18, new_database):
+def test_unchanged_entries_cost_nothing(
+    repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase
+) -> None:
     mon, srvid = _setup(repo, run_cli, pg18, new_database)
     _run_marker(mon, 1)
     assert run_cli("snapshot", "m").rc == 0
@@ -81,7 +95,7 @@ def test_unchanged_entries_cost_nothing(repo, run_cli, pg18, new_database):
     before = scalar(
         repo, "SELECT count(*) FROM pgfleet.settings_current WHERE srvid = %s", (srvid,)
     )
-    pgss_before = scalar(
+    pgss_before = scalar_int(
         repo, "SELECT count(*) FROM pgfleet.pg_stat_statements_current WHERE srvid = %s", (srvid,)
     )
     assert run_cli("snapshot", "m").rc == 0
@@ -92,11 +106,11 @@ def test_unchanged_entries_cost_nothing(repo, run_cli, pg18, new_database):
     )
     # Only the statements that ran since (the collector's own source queries
     # among them) wrote rows, not every known statement.
-    known = scalar(
+    known = scalar_int(
         repo, "SELECT count(*) FROM pgfleet.pg_stat_statements_last WHERE srvid = %s", (srvid,)
     )
     written = (
-        scalar(
+        scalar_int(
             repo,
             "SELECT count(*) FROM pgfleet.pg_stat_statements_current WHERE srvid = %s",
             (srvid,),
@@ -106,7 +120,9 @@ def test_unchanged_entries_cost_nothing(repo, run_cli, pg18, new_database):
     assert written < known / 2, (written, known)
 
 
-def test_settings_changes_over_time(repo, run_cli, pg18, new_database):
+def test_settings_changes_over_time(
+    repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase
+) -> None:
     mon, srvid = _setup(repo, run_cli, pg18, new_database)
     assert run_cli("snapshot", "m").rc == 0
     with connect(mon) as conn:
@@ -131,12 +147,14 @@ def test_settings_changes_over_time(repo, run_cli, pg18, new_database):
             conn.execute("SELECT pg_reload_conf()")
 
 
-def _all(dsn, query, params=()):
+def _all(dsn: str, query: str, params: tuple[object, ...] = ()) -> list[TupleRow]:
     with connect(dsn) as conn:
         return conn.execute(query, params).fetchall()
 
 
-def test_aggregate_then_purge_drops_partitions(repo, run_cli, pg18, new_database):
+def test_aggregate_then_purge_drops_partitions(
+    repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase
+) -> None:
     mon, srvid = _setup(repo, run_cli, pg18, new_database, "--coalesce", "2")
     for _ in range(2):
         _run_marker(mon, 2)
@@ -144,24 +162,29 @@ def test_aggregate_then_purge_drops_partitions(repo, run_cli, pg18, new_database
     with connect(repo) as conn:
         # Aggregated: current emptied into one history row per key.
         assert (
-            conn.execute(
-                "SELECT count(*) FROM pgfleet.pg_stat_database_current WHERE srvid = %s", (srvid,)
-            ).fetchone()[0]
+            one_row(
+                conn,
+                "SELECT count(*) FROM pgfleet.pg_stat_database_current WHERE srvid = %s",
+                (srvid,),
+            )[0]
             == 0
         )
         assert (
-            conn.execute(
-                "SELECT count(*) FROM pgfleet.pg_stat_database_history WHERE srvid = %s", (srvid,)
-            ).fetchone()[0]
+            one_row(
+                conn,
+                "SELECT count(*) FROM pgfleet.pg_stat_database_history WHERE srvid = %s",
+                (srvid,),
+            )[0]
             > 0
         )
         # The series reads history and current alike.
         assert (
-            conn.execute(
+            one_row(
+                conn,
                 "SELECT count(*) FROM pgfleet.pg_stat_database_series(%s, "
                 "now() - interval '1 hour', now())",
                 (srvid,),
-            ).fetchone()[0]
+            )[0]
             > 0
         )
         # An old day of data, as if collected 20 days ago.
@@ -175,24 +198,29 @@ def test_aggregate_then_purge_drops_partitions(repo, run_cli, pg18, new_database
                                 '{}')""",
             (srvid,),
         )
-        old_part = conn.execute("""
+        old_part = one_row(
+            conn,
+            """
             SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
              WHERE i.inhparent = 'pgfleet.pg_stat_database_history'::regclass
-             ORDER BY c.relname LIMIT 1""").fetchone()[0]
+             ORDER BY c.relname LIMIT 1""",
+        )[0]
         conn.execute("SELECT pgfleet.pg_stat_database_purge(%s)", (srvid,))
-        assert (
-            conn.execute("SELECT to_regclass('pgfleet.' || %s)", (old_part,)).fetchone()[0] is None
-        )
+        assert one_row(conn, "SELECT to_regclass('pgfleet.' || %s)", (old_part,))[0] is None
         # Recent data is untouched.
         assert (
-            conn.execute(
-                "SELECT count(*) FROM pgfleet.pg_stat_database_history WHERE srvid = %s", (srvid,)
-            ).fetchone()[0]
+            one_row(
+                conn,
+                "SELECT count(*) FROM pgfleet.pg_stat_database_history WHERE srvid = %s",
+                (srvid,),
+            )[0]
             > 0
         )
 
 
-def test_series_read_is_index_driven(repo, run_cli, pg18, new_database):
+def test_series_read_is_index_driven(
+    repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase
+) -> None:
     mon, srvid = _setup(repo, run_cli, pg18, new_database, "--coalesce", "1")
     _run_marker(mon, 1)
     assert run_cli("snapshot", "m").rc == 0
@@ -225,7 +253,7 @@ SELECT pgfleet.create_metric_source(
 """
 
 
-def test_rollups_written_by_the_snapshot(repo):
+def test_rollups_written_by_the_snapshot(repo: str) -> None:
     """Rollups (0004) come from the snapshot statement (0005), not a trigger,
     and say what the trigger said: counters summed per rollup key and
     snapshot, tombstones included; gauges summed over the live entries,
@@ -235,14 +263,15 @@ def test_rollups_written_by_the_snapshot(repo):
     with connect(repo) as conn:
         # Extending it again (as 0004 documents) brings no trigger back.
         conn.execute("SELECT pgfleet.metric_extend('rolltest')")
-        srvid = conn.execute(
-            "INSERT INTO pgfleet.servers (alias, host) VALUES ('r', 'h') RETURNING srvid"
-        ).fetchone()[0]
+        srvid = one_row(
+            conn, "INSERT INTO pgfleet.servers (alias, host) VALUES ('r', 'h') RETURNING srvid"
+        )[0]
         assert (
-            conn.execute(
+            one_row(
+                conn,
                 "SELECT count(*) FROM pg_trigger"
-                " WHERE tgrelid = 'pgfleet.rolltest_current'::regclass AND NOT tgisinternal"
-            ).fetchone()[0]
+                " WHERE tgrelid = 'pgfleet.rolltest_current'::regclass AND NOT tgisinternal",
+            )[0]
             == 0
         )
         conn.execute(
@@ -259,7 +288,7 @@ def test_rollups_written_by_the_snapshot(repo):
     ]
     for i, rows in enumerate(snapshots):
         with connect(repo) as conn, conn.transaction():
-            ts = conn.execute("SELECT now() + make_interval(mins => %s)", (i,)).fetchone()[0]
+            ts = one_row(conn, "SELECT now() + make_interval(mins => %s)", (i,))[0]
             for db, id_, c, g in rows:
                 conn.execute(
                     "INSERT INTO public.rolltest_src_tmp VALUES (%s, %s, %s, %s, %s, %s)",
@@ -268,7 +297,7 @@ def test_rollups_written_by_the_snapshot(repo):
             conn.execute("SELECT pgfleet.take_snapshot(%s, '{rolltest}')", (srvid,))
             conn.execute("TRUNCATE public.rolltest_src_tmp")
         with connect(repo) as conn:
-            assert conn.execute("SELECT count(*) FROM pgfleet.snapshot_errors").fetchone()[0] == 0
+            assert one_row(conn, "SELECT count(*) FROM pgfleet.snapshot_errors")[0] == 0
             # Counters: per database and snapshot, the rows written.
             summed = conn.execute(
                 """SELECT db, ts, coalesce(sum(c), 0) FROM pgfleet.rolltest_rollup
@@ -296,9 +325,10 @@ def test_rollups_written_by_the_snapshot(repo):
                 assert gauges == live, i
             # The 30-day-old row went at the first snapshot (retention 7 days).
             assert (
-                conn.execute(
-                    "SELECT count(*) FROM pgfleet.rolltest_rollup WHERE ts < now() - interval '1 day'"
-                ).fetchone()[0]
+                one_row(
+                    conn,
+                    "SELECT count(*) FROM pgfleet.rolltest_rollup WHERE ts < now() - interval '1 day'",
+                )[0]
                 == 0
             )
     with connect(repo) as conn:
@@ -321,14 +351,16 @@ def test_rollups_written_by_the_snapshot(repo):
         ).fetchall() == [("a", 1), ("b", 3)]
         # Nothing changed at the 4th and 5th snapshots: no rollup row either.
         assert (
-            conn.execute(
-                "SELECT count(DISTINCT ts) FROM pgfleet.rolltest_rollup WHERE srvid = %s", (srvid,)
-            ).fetchone()[0]
+            one_row(
+                conn,
+                "SELECT count(DISTINCT ts) FROM pgfleet.rolltest_rollup WHERE srvid = %s",
+                (srvid,),
+            )[0]
             == 3
         )
 
 
-def test_user_query_source_is_called(repo):
+def test_user_query_source_is_called(repo: str) -> None:
     """A user's query_source function decides what a snapshot stores, even
     when it is not a plain read of its transient table: the snapshot
     function reads the staged rows through it, never around it."""
@@ -344,9 +376,9 @@ def test_user_query_source_is_called(repo):
                    'doubled', 'public.doubled_src', _keys => '{k}', _counters => '{c}',
                    _deltas => '{}', _gauges => '{}', _onces => '{}');"""
         )
-        srvid = conn.execute(
-            "INSERT INTO pgfleet.servers (alias, host) VALUES ('d', 'h') RETURNING srvid"
-        ).fetchone()[0]
+        srvid = one_row(
+            conn, "INSERT INTO pgfleet.servers (alias, host) VALUES ('d', 'h') RETURNING srvid"
+        )[0]
     for c in (5, 8):
         with connect(repo) as conn, conn.transaction():
             conn.execute(
@@ -355,7 +387,7 @@ def test_user_query_source_is_called(repo):
             conn.execute("SELECT pgfleet.take_snapshot(%s, '{doubled}')", (srvid,))
             conn.execute("TRUNCATE public.doubled_src_tmp")
     with connect(repo) as conn:
-        assert conn.execute("SELECT count(*) FROM pgfleet.snapshot_errors").fetchone()[0] == 0
+        assert one_row(conn, "SELECT count(*) FROM pgfleet.snapshot_errors")[0] == 0
         assert conn.execute(
             "SELECT k, c FROM pgfleet.doubled_last WHERE srvid = %s", (srvid,)
         ).fetchall() == [("X", 16)]

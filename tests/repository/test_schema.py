@@ -8,12 +8,14 @@ import psycopg
 import pytest
 
 from pgfleet.datasources import builtin
+from pgfleet.demo.cluster import Cluster
 from pgfleet.errors import RepositoryError
 from pgfleet.repository import schema
-from tests.fix_repository import connect, scalar
+from tests.fix_clusters import NewDatabase
+from tests.fix_repository import RunCli, connect, scalar, scalar_int
 
 
-def test_init_is_idempotent(run_cli, repo):
+def test_init_is_idempotent(run_cli: RunCli, repo: str) -> None:
     res = run_cli("repo", "init")
     assert res.rc == 0, res.err
     assert f"already at schema version {schema.latest_version()}" in res.out
@@ -21,7 +23,9 @@ def test_init_is_idempotent(run_cli, repo):
     assert res.rc == 0 and "up to date" in res.out
 
 
-def test_upgrade_keeps_collected_data(pg18, new_database, monitored, run_cli):
+def test_upgrade_keeps_collected_data(
+    pg18: Cluster, new_database: NewDatabase, monitored: Cluster, run_cli: RunCli
+) -> None:
     """An old repository holding data is upgraded in place; nothing is lost."""
     dsn = new_database(pg18)
     first = schema.migrations()[0]
@@ -72,25 +76,25 @@ def test_upgrade_keeps_collected_data(pg18, new_database, monitored, run_cli):
             "add",
             "mon",
             "--host",
-            p["host"],
+            str(p["host"]),
             "--port",
             str(p["port"]),
             "--user",
             "postgres",
             "--dbname",
-            p["dbname"],
+            str(p["dbname"]),
             env=add_server_env,
         ).rc
         == 0
     )
     assert run_cli("snapshot", "mon", env=add_server_env).rc == 0
-    before = scalar(dsn, "SELECT count(*) FROM pgfleet.pg_stat_database_current")
+    before = scalar_int(dsn, "SELECT count(*) FROM pgfleet.pg_stat_database_current")
     assert before and before > 0
     assert run_cli("repo", "upgrade", env=add_server_env).rc == 0
     assert scalar(dsn, "SELECT count(*) FROM pgfleet.pg_stat_database_current") == before
 
 
-def test_concurrent_upgrades_serialise(pg18, new_database):
+def test_concurrent_upgrades_serialise(pg18: Cluster, new_database: NewDatabase) -> None:
     dsn = new_database(pg18)
     errors: list[BaseException] = []
 
@@ -110,7 +114,7 @@ def test_concurrent_upgrades_serialise(pg18, new_database):
     assert scalar(dsn, "SELECT count(*) FROM pgfleet.schema_migrations") == len(schema.migrations())
 
 
-def test_newer_repository_is_refused(repo):
+def test_newer_repository_is_refused(repo: str) -> None:
     with connect(repo) as conn:
         conn.execute("INSERT INTO pgfleet.schema_migrations VALUES (9999, 'future')")
         with pytest.raises(RepositoryError, match="newer than this pgfleet"):
@@ -119,7 +123,9 @@ def test_newer_repository_is_refused(repo):
             schema.require_current(conn)
 
 
-def test_uninitialised_repository_is_named(pg18, new_database, run_cli):
+def test_uninitialised_repository_is_named(
+    pg18: Cluster, new_database: NewDatabase, run_cli: RunCli
+) -> None:
     dsn = new_database(pg18)
     res = run_cli("server", "list", env={"PGFLEET_REPOSITORY": dsn})
     assert res.rc == 1
@@ -135,7 +141,13 @@ def _toasted(dsn: str, table: str) -> bool:
     )
 
 
-def test_upgrade_to_inline_rollups(pg18, new_database, monitored, run_cli, monkeypatch):
+def test_upgrade_to_inline_rollups(
+    pg18: Cluster,
+    new_database: NewDatabase,
+    monitored: Cluster,
+    run_cli: RunCli,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """0005 in place: the rollup triggers go, the snapshot functions are made
     again, transient tables of short rows lose their TOAST table, and the
     data collected before stays and keeps growing."""
@@ -156,14 +168,14 @@ def test_upgrade_to_inline_rollups(pg18, new_database, monitored, run_cli, monke
         )
     assert _toasted(dsn, "pgfleet.pg_stat_activity_src_tmp")
     trigger = "SELECT count(*) FROM pg_trigger WHERE tgname = 'rollup_add'"
-    assert scalar(dsn, trigger) > 0
+    assert scalar_int(dsn, trigger) > 0
     p = psycopg.conninfo.conninfo_to_dict(new_database(monitored))
     args = ["--host", str(p["host"]), "--port", str(p["port"]), "--dbname", str(p["dbname"])]
     assert run_cli("server", "add", "mon", "--user", "postgres", *args, env=env).rc == 0
     assert run_cli("snapshot", "mon", env=env).rc == 0
     assert run_cli("snapshot", "mon", env=env).rc == 0
     snapshots = "SELECT count(DISTINCT ts) FROM pgfleet.pg_stat_database_current"
-    before = scalar(dsn, "SELECT count(*) FROM pgfleet.pg_stat_statements_rollup")
+    before = scalar_int(dsn, "SELECT count(*) FROM pgfleet.pg_stat_statements_rollup")
     assert before and before > 0
 
     monkeypatch.setattr(schema, "migrations", lambda: [m for m in every() if m.version <= 5])
@@ -185,5 +197,5 @@ def test_upgrade_to_inline_rollups(pg18, new_database, monitored, run_cli, monke
     assert run_cli("snapshot", "mon", env=env).rc == 0
     assert scalar(dsn, snapshots) == 3
     # The third snapshot's rollups, written without the trigger.
-    assert scalar(dsn, "SELECT count(*) FROM pgfleet.pg_stat_statements_rollup") > before
+    assert scalar_int(dsn, "SELECT count(*) FROM pgfleet.pg_stat_statements_rollup") > before
     assert scalar(dsn, "SELECT count(*) FROM pgfleet.snapshot_errors") == 0

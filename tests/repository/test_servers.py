@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
-from tests.fix_repository import add_server, connect, scalar
+from pgfleet.demo.cluster import Cluster
+from tests.fix_clusters import NewDatabase
+from tests.fix_repository import RunCli, add_server, connect, one_row, scalar
 
 
-def test_add_list_update_remove(run_cli):
+def test_add_list_update_remove(run_cli: RunCli) -> None:
     res = run_cli("server", "add", "db1", "--host", "db1.example", "--port", "6432",
                   "--user", "monitor", "--password-ref", "env:DB1_PW", "--frequency", "60",
                   "--retention", "3d", "--options", "sslmode=require")
@@ -34,7 +36,9 @@ def test_add_list_update_remove(run_cli):
     assert json.loads(run_cli("server", "list", "--json").out) == []
 
 
-def test_remove_purge_deletes_collected_data(repo, run_cli, pg18, new_database):
+def test_remove_purge_deletes_collected_data(
+    repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase
+) -> None:
     mon = new_database(pg18)
     add_server(run_cli, "gone", mon)
     add_server(run_cli, "kept", mon)
@@ -46,16 +50,18 @@ def test_remove_purge_deletes_collected_data(repo, run_cli, pg18, new_database):
     with connect(repo) as conn:
         for (module,) in conn.execute("SELECT module FROM pgfleet.metric_sources").fetchall():
             for part in ("last", "current"):
-                assert conn.execute(
+                assert one_row(
+                    conn,
                     f"SELECT count(*) FROM pgfleet.{module}_{part} WHERE srvid = %s", (gone,)
-                ).fetchone()[0] == 0
+                )[0] == 0
         # The other server's data is untouched.
-        assert conn.execute(
+        assert one_row(
+            conn,
             "SELECT count(*) FROM pgfleet.pg_stat_database_current c JOIN pgfleet.servers s "
-            "USING (srvid) WHERE s.alias = 'kept'").fetchone()[0] > 0
+            "USING (srvid) WHERE s.alias = 'kept'")[0] > 0
 
 
-def test_passwords_are_refused(run_cli):
+def test_passwords_are_refused(run_cli: RunCli) -> None:
     res = run_cli("server", "add", "x", "--password-ref", "hunter2")
     assert res.rc == 1
     assert "passwords are never stored in the repository" in res.err
@@ -64,7 +70,7 @@ def test_passwords_are_refused(run_cli):
     assert "hunter2" not in res.err
 
 
-def test_local_server_cannot_be_removed(run_cli):
+def test_local_server_cannot_be_removed(run_cli: RunCli) -> None:
     res = run_cli("server", "remove", "local")
     assert res.rc == 1
     assert "cannot be removed" in res.err

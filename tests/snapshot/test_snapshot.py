@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -11,11 +12,13 @@ from psycopg.conninfo import conninfo_to_dict
 
 from pgfleet.config import CollectorConfig
 from pgfleet.datasources import builtin
+from pgfleet.demo.cluster import Cluster
 from pgfleet.repository import servers
 from pgfleet.snapshot.fetch import ServerSession
 from pgfleet.snapshot.model import FailureKind, SnapshotResult
 from pgfleet.snapshot.stream import snapshot_remote
-from tests.fix_repository import add_server, connect, scalar
+from tests.fix_clusters import NewCluster, NewDatabase
+from tests.fix_repository import RunCli, add_server, connect, one_row, scalar, scalar_int
 
 
 def _srvid(repo: str, alias: str) -> int:
@@ -30,7 +33,9 @@ def _monitor_role(dsn: str, name: str, password: str) -> None:
         conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}' IN ROLE pg_monitor")
 
 
-def test_every_builtin_source_as_pg_monitor(repo, run_cli, monitored, new_database):
+def test_every_builtin_source_as_pg_monitor(
+    repo: str, run_cli: RunCli, monitored: Cluster, new_database: NewDatabase
+) -> None:
     """A pg_monitor role is enough: every applicable source is stored, no errors."""
     mon = new_database(monitored)
     with connect(mon) as conn:
@@ -66,11 +71,12 @@ def test_every_builtin_source_as_pg_monitor(repo, run_cli, monitored, new_databa
     with connect(repo) as conn:
         # Per-database sources reached the test database.
         assert (
-            conn.execute(
+            one_row(
+                conn,
                 "SELECT count(*) FROM pgfleet.pg_stat_user_tables_last"
                 " WHERE srvid = %s AND datname = %s AND relname = 't'",
                 (srvid, conninfo_to_dict(mon)["dbname"]),
-            ).fetchone()[0]
+            )[0]
             == 1
         )
         # The statement's calls since the first snapshot are a delta of 5.
@@ -84,12 +90,13 @@ def test_every_builtin_source_as_pg_monitor(repo, run_cli, monitored, new_databa
         ).fetchall()
         assert rows[-1] == (5,)
         # Query texts are stored once per query, not per snapshot.
-        assert conn.execute(
+        assert one_row(
+            conn,
             """
             SELECT count(*) = count(DISTINCT (datname, rolname, toplevel, queryid))
               FROM pgfleet.pg_stat_statements_once WHERE srvid = %s""",
             (srvid,),
-        ).fetchone()[0]
+        )[0]
         assert scalar(repo, "SELECT count(*) FROM pgfleet.snapshot_errors") == 0
         assert conn.execute(
             "SELECT server_version_num, in_recovery FROM pgfleet.snapshot_state WHERE srvid = %s",
@@ -97,7 +104,9 @@ def test_every_builtin_source_as_pg_monitor(repo, run_cli, monitored, new_databa
         ).fetchone() == (monitored.version_num, False)
 
 
-def test_standby_skips_what_does_not_apply(repo, run_cli, pg15, pg15_standby):
+def test_standby_skips_what_does_not_apply(
+    repo: str, run_cli: RunCli, pg15: Cluster, pg15_standby: Cluster
+) -> None:
     add_server(run_cli, "standby", pg15_standby.dsn())
     res = run_cli("snapshot", "standby", "--json")
     assert res.rc == 0, res.err
@@ -115,26 +124,29 @@ def test_standby_skips_what_does_not_apply(repo, run_cli, pg15, pg15_standby):
     )
 
 
-def test_local_snapshot(repo, run_cli):
+def test_local_snapshot(repo: str, run_cli: RunCli) -> None:
     res = run_cli("snapshot", "--local", "--json")
     assert res.rc == 0, res.err
     result = json.loads(res.out)
     assert "pg_stat_database" in result["stored"]
-    assert scalar(repo, "SELECT count(*) FROM pgfleet.pg_stat_database_current WHERE srvid = 0") > 0
+    assert (
+        scalar_int(repo, "SELECT count(*) FROM pgfleet.pg_stat_database_current WHERE srvid = 0")
+        > 0
+    )
 
 
 def _nothing_written(repo: str, srvid: int) -> None:
     with connect(repo) as conn:
         for (module,) in conn.execute("SELECT module FROM pgfleet.metric_sources").fetchall():
-            n = conn.execute(
-                f"SELECT count(*) FROM pgfleet.{module}_current WHERE srvid = %s", (srvid,)
-            ).fetchone()[0]
+            n = one_row(
+                conn, f"SELECT count(*) FROM pgfleet.{module}_current WHERE srvid = %s", (srvid,)
+            )[0]
             assert n == 0, module
-            n = conn.execute(f"SELECT count(*) FROM pgfleet.{module}_src_tmp").fetchone()[0]
+            n = one_row(conn, f"SELECT count(*) FROM pgfleet.{module}_src_tmp")[0]
             assert n == 0, module
 
 
-def test_unreachable_server(repo, run_cli):
+def test_unreachable_server(repo: str, run_cli: RunCli) -> None:
     assert run_cli("server", "add", "gone", "--host", "127.0.0.1", "--port", "1").rc == 0
     res = run_cli("snapshot", "gone")
     assert res.rc == 1
@@ -151,7 +163,9 @@ def test_unreachable_server(repo, run_cli):
     )
 
 
-def test_wrong_password_never_echoed(repo, run_cli, pg18, new_database):
+def test_wrong_password_never_echoed(
+    repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase
+) -> None:
     mon = new_database(pg18)
     _monitor_role(mon, "pwtest", "right-one")
     add_server(run_cli, "pw", mon, "--password-ref", "env:PW")
@@ -170,7 +184,9 @@ def test_wrong_password_never_echoed(repo, run_cli, pg18, new_database):
     assert "wrong-one" not in str(scalar(repo, "SELECT array_agg(s::text) FROM pgfleet.servers s"))
 
 
-def test_missing_extension_is_skipped_by_name(repo, run_cli, pg18, new_database):
+def test_missing_extension_is_skipped_by_name(
+    repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase
+) -> None:
     mon = new_database(pg18)
     with connect(mon) as conn:
         conn.execute("DROP EXTENSION IF EXISTS pg_stat_statements")
@@ -180,7 +196,9 @@ def test_missing_extension_is_skipped_by_name(repo, run_cli, pg18, new_database)
     assert "pg_stat_statements (extension pg_stat_statements is not installed)" in res.out
 
 
-def test_missing_privilege_fails_only_that_source(repo, run_cli, pg18, new_database):
+def test_missing_privilege_fails_only_that_source(
+    repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase
+) -> None:
     """Without pg_monitor, what PostgreSQL refuses is one recorded error per source."""
     mon = new_database(pg18)
     with connect(mon) as conn:
@@ -207,7 +225,7 @@ def test_missing_privilege_fails_only_that_source(repo, run_cli, pg18, new_datab
         ("[collector\n", "invalid configuration"),
     ],
 )
-def test_invalid_config_file(run_cli, tmp_path, content, message):
+def test_invalid_config_file(run_cli: RunCli, tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "pgfleet.toml"
     path.write_text(content)
     res = run_cli("-c", str(path), "server", "list")
@@ -217,7 +235,7 @@ def test_invalid_config_file(run_cli, tmp_path, content, message):
     assert str(path) in res.err
 
 
-def test_invalid_arguments(run_cli):
+def test_invalid_arguments(run_cli: RunCli) -> None:
     res = run_cli("server", "add", "x", "--port", "70000")
     assert res.rc == 2
     assert "invalid port 70000" in res.err
@@ -231,7 +249,9 @@ def test_invalid_arguments(run_cli):
     assert res.err.strip() == "pgfleet: error: no server named 'nope' (see 'pgfleet server list')"
 
 
-def test_unreachable_database_loses_only_its_rows(repo, run_cli, new_cluster):
+def test_unreachable_database_loses_only_its_rows(
+    repo: str, run_cli: RunCli, new_cluster: NewCluster
+) -> None:
     """Per-database sources of a database the role may not connect to record
     that; the cluster-wide sources, which run on another database's
     connection when there is one, fall back to the main connection."""
@@ -267,7 +287,8 @@ def test_unreachable_database_loses_only_its_rows(repo, run_cli, new_cluster):
         (srvid,),
     ) == ["app"]
     assert (
-        scalar(repo, "SELECT count(*) FROM pgfleet.settings_last WHERE srvid = %s", (srvid,)) > 100
+        scalar_int(repo, "SELECT count(*) FROM pgfleet.settings_last WHERE srvid = %s", (srvid,))
+        > 100
     )
 
 
@@ -285,7 +306,9 @@ async def _snapshots(repo: str, alias: str, n: int, **kwargs: float) -> list[Sna
     return out
 
 
-def test_unchanged_sources_are_not_staged_again(repo, pg18, new_database, run_cli):
+def test_unchanged_sources_are_not_staged_again(
+    repo: str, pg18: Cluster, new_database: NewDatabase, run_cli: RunCli
+) -> None:
     """A built-in source whose rows did not change since the previous snapshot
     this process stored is left out (it would write nothing), and still
     reported stored; a change, or a snapshot stored by someone else in
@@ -304,7 +327,7 @@ def test_unchanged_sources_are_not_staged_again(repo, pg18, new_database, run_cl
     assert set(second.unchanged) <= set(second.stored)
     assert second.failures == []
     settings_rows = "SELECT count(*) FROM pgfleet.settings_current WHERE srvid = %s"
-    before = scalar(repo, settings_rows, (srvid,))
+    before = scalar_int(repo, settings_rows, (srvid,))
     with connect(mon) as conn:
         conn.execute("ALTER SYSTEM SET work_mem = '5MB'")
         conn.execute("SELECT pg_reload_conf()")
@@ -329,7 +352,7 @@ def test_unchanged_sources_are_not_staged_again(repo, pg18, new_database, run_cl
     # Each source's transient table is empty, left out or not.
     with connect(repo) as conn:
         for (module,) in conn.execute("SELECT module FROM pgfleet.metric_sources").fetchall():
-            assert conn.execute(f"SELECT count(*) FROM pgfleet.{module}_src_tmp").fetchone()[0] == 0
+            assert one_row(conn, f"SELECT count(*) FROM pgfleet.{module}_src_tmp")[0] == 0
 
 
 _PROBE_CALLS = """
@@ -340,7 +363,9 @@ SELECT sum(c.calls) FROM pgfleet.pg_stat_statements_current c
 
 
 @pytest.mark.parametrize("how", ["streamed", "given up", "lock taken"])
-def test_streamed_snapshot_stores_every_row(repo, pg18, new_database, run_cli, how):
+def test_streamed_snapshot_stores_every_row(
+    repo: str, pg18: Cluster, new_database: NewDatabase, run_cli: RunCli, how: str
+) -> None:
     """pg_stat_statements' rows go into the repository while the server sends
     them when the snapshot lock is free; when it is not, or the server takes
     longer than the lock may be held, the snapshot is stored from the spools.
@@ -384,7 +409,9 @@ def test_streamed_snapshot_stores_every_row(repo, pg18, new_database, run_cli, h
     assert scalar(repo, "SELECT count(*) FROM pgfleet.pg_stat_statements_src_tmp") == 0
 
 
-def test_failing_streamed_source_loses_only_itself(repo, pg18, new_database, run_cli):
+def test_failing_streamed_source_loses_only_itself(
+    repo: str, pg18: Cluster, new_database: NewDatabase, run_cli: RunCli
+) -> None:
     """pg_stat_statements at a version the source's SQL does not fit fails on
     the server while its rows were being streamed: none of them stays, the
     failure is recorded, and every other source is stored."""

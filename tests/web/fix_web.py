@@ -9,14 +9,17 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import uvicorn
 from psycopg import sql
 
 from pgfleet.config import Config, RepositoryConfig, WebConfig
+from pgfleet.demo.cluster import Cluster
 from pgfleet.web.app import create_app
-from tests.fix_repository import add_server, connect, scalar
+from tests.fix_clusters import NewDatabase
+from tests.fix_repository import RunCli, add_server, connect, scalar
 
 # Names a monitored server may return: they must come out as text, never markup.
 HOSTILE_DB = '<img src=x onerror="window.__pwned=1">db'
@@ -44,7 +47,7 @@ def _load(dsn: str, n: int) -> None:
 
 
 @pytest.fixture
-def fleet(repo, run_cli, pg18, new_database) -> Fleet:
+def fleet(repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase) -> Fleet:
     """A server 'mon' snapshotted 4 times under a little load, a hostile database
     name and query text in it; a reader and an admin role on the repository."""
     mon = new_database(pg18)
@@ -53,9 +56,9 @@ def fleet(repo, run_cli, pg18, new_database) -> Fleet:
         conn.execute("INSERT INTO work SELECT g, 'v' FROM generate_series(1, 500) g")
         conn.execute("CREATE INDEX ON work (v)")
     with connect(pg18.dsn()) as conn:
-        name = sql.Identifier(HOSTILE_DB)
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(name))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(name))
+        hostile = sql.Identifier(HOSTILE_DB)
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(hostile))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(hostile))
         # The cluster is shared by the whole session: start from no
         # statements so this fixture's load is the server's top workload.
         conn.execute("SELECT pg_stat_statements_reset()")
@@ -76,8 +79,9 @@ def fleet(repo, run_cli, pg18, new_database) -> Fleet:
     return Fleet(repo, srvid, mon, reader, admin)
 
 
-def web_config(repo: str, **web: object) -> Config:
-    return Config(repository=RepositoryConfig(dsn=repo), web=WebConfig(token=TOKEN, **web))  # type: ignore[arg-type]
+def web_config(repo: str, **web: Any) -> Config:
+    """`web` holds `WebConfig` fields."""
+    return Config(repository=RepositoryConfig(dsn=repo), web=WebConfig(token=TOKEN, **web))
 
 
 @contextlib.contextmanager

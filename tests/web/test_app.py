@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import httpx
 
 from pgfleet.web.app import create_app
 from pgfleet.web.render import tilde_decode, tilde_encode
-from tests.web.fix_web import HOSTILE_COMMENT, HOSTILE_DB, TOKEN, web_config
+from tests.web.fix_web import HOSTILE_COMMENT, HOSTILE_DB, TOKEN, Fleet, web_config
+
+T = TypeVar("T")
 
 
-def run(fleet, fn: Callable[[httpx.AsyncClient], Any], **web: object) -> Any:
-    async def main() -> Any:
+def run(fleet: Fleet, fn: Callable[[httpx.AsyncClient], Awaitable[T]], **web: object) -> T:
+    async def main() -> T:
         app = create_app(web_config(fleet.repo, **web))
         transport = httpx.ASGITransport(app=app)
         async with (
@@ -35,14 +37,14 @@ async def login(client: httpx.AsyncClient, user: str, password: str) -> httpx.Re
     )
 
 
-def test_tilde_encoding_roundtrips():
+def test_tilde_encoding_roundtrips() -> None:
     for name in ["app", "a.json", "a/b", "~x y", HOSTILE_DB, "é"]:
         enc = tilde_encode(name)
         assert "/" not in enc and "." not in enc
         assert tilde_decode(enc) == name
 
 
-def test_login_required_and_checked_by_postgres(fleet):
+def test_login_required_and_checked_by_postgres(fleet: Fleet) -> None:
     async def go(c: httpx.AsyncClient) -> None:
         r = await c.get("/fleet")
         assert r.status_code == 303 and r.headers["location"].startswith("/login?next=")
@@ -64,7 +66,7 @@ def test_login_required_and_checked_by_postgres(fleet):
     run(fleet, go)
 
 
-def test_a_role_without_grants_cannot_log_in(fleet):
+def test_a_role_without_grants_cannot_log_in(fleet: Fleet) -> None:
     from tests.fix_repository import connect
 
     with connect(fleet.repo) as conn:
@@ -79,7 +81,7 @@ def test_a_role_without_grants_cannot_log_in(fleet):
     run(fleet, go)
 
 
-def test_every_page_has_a_json_twin(fleet):
+def test_every_page_has_a_json_twin(fleet: Fleet) -> None:
     async def go(c: httpx.AsyncClient) -> None:
         h = {"Authorization": f"Bearer {TOKEN}"}
         srv = f"/server/{fleet.srvid}"
@@ -124,8 +126,8 @@ def test_every_page_has_a_json_twin(fleet):
             await c.get(f"{srv}/query/{work['queryid']}.json?db={work['datname']}", headers=h)
         ).json()
         assert "FROM work WHERE id <" in q["query"]
-        calls = next(ch for ch in q["charts"] if ch["id"] == "calls")
-        assert sum(v or 0 for v in calls["series"][0]["values"]) > 0
+        calls_chart = next(ch for ch in q["charts"] if ch["id"] == "calls")
+        assert sum(v or 0 for v in calls_chart["series"][0]["values"]) > 0
 
         col = (await c.get("/collector.json", headers=h)).json()
         assert col["can_command"] is False and not col["live"]["available"]
@@ -145,7 +147,7 @@ def test_every_page_has_a_json_twin(fleet):
     run(fleet, go)
 
 
-def test_what_servers_return_renders_as_text(fleet):
+def test_what_servers_return_renders_as_text(fleet: Fleet) -> None:
     async def go(c: httpx.AsyncClient) -> None:
         await login(c, fleet.reader[0], fleet.reader[1])
         srv = f"/server/{fleet.srvid}"
@@ -164,7 +166,7 @@ def test_what_servers_return_renders_as_text(fleet):
     run(fleet, go)
 
 
-def hostile_query(fleet) -> tuple[int, str]:
+def hostile_query(fleet: Fleet) -> tuple[int, str]:
     from tests.fix_repository import connect
 
     with connect(fleet.repo) as conn:
@@ -177,7 +179,7 @@ def hostile_query(fleet) -> tuple[int, str]:
     return int(row[0]), str(row[1])
 
 
-def test_login_never_redirects_elsewhere(fleet):
+def test_login_never_redirects_elsewhere(fleet: Fleet) -> None:
     async def go(c: httpx.AsyncClient) -> None:
         for target in ["//evil.example/", "https://evil.example/", "/\\evil"]:
             page = await c.get("/login")
@@ -188,7 +190,7 @@ def test_login_never_redirects_elsewhere(fleet):
     run(fleet, go)
 
 
-def test_collector_commands_need_an_admin(fleet):
+def test_collector_commands_need_an_admin(fleet: Fleet) -> None:
     async def go(c: httpx.AsyncClient) -> None:
         await login(c, fleet.admin[0], fleet.admin[1])
         data = (await c.get("/collector.json")).json()

@@ -8,12 +8,17 @@ Screenshots go to test-artifacts/web/.  Needs Debian's chromium (installed by
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from pgfleet.web.render import tilde_encode
-from tests.web.fix_web import HOSTILE_COMMENT, HOSTILE_DB, serving, web_config
+from tests.web.fix_web import HOSTILE_COMMENT, HOSTILE_DB, Fleet, serving, web_config
+
+if TYPE_CHECKING:  # imported when the tests run, if it is installed (see `browser`)
+    from playwright.sync_api import Browser, Page
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -26,7 +31,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def browser():
+def browser() -> Iterator[Browser]:
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -34,13 +39,13 @@ def browser():
         b.close()
 
 
-def _charts_drawn(page) -> int:
+def _charts_drawn(page: Page) -> int:
     # Not wait_for_function: it evaluates a string, which our CSP forbids.
     page.wait_for_selector("body[data-charts-drawn]", state="attached", timeout=20000)
     return int(page.get_attribute("body", "data-charts-drawn") or 0)
 
 
-def _series_drawn(page, selector: str) -> bool:
+def _series_drawn(page: Page, selector: str) -> bool:
     """Whether the chart's canvas has pixels of its first series' colour (#2f6fdf)."""
     canvas = page.query_selector(f"{selector} canvas")
     assert canvas is not None, f"no canvas in {selector}"
@@ -55,20 +60,21 @@ def _series_drawn(page, selector: str) -> bool:
     )
 
 
-def _snapshot_span(fleet) -> str:
+def _snapshot_span(fleet: Fleet) -> str:
     """A range around the fixture's snapshots, taken a second apart."""
-    from tests.fix_repository import connect
+    from tests.fix_repository import connect, one_row
 
     with connect(fleet.repo) as conn:
-        lo, hi = conn.execute(
+        lo, hi = one_row(
+            conn,
             "SELECT extract(epoch FROM min(ts))::int - 5, extract(epoch FROM max(ts))::int + 5"
             " FROM pgfleet.pg_stat_statements_rollup WHERE srvid = %s",
             (fleet.srvid,),
-        ).fetchone()
+        )
     return f"from={lo}&to={hi}"
 
 
-def test_walk_the_ui(fleet, browser):
+def test_walk_the_ui(fleet: Fleet, browser: Browser) -> None:
     if ARTIFACTS.exists():
         shutil.rmtree(ARTIFACTS)
     ARTIFACTS.mkdir(parents=True)

@@ -3,17 +3,21 @@ collector page talking to that very collector through the command channel."""
 
 from __future__ import annotations
 
+from decimal import Decimal
+from pathlib import Path
+
 import httpx
 import psycopg
 import pytest
 
-from pgfleet.demo.cluster import _free_port
-from tests.fix_daemon import wait_until
-from tests.fix_repository import add_server, connect, new_repository, scalar
+from pgfleet.demo.cluster import Cluster, _free_port
+from tests.fix_clusters import NewDatabase
+from tests.fix_daemon import DaemonFactory, wait_until
+from tests.fix_repository import RunCli, add_server, connect, new_repository, scalar
 
 
 @pytest.fixture
-def repo(repo_cluster, new_database) -> str:
+def repo(repo_cluster: Cluster, new_database: NewDatabase) -> str:
     return new_repository(repo_cluster, new_database)
 
 
@@ -23,10 +27,13 @@ def _csrf(page: str) -> str:
 
 def _snapshots(repo: str) -> int:
     v = scalar(repo, "SELECT coalesce(sum(snapshots), 0) FROM pgfleet.snapshot_state")
-    return int(v or 0)  # type: ignore[call-overload]
+    assert isinstance(v, int | Decimal), v  # the sum of a bigint is a numeric
+    return int(v or 0)
 
 
-def test_run_serves_the_ui_next_to_the_collector(repo, run_cli, daemon, mon):
+def test_run_serves_the_ui_next_to_the_collector(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, mon: Cluster
+) -> None:
     add_server(run_cli, "main", mon.dsn(), "--frequency", "3600")
     srvid = scalar(repo, "SELECT srvid FROM pgfleet.servers WHERE alias = 'main'")
     admin = f"run_admin_{repo_cluster_port(repo)}"
@@ -83,7 +90,7 @@ def test_run_serves_the_ui_next_to_the_collector(repo, run_cli, daemon, mon):
     assert d.find("web UI listening")
 
 
-def test_run_says_which_port_is_busy(repo, daemon, tmp_path):
+def test_run_says_which_port_is_busy(repo: str, daemon: DaemonFactory, tmp_path: Path) -> None:
     import socket
 
     with socket.create_server(("127.0.0.1", 0)) as busy:

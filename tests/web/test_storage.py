@@ -12,8 +12,10 @@ import random
 import psycopg
 import pytest
 
+from pgfleet.demo.cluster import Cluster
 from pgfleet.repository import schema
-from tests.fix_repository import add_server, connect, scalar
+from tests.fix_clusters import NewDatabase
+from tests.fix_repository import RunCli, add_server, connect, one_row, scalar
 
 FILL = """
 SELECT pgfleet.metric_partition('pg_stat_statements', d::date)
@@ -50,40 +52,45 @@ def _server(repo: str, alias: str = "s") -> int:
     return int(row[0])
 
 
-def test_sums_equal_series_whatever_the_range(repo):
+def test_sums_equal_series_whatever_the_range(repo: str) -> None:
     srvid = _server(repo)
     with connect(repo) as conn:
         conn.execute(FILL.format(srvid=srvid))
         # Every window row got its total and chunks of 10 points.
-        assert conn.execute(
+        assert one_row(
+            conn,
             """SELECT bool_and((total).ts = ts_end AND cardinality(chunks) = cardinality(chunk_ts)
                                AND cardinality(chunks) = (cardinality(points) + 9) / 10)
                  FROM pgfleet.pg_stat_statements_history WHERE srvid = %s""",
             (srvid,),
-        ).fetchone()[0]
-        (start,) = conn.execute(
+        )[0]
+        (start,) = one_row(
+            conn,
             "SELECT min(ts_start) FROM pgfleet.pg_stat_statements_history WHERE srvid = %s",
             (srvid,),
-        ).fetchone()
+        )
         rng = random.Random(5)
-        ranges = [("-infinity", "infinity")]
+        ranges: list[tuple[str, str] | tuple[float, float]] = [("-infinity", "infinity")]
         for _ in range(40):
-            a = rng.uniform(-60, 2600) * 60  # seconds from the first point
-            ranges.append((a, a + rng.uniform(1, 1800) * 60))
+            lo = rng.uniform(-60, 2600) * 60  # seconds from the first point
+            ranges.append((lo, lo + rng.uniform(1, 1800) * 60))
         for a, b in ranges:
-            params = {"srvid": srvid}
+            params: dict[str, object] = {"srvid": srvid}
             if a == "-infinity":
                 params.update({"from": a, "to": b})
             else:
-                (params["from"], params["to"]) = conn.execute(
+                (params["from"], params["to"]) = one_row(
+                    conn,
                     "SELECT %s + make_interval(secs => %s), %s + make_interval(secs => %s)",
                     (start, a, start, b),
-                ).fetchone()
-            sums, series = conn.execute(COMPARE, params).fetchone()
+                )
+            sums, series = one_row(conn, COMPARE, params)
             assert sums == series, (a, b)
 
 
-def test_rollups_follow_snapshots(repo, run_cli, pg18, new_database):
+def test_rollups_follow_snapshots(
+    repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase
+) -> None:
     mon = new_database(pg18)
     add_server(run_cli, "m", mon, "--coalesce", "2")
     srvid = scalar(repo, "SELECT srvid FROM pgfleet.servers WHERE alias = 'm'")
@@ -95,9 +102,11 @@ def test_rollups_follow_snapshots(repo, run_cli, pg18, new_database):
     with connect(repo) as conn:
         # Aggregation ran (coalesce 2): rollups and series agree per snapshot.
         assert (
-            conn.execute(
-                "SELECT count(*) FROM pgfleet.pg_stat_statements_history WHERE srvid = %s", (srvid,)
-            ).fetchone()[0]
+            one_row(
+                conn,
+                "SELECT count(*) FROM pgfleet.pg_stat_statements_history WHERE srvid = %s",
+                (srvid,),
+            )[0]
             > 0
         )
         rows = conn.execute(
@@ -115,23 +124,28 @@ def test_rollups_follow_snapshots(repo, run_cli, pg18, new_database):
             assert (rc, rt) == (sc, st), ts
         # Sessions per state: summed over the live entries at each snapshot.
         assert (
-            conn.execute(
+            one_row(
+                conn,
                 "SELECT count(DISTINCT ts) FROM pgfleet.pg_stat_activity_rollup WHERE srvid = %s",
                 (srvid,),
-            ).fetchone()[0]
+            )[0]
             >= 1
         )
         # Removing a server removes its rollups.
         conn.execute("DELETE FROM pgfleet.servers WHERE srvid = %s", (srvid,))
         assert (
-            conn.execute(
-                "SELECT count(*) FROM pgfleet.pg_stat_statements_rollup WHERE srvid = %s", (srvid,)
-            ).fetchone()[0]
+            one_row(
+                conn,
+                "SELECT count(*) FROM pgfleet.pg_stat_statements_rollup WHERE srvid = %s",
+                (srvid,),
+            )[0]
             == 0
         )
 
 
-def test_upgrade_extends_existing_data(pg18, new_database, run_cli, monkeypatch):
+def test_upgrade_extends_existing_data(
+    pg18: Cluster, new_database: NewDatabase, run_cli: RunCli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A repository filled before 0004 gets totals and rollups on upgrade."""
     dsn = new_database(pg18)
     every = schema.migrations
@@ -141,35 +155,35 @@ def test_upgrade_extends_existing_data(pg18, new_database, run_cli, monkeypatch)
         srvid = _server(dsn)
         conn.execute(FILL.format(srvid=srvid))
         assert (
-            conn.execute(
+            one_row(
+                conn,
                 "SELECT count(*) FROM pg_attribute WHERE attrelid ="
-                " 'pgfleet.pg_stat_statements_history'::regclass AND attname = 'total'"
-            ).fetchone()[0]
+                " 'pgfleet.pg_stat_statements_history'::regclass AND attname = 'total'",
+            )[0]
             == 0
         )
     monkeypatch.setattr(schema, "migrations", every)
     with connect(dsn) as conn:
         applied = schema.upgrade(conn)
         assert applied[0].version == 4
-        sums, series = conn.execute(
-            COMPARE, {"srvid": srvid, "from": "-infinity", "to": "infinity"}
-        ).fetchone()
+        sums, series = one_row(
+            conn, COMPARE, {"srvid": srvid, "from": "-infinity", "to": "infinity"}
+        )
         assert sums == series
-        assert conn.execute(
+        assert one_row(
+            conn,
             """SELECT (SELECT sum(calls) FROM pgfleet.pg_stat_statements_rollup WHERE srvid = %(s)s)
                     = (SELECT sum(calls) FROM pgfleet.pg_stat_statements_series(
                            %(s)s, '-infinity', 'infinity'))""",
             {"s": srvid},
-        ).fetchone()[0]
+        )[0]
 
 
-def test_pgfleet_read_may_read_not_write(repo, pg18):
+def test_pgfleet_read_may_read_not_write(repo: str, pg18: Cluster) -> None:
     with connect(repo) as conn:
         conn.execute("DROP ROLE IF EXISTS ro_test")
         conn.execute("CREATE ROLE ro_test LOGIN PASSWORD 'ro' IN ROLE pgfleet_read")
-        assert conn.execute(
-            "SELECT pg_has_role('pgfleet_admin', 'pgfleet_read', 'MEMBER')"
-        ).fetchone()[0]
+        assert one_row(conn, "SELECT pg_has_role('pgfleet_admin', 'pgfleet_read', 'MEMBER')")[0]
     dbname = psycopg.conninfo.conninfo_to_dict(repo)["dbname"]
     with psycopg.connect(pg18.dsn(dbname=str(dbname), user="ro_test", password="ro")) as conn:
         conn.execute(

@@ -18,21 +18,26 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pgfleet.demo.cluster import Cluster
 from tests.collector.exporter import PROMETHEUS, running_prometheus
-from tests.fix_daemon import wait_until
-from tests.fix_repository import add_server, new_repository
+from tests.fix_clusters import NewDatabase
+from tests.fix_daemon import DaemonFactory, wait_until
+from tests.fix_repository import RunCli, add_server, new_repository
 
 PROMTOOL = shutil.which("promtool")
 
 
 @pytest.fixture
-def repo(repo_cluster, new_database) -> str:
+def repo(repo_cluster: Cluster, new_database: NewDatabase) -> str:
     return new_repository(repo_cluster, new_database)
 
 
-def get(url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None):
+def get(
+    url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """(status, headers, body) of one request, on a fresh connection."""
     u = urllib.parse.urlsplit(url)
+    assert u.hostname is not None, url
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
     try:
         conn.request(method, path, headers=headers or {})
@@ -67,7 +72,9 @@ def servers_in(url: str) -> set[str]:
     return {dict(ls).get("server", "") for (_, ls) in samples(url)} - {""}
 
 
-def test_metrics_overview_and_refusals(repo, run_cli, daemon, mon):
+def test_metrics_overview_and_refusals(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, mon: Cluster
+) -> None:
     """/metrics in both formats, / as escaped HTML, 403 elsewhere, GET and HEAD only."""
     add_server(run_cli, "db1", mon.dsn(), "--frequency", "1")
     # Its error message quotes the database name: markup, for the overview.
@@ -117,7 +124,9 @@ def test_metrics_overview_and_refusals(repo, run_cli, daemon, mon):
     assert d.stop() == 0
 
 
-def test_large_scrape_is_chunked_and_compressed(repo, run_cli, daemon, mon):
+def test_large_scrape_is_chunked_and_compressed(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, mon: Cluster
+) -> None:
     """Many servers' worth: chunked transfer, gzip when asked, same samples either way."""
     for i in range(12):
         add_server(run_cli, f"s{i:02d}", mon.dsn(), "--frequency", "1")
@@ -140,7 +149,9 @@ def test_large_scrape_is_chunked_and_compressed(repo, run_cli, daemon, mon):
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package prometheus)")
-def test_promtool_accepts_the_scrape(repo, run_cli, daemon, mon, pg15):
+def test_promtool_accepts_the_scrape(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, mon: Cluster, pg15: Cluster
+) -> None:
     """`promtool check metrics` on a real scrape of PG 18 and PG 15 (with its extensions)."""
     pg15.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
     add_server(run_cli, "pg18", mon.dsn(), "--frequency", "1")
@@ -166,7 +177,9 @@ def test_promtool_accepts_the_scrape(repo, run_cli, daemon, mon, pg15):
     assert d.stop() == 0
 
 
-def test_removed_server_leaves_the_scrape(repo, run_cli, daemon, mon):
+def test_removed_server_leaves_the_scrape(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, mon: Cluster
+) -> None:
     add_server(run_cli, "keep", mon.dsn(), "--frequency", "1")
     add_server(run_cli, "gone", mon.dsn(), "--frequency", "1")
     d = daemon(repo)
@@ -187,7 +200,9 @@ def test_removed_server_leaves_the_scrape(repo, run_cli, daemon, mon):
 
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (Debian package)")
-def test_real_prometheus_scrapes_the_collector(repo, run_cli, daemon, mon, tmp_path: Path):
+def test_real_prometheus_scrapes_the_collector(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, mon: Cluster, tmp_path: Path
+) -> None:
     add_server(run_cli, "main", mon.dsn(), "--frequency", "1")
     d = daemon(repo)
     target = d.exporter_url.removeprefix("http://")
@@ -206,7 +221,9 @@ def test_real_prometheus_scrapes_the_collector(repo, run_cli, daemon, mon, tmp_p
     assert d.stop() == 0
 
 
-def test_statement_counter_survives_a_reset(repo, run_cli, daemon, pg18, new_database):
+def test_statement_counter_survives_a_reset(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, pg18: Cluster, new_database: NewDatabase
+) -> None:
     """pg_stat_statements_reset() on the server: the exported _total does not drop."""
     mon = new_database(pg18)
     add_server(run_cli, "main", mon, "--frequency", "1")
@@ -220,7 +237,7 @@ def test_statement_counter_survives_a_reset(repo, run_cli, daemon, pg18, new_dat
                 " WHERE query LIKE '%pgfleet reset probe%' AND toplevel"
             ).fetchone()
         assert row is not None
-        return row[0]
+        return str(row[0])
 
     queryid = work(20)
     # Uncapped: the session's cluster holds other tests' busier statements.
@@ -234,7 +251,7 @@ def test_statement_counter_survives_a_reset(repo, run_cli, daemon, pg18, new_dat
     pg18.execute("SELECT pg_stat_statements_reset()")
     assert work(5) == queryid
     # Sampled across several snapshots: never below what was exported before.
-    seen = []
+    seen: list[float] = []
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and (not seen or seen[-1] < before + 5):
         v = calls()

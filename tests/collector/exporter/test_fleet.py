@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -17,7 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pgfleet.collector.exporter.fleet import FleetCollector, family_labels, family_names
 from pgfleet.collector.exporter.latest import Latest
 from pgfleet.collector.exporter.views import VIEWS
+from pgfleet.demo.cluster import Cluster
 from tests.collector.exporter import PROMETHEUS, registry, running_prometheus, snapshot
+from tests.fix_clusters import NewDatabase
+from tests.fix_repository import one_row
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 DASHBOARD = Path(__file__).parents[3] / "contrib" / "grafana" / "pgfleet-fleet.json"
@@ -47,7 +51,7 @@ def _workload(dsn: str) -> None:
 
 
 @pytest.fixture
-def fleet(pg15, pg18, new_database) -> Latest:
+def fleet(pg15: Cluster, pg18: Cluster, new_database: NewDatabase) -> Latest:
     """Two snapshots each of a PostgreSQL 15 (every extension) and an 18, as three servers."""
     # Caps above the defaults: the session's clusters hold other tests' busier
     # tables and statements, which would crowd out this workload's.
@@ -62,7 +66,7 @@ def fleet(pg15, pg18, new_database) -> Latest:
     return latest
 
 
-def test_promtool_finds_nothing_to_say(fleet):
+def test_promtool_finds_nothing_to_say(fleet: Latest) -> None:
     body = generate_latest(registry(fleet))
     res = subprocess.run(
         [PROMTOOL, "check", "metrics"], input=body, capture_output=True, timeout=60
@@ -75,7 +79,7 @@ def test_promtool_finds_nothing_to_say(fleet):
         assert expected in names
 
 
-def test_families_are_typed_documented_and_declared(fleet):
+def test_families_are_typed_documented_and_declared(fleet: Latest) -> None:
     body = generate_latest(registry(fleet)).decode()
     declared = set(family_names())
     types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", body, re.M))
@@ -99,7 +103,7 @@ def test_families_are_typed_documented_and_declared(fleet):
             assert s.labels.get("server") in {"pg15", "pg18", "pg18-again"}, s
 
 
-def test_server_facts(fleet, pg15, pg18):
+def test_server_facts(fleet: Latest, pg15: Cluster, pg18: Cluster) -> None:
     reg = registry(fleet)
     assert (
         reg.get_sample_value("pgfleet_server_version_num", {"server": "pg15"}) == pg15.version_num
@@ -110,14 +114,14 @@ def test_server_facts(fleet, pg15, pg18):
     assert reg.get_sample_value("pgfleet_server_in_recovery", {"server": "pg18"}) == 0
 
 
-def test_family_names_are_unique():
+def test_family_names_are_unique() -> None:
     names = family_names()
     assert len(names) == len(set(names))
     for view in VIEWS:
         assert all(s.help.endswith(".") for s in view.series), view.module
 
 
-def test_describe_does_not_collect():
+def test_describe_does_not_collect() -> None:
     latest = Latest()
     collector = FleetCollector(latest)
     assert collector.describe() == []
@@ -126,24 +130,25 @@ def test_describe_does_not_collect():
     assert generate_latest(reg) == b""
 
 
-def test_replication_lag_in_bytes_and_seconds(pg15, pg15_standby):
+def test_replication_lag_in_bytes_and_seconds(pg15: Cluster, pg15_standby: Cluster) -> None:
     with psycopg.connect(pg15.dsn(), autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS exporter_repl (id int)")
         conn.execute("INSERT INTO exporter_repl VALUES (1)")
         # A standby reports its write, flush and replay positions some time
         # after it connected.
         deadline = time.monotonic() + 30
-        while not conn.execute(
-            "SELECT bool_and(replay_lsn IS NOT NULL) FROM pg_stat_replication"
-        ).fetchone()[0]:
+        while not one_row(
+            conn,
+            "SELECT bool_and(replay_lsn IS NOT NULL) FROM pg_stat_replication",
+        )[0]:
             assert time.monotonic() < deadline, "the standby never reported its replay position"
             time.sleep(0.1)
     # And the standby learns the end of the primary's WAL from the sender's
     # next message (a fresh standby may not have had one yet).
     with psycopg.connect(pg15_standby.dsn(), autocommit=True) as standby:
-        while not standby.execute(
-            "SELECT bool_and(latest_end_lsn IS NOT NULL) FROM pg_stat_wal_receiver"
-        ).fetchone()[0]:
+        while not one_row(
+            standby, "SELECT bool_and(latest_end_lsn IS NOT NULL) FROM pg_stat_wal_receiver"
+        )[0]:
             assert time.monotonic() < deadline, "the standby never heard of the primary's WAL end"
             time.sleep(0.1)
     latest = Latest()
@@ -161,11 +166,11 @@ def test_replication_lag_in_bytes_and_seconds(pg15, pg15_standby):
     assert reg.get_sample_value("pgfleet_server_in_recovery", {"server": "standby"}) == 1
 
 
-def _exprs(dashboard: dict) -> list[str]:
+def _exprs(dashboard: dict[str, Any]) -> list[str]:
     """Every PromQL text of a dashboard: its panels' targets, its query variables."""
-    out = []
+    out: list[str] = []
 
-    def panels(items: list[dict]) -> None:
+    def panels(items: list[dict[str, Any]]) -> None:
         for panel in items:
             out.extend(t["expr"] for t in panel.get("targets", ()) if "expr" in t)
             panels(panel.get("panels", []))
@@ -183,7 +188,7 @@ def _family(name: str) -> str:
     return base if base in HEALTH else name
 
 
-def test_dashboard_uses_only_exported_names():
+def test_dashboard_uses_only_exported_names() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["schemaVersion"] >= 36
     exprs = _exprs(dashboard)
@@ -203,7 +208,7 @@ def test_dashboard_uses_only_exported_names():
             assert panel.get("targets"), panel.get("title")
 
 
-def test_dashboard_queries_parse(tmp_path):
+def test_dashboard_queries_parse(tmp_path: Path) -> None:
     """promtool parses every query, Grafana's variables given typical values."""
     values = {
         "$__rate_interval": "1m",
@@ -227,7 +232,7 @@ def test_dashboard_queries_parse(tmp_path):
 
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (Debian package)")
-def test_dashboard_queries_find_data_in_a_real_prometheus(fleet, tmp_path):
+def test_dashboard_queries_find_data_in_a_real_prometheus(fleet: Latest, tmp_path: Path) -> None:
     """A real Prometheus scrapes a fleet; every panel whose families it has finds data."""
     httpd, thread = start_http_server(0, addr="127.0.0.1", registry=registry(fleet))
     target = f"127.0.0.1:{httpd.server_address[1]}"

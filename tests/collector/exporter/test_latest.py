@@ -18,7 +18,10 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from pgfleet.collector.exporter.latest import Latest, copy_text, copy_time
+from pgfleet.demo.cluster import Cluster
 from tests.collector.exporter import registry, snapshot
+from tests.fix_clusters import NewCluster, NewDatabase
+from tests.fix_repository import one_row
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
@@ -62,7 +65,7 @@ def _samples(latest: Latest, name: str, **labels: str) -> list[Any]:
     ]
 
 
-def test_copy_text_format():
+def test_copy_text_format() -> None:
     assert copy_text(b"plain") == "plain"
     assert copy_text(b"\\N") == ""
     assert copy_text(b"a\\tb\\nc\\\\d\\re") == "a\tb\nc\\d\re"
@@ -75,7 +78,7 @@ def test_copy_text_format():
     assert math.isnan(copy_time(b"infinity"))
 
 
-def test_spools_are_left_as_the_writer_expects(pg18, new_database):
+def test_spools_are_left_as_the_writer_expects(pg18: Cluster, new_database: NewDatabase) -> None:
     # snapshot() itself checks each spool is whole and positioned at its end.
     latest = Latest()
     snapshot(latest, "s", new_database(pg18))
@@ -83,7 +86,9 @@ def test_spools_are_left_as_the_writer_expects(pg18, new_database):
     assert srv.alias == "s" and srv.version_num == pg18.version_num and not srv.in_recovery
 
 
-def test_statement_reset_does_not_go_backwards(monitored, new_database):
+def test_statement_reset_does_not_go_backwards(
+    monitored: Cluster, new_database: NewDatabase
+) -> None:
     dsn = new_database(monitored)
     dbname = _db(dsn)
     latest = Latest(max_statements=100_000)
@@ -122,7 +127,9 @@ def test_statement_reset_does_not_go_backwards(monitored, new_database):
     assert exec3 is not None and exec3 >= exec2 + 0.002
 
 
-def test_failed_source_is_dropped_then_resumes_where_it_was(pg18, new_database):
+def test_failed_source_is_dropped_then_resumes_where_it_was(
+    pg18: Cluster, new_database: NewDatabase
+) -> None:
     dsn = new_database(pg18)
     latest = Latest(max_statements=100_000)
     reg = registry(latest)
@@ -154,7 +161,7 @@ def test_failed_source_is_dropped_then_resumes_where_it_was(pg18, new_database):
     assert reg.get_sample_value("pgfleet_statement_calls_total", labels) == 5
 
 
-def test_counter_going_backwards_without_epoch(pg18, new_database):
+def test_counter_going_backwards_without_epoch(pg18: Cluster, new_database: NewDatabase) -> None:
     """pg_stat_reset() zeroes a database's table counters, which have no epoch column."""
     dsn = new_database(pg18)
     dbname = _db(dsn)
@@ -186,7 +193,7 @@ def test_counter_going_backwards_without_epoch(pg18, new_database):
     assert reg.get_sample_value("pgfleet_table_seq_scans_total", labels) == 8
 
 
-def test_units_are_seconds_and_bytes(pg18, new_database):
+def test_units_are_seconds_and_bytes(pg18: Cluster, new_database: NewDatabase) -> None:
     dsn = new_database(pg18)
     dbname = _db(dsn)
     latest = Latest(max_statements=100_000, max_tables=100_000)
@@ -207,16 +214,17 @@ def test_units_are_seconds_and_bytes(pg18, new_database):
     snapshot(latest, "s", dsn)
 
     with psycopg.connect(dsn, autocommit=True) as conn:
-        exec_ms, plan_ms = conn.execute(
+        exec_ms, plan_ms = one_row(
+            conn,
             "SELECT total_exec_time, total_plan_time FROM pg_stat_statements WHERE queryid = %s",
             (int(qid),),
-        ).fetchone()
-        (size,) = conn.execute("SELECT pg_table_size('big')").fetchone()
-        (temp_bytes,) = conn.execute(temp).fetchone()
+        )
+        (size,) = one_row(conn, "SELECT pg_table_size('big')")
+        (temp_bytes,) = one_row(conn, temp)
     stmt = {"server": "s", "dbname": dbname, "user": "postgres", "queryid": qid}
     exec_s = reg.get_sample_value("pgfleet_statement_exec_seconds_total", stmt)
     assert exec_s == pytest.approx(exec_ms / 1000)
-    assert exec_s >= 0.05
+    assert exec_s is not None and exec_s >= 0.05
     assert reg.get_sample_value("pgfleet_statement_plan_seconds_total", stmt) == pytest.approx(
         plan_ms / 1000
     )
@@ -230,7 +238,7 @@ def test_units_are_seconds_and_bytes(pg18, new_database):
     assert [s.labels["query"] for s in info] == ["SELECT pg_sleep($1) AS exporter_units_marker"]
 
 
-def test_caps_rank_by_activity_and_apply_at_once(new_cluster):
+def test_caps_rank_by_activity_and_apply_at_once(new_cluster: NewCluster) -> None:
     mon = new_cluster("caps", shared_preload_libraries=["pg_stat_statements"])
     mon.create_extension("pg_stat_statements")
     dsn = mon.dsn()
@@ -269,7 +277,7 @@ def test_caps_rank_by_activity_and_apply_at_once(new_cluster):
     assert len(_samples(latest, "pgfleet_table_size_bytes", server="a")) == 4
 
 
-def test_forgotten_server_is_gone(pg18, new_database):
+def test_forgotten_server_is_gone(pg18: Cluster, new_database: NewDatabase) -> None:
     dsn = new_database(pg18)
     latest = Latest()
     snapshot(latest, "stays", dsn)
@@ -283,7 +291,7 @@ def test_forgotten_server_is_gone(pg18, new_database):
     latest.forget("never-seen")  # not an error
 
 
-def test_odd_names_survive_the_text_format(pg18, new_database):
+def test_odd_names_survive_the_text_format(pg18: Cluster, new_database: NewDatabase) -> None:
     dsn = new_database(pg18)
     alias = 'we"ird\nal\\ias {server="x"}'
     table = 'odd "table"\nname\\x'

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from pgfleet.collector.exporter.latest import Latest
 from pgfleet.collector.exporter.rendered import Rendered, split
+from pgfleet.demo.cluster import Cluster
 from tests.collector.exporter import registry, snapshot
+from tests.fix_clusters import NewDatabase
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
@@ -26,7 +30,7 @@ class Awkward:
     def describe(self) -> list[object]:
         return []
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         g = GaugeMetricFamily("size_bytes", "Size.", labels=["server"], unit="bytes")
         g.add_metric(["a"], 1)
         yield g
@@ -36,7 +40,7 @@ class Awkward:
         yield c
 
 
-def test_split_cuts_at_families_only():
+def test_split_cuts_at_families_only() -> None:
     for encode, eof in ((generate_latest, b""), (openmetrics, b"# EOF\n")):
         reg = CollectorRegistry()
         reg.register(Awkward())
@@ -58,7 +62,9 @@ def samples(text: bytes) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
     }
 
 
-def test_laid_out_like_one_render_of_the_fleet(pg18, pg15, new_database):
+def test_laid_out_like_one_render_of_the_fleet(
+    pg18: Cluster, pg15: Cluster, new_database: NewDatabase
+) -> None:
     latest = Latest(max_statements=5, max_tables=5)
     snapshot(latest, "one", new_database(pg18))
     snapshot(latest, "two", pg15.dsn())
