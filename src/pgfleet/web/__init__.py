@@ -3,7 +3,9 @@
 Server-rendered pages (Jinja2, autoescaped) whose charts (uPlot) load the
 page's JSON twin: every page at ``PATH`` has its data at ``PATH.json``, with
 the same query string.  All repository SQL is in
-:mod:`pgfleet.repository.reads`.  See docs/web.md.
+:mod:`pgfleet.repository.reads`.  Logging in (SCRAM only) is
+:mod:`.sessions`, throttled by :mod:`.throttle`; the repository connections
+and their bounds are :mod:`.pools`.  See docs/web.md.
 """
 
 from __future__ import annotations

@@ -3,6 +3,13 @@
 ``create_app(config)`` builds it, ``serve(app, config)`` runs it with uvicorn
 until cancelled: ``pgfleet web`` does both, ``pgfleet run`` may run it next to
 the collector.
+
+Whatever a request holds, the answer is a page or a readable error with its
+status (400 bad range, 401/403 login and forms, 404 no such thing, 413 body
+too large, 503 repository busy or too slow), never a traceback: inputs are
+checked where they are parsed (:mod:`.timerange`, :func:`.page.path_int`, the
+names of databases against the server's), and nothing taken from the URL
+goes to SQL unchecked.
 """
 
 from __future__ import annotations
@@ -15,23 +22,25 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import psycopg
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pgfleet import asgi
 from pgfleet.config import Config
 from pgfleet.errors import ConfigError, PgfleetError
 from pgfleet.web import render, timerange
-from pgfleet.web.page import Ctx, NotFound, Page, WebState
+from pgfleet.web.page import INT4_MAX, Ctx, NotFound, Page, WebState
+from pgfleet.web.pools import Busy, PoolClosed
 from pgfleet.web.sessions import LoginFailed, Sessions, User
 from pgfleet.web.views import collector, database, fleet, query, server
 
@@ -39,6 +48,8 @@ logger = logging.getLogger("pgfleet.web")
 
 PAGES: list[Page] = [fleet.PAGE, server.PAGE, database.PAGE, query.PAGE, collector.PAGE]
 COOKIE = "pgfleet_session"
+# Our forms hold a few short fields: a bigger body is refused (413) unread.
+MAX_BODY = 64 * 1024
 
 
 def _read_secret(path: str, what: str) -> str:
@@ -77,7 +88,7 @@ def create_app(config: Config) -> Starlette:
         else secrets.token_urlsafe(32)
     )
     token = _read_secret(web.token_file, "token") if web.token_file else (web.token or None)
-    sessions = Sessions(config.repository.dsn, max_age=web.session_max_age, token=token)
+    sessions = Sessions(config.repository.dsn, web, token=token)
     up = uplot_dir()
     state = WebState(config, sessions, render.templates(), up is not None)
     if up is None:
@@ -99,7 +110,7 @@ def create_app(config: Config) -> Starlette:
         Route("/login", _login, methods=["GET", "POST"]),
         Route("/logout", _logout, methods=["POST"]),
         Route("/collector/reload", _reload, methods=["POST"]),
-        Route("/collector/snapshot/{srvid:int}", _force_snapshot, methods=["POST"]),
+        Route("/collector/snapshot/{srvid}", _force_snapshot, methods=["POST"]),
         Route("/static/pygments.css", _pygments_css),
         Route("/favicon.ico", lambda r: Response(status_code=204)),
         Mount("/static", StaticFiles(directory=str(render.static_dir())), name="static"),
@@ -120,10 +131,13 @@ def create_app(config: Config) -> Starlette:
                 max_age=int(web.session_max_age),
                 same_site="lax",
                 https_only=web.secure_cookie,
-            )
+            ),
+            Middleware(BodyLimit, max_bytes=MAX_BODY),
         ],
         lifespan=lifespan,
     )
+    # "/fleet/" is not "/fleet": no redirect built from the Host header.
+    app.router.redirect_slashes = False
     app.state.pgfleet = state
     return app
 
@@ -135,17 +149,57 @@ async def serve(app: Starlette, config: Config) -> None:
     await asgi.serve(app, sock, lifespan="on")
 
 
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` (413), declared or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (
+                not value.isdigit() or len(value) > 12 or int(value) > self.max_bytes
+            ):
+                resp = PlainTextResponse(
+                    f"request body too large (at most {self.max_bytes} bytes)", status_code=413
+                )
+                await resp(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                # Raised inside the route: Starlette answers it.
+                raise HTTPException(413, f"request body too large (at most {self.max_bytes} bytes)")
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def _state(request: Request) -> WebState:
     st: WebState = request.app.state.pgfleet
     return st
+
+
+def client_address(request: Request) -> str:
+    # The peer itself: uvicorn is run without proxy headers (see pgfleet.asgi).
+    return request.client.host if request.client else "unknown"
 
 
 def current_user(request: Request) -> User | None:
     st = _state(request)
     auth = request.headers.get("authorization", "")
     if auth[:7].lower() == "bearer ":
-        return st.sessions.token_user() if st.sessions.check_token(auth[7:].strip()) else None
-    return st.sessions.get(request.session.get("sid"))
+        return st.sessions.token_user(auth[7:].strip(), client_address(request))
+    sid = request.session.get("sid")
+    return st.sessions.get(sid if isinstance(sid, str) else None)
 
 
 def _csrf(request: Request) -> str:
@@ -155,17 +209,31 @@ def _csrf(request: Request) -> str:
     return str(token)
 
 
-async def _check_csrf(request: Request) -> dict[str, Any]:
-    form = dict(await request.form())
+async def _check_csrf(request: Request) -> dict[str, str]:
+    """The form's text fields (files are dropped), if its CSRF token is right."""
+    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
     expected = request.session.get("csrf", "")
-    if not expected or not hmac.compare_digest(str(form.get("csrf", "")), str(expected)):
+    given = form.get("csrf", "")
+    if not (
+        isinstance(expected, str)
+        and expected
+        and hmac.compare_digest(given.encode(errors="replace"), expected.encode(errors="replace"))
+    ):
         raise PermissionError("the form expired: reload the page and try again")
     return form
 
 
 def _safe_next(target: str | None) -> str:
-    # Only paths of ours: "//host" or "https://..." would send users away.
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    # Only paths of ours: "//host", "https://..." or "/\\host" would send
+    # users away, and browsers drop tabs and newlines ("/\t/host" is "//host").
+    if (
+        not target
+        or len(target) > 2000
+        or not target.startswith("/")
+        or target.startswith("//")
+        or "\\" in target
+        or any(c.isspace() or not c.isprintable() for c in target)
+    ):
         return "/fleet"
     return target
 
@@ -174,18 +242,23 @@ async def _login(request: Request) -> Response:
     st = _state(request)
     error = None
     nxt = _safe_next(request.query_params.get("next"))
+    status = 401
     if request.method == "POST":
+        address = client_address(request)
         try:
             form = await _check_csrf(request)
-            nxt = _safe_next(str(form.get("next") or ""))
+            nxt = _safe_next(form.get("next"))
             if form.get("token"):
-                user = st.sessions.login_token(str(form["token"]))
+                user = await st.sessions.login_token(form["token"], address)
             else:
                 user = await st.sessions.login(
-                    str(form.get("username", "")), str(form.get("password", ""))
+                    form.get("username", ""), form.get("password", ""), address
                 )
         except (LoginFailed, PermissionError) as e:
             error = str(e)
+            status = 403 if isinstance(e, PermissionError) else 401
+        except Busy as e:
+            error, status = str(e), 503
         else:
             request.session.clear()
             request.session["sid"] = user.sid
@@ -197,7 +270,9 @@ async def _login(request: Request) -> Response:
         user=None,
     )  # fmt: skip
     if error:
-        resp.status_code = 401
+        resp.status_code = status
+        if status == 503:
+            resp.headers["Retry-After"] = "5"
     return resp
 
 
@@ -217,7 +292,7 @@ async def _command(request: Request, name: str, *args: str) -> Response:
         return RedirectResponse("/login", status_code=303)
     try:
         await _check_csrf(request)
-        answers = await asyncio.to_thread(collector.command, user, name, *args)
+        answers = await collector.command(_state(request).sessions, user, name, *args)
     except (PermissionError, PgfleetError) as e:
         message, ok = str(e), False
     else:
@@ -233,7 +308,10 @@ async def _reload(request: Request) -> Response:
 
 
 async def _force_snapshot(request: Request) -> Response:
-    return await _command(request, "FORCE_SNAPSHOT", str(request.path_params["srvid"]))
+    srvid = str(request.path_params["srvid"])
+    if not (srvid.isascii() and srvid.isdigit() and len(srvid) <= 10 and int(srvid) <= INT4_MAX):
+        return PlainTextResponse(f"no server {srvid[:40]!r}", status_code=404)
+    return await _command(request, "FORCE_SNAPSHOT", str(int(srvid)))
 
 
 async def _pygments_css(request: Request) -> Response:
@@ -246,9 +324,11 @@ def _handler(page: Page, *, as_json: bool) -> Callable[[Request], Awaitable[Resp
         user = current_user(request)
         if user is None:
             if as_json:
-                return render.JSONResponse({"error": "login required"}, status_code=401)
-            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            return RedirectResponse("/login?" + urlencode({"next": target}), status_code=303)
+                return render.JSONResponse(
+                    {"error": "login required"}, status_code=401, headers=render.SECURITY_HEADERS
+                )
+            login = "/login?" + urlencode({"next": _here(request)})
+            return RedirectResponse(login, status_code=303)
         try:
             tr = timerange.parse(request.query_params)
         except timerange.BadRange as e:
@@ -266,8 +346,17 @@ def _handler(page: Page, *, as_json: bool) -> Callable[[Request], Awaitable[Resp
             return _error(request, st, as_json, 404, str(e), user)
         except psycopg.errors.InsufficientPrivilege as e:
             return _error(request, st, as_json, 403, _first(e), user)
+        except Busy as e:
+            return _error(request, st, as_json, 503, str(e), user)
+        except PoolClosed:  # logged out by another request meanwhile
+            return _error(request, st, as_json, 401, "logged out: log in again", user)
+        except psycopg.errors.QueryCanceled as e:
+            logger.warning("%s %s: %s", request.method, _here(request)[:200], _first(e))
+            return _error(request, st, as_json, 503, "the repository took longer than"
+                          f" [web] statement_timeout ({st.sessions.statement_timeout:g} s):"
+                          " try a shorter range", user)  # fmt: skip
         except (psycopg.Error, PgfleetError) as e:
-            logger.warning("%s %s: %s", request.method, request.url.path, _first(e))
+            logger.warning("%s %s: %s", request.method, _here(request)[:200], _first(e))
             return _error(request, st, as_json, 503, f"repository: {_first(e)}", user)
         if as_json:
             return render.JSONResponse(data, headers=render.SECURITY_HEADERS)
@@ -280,9 +369,17 @@ def _handler(page: Page, *, as_json: bool) -> Callable[[Request], Awaitable[Resp
     return handle
 
 
+def _here(request: Request, suffix: str = "") -> str:
+    """The path (+ `suffix`) and query string asked for, as sent.  Not
+    `request.url`, which parses the Host header too (and raises on "[")."""
+    raw = request.scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else quote(request.scope["path"])
+    q = request.scope["query_string"].decode("latin-1")
+    return path + suffix + (f"?{q}" if q else "")
+
+
 def _json_url(request: Request) -> str:
-    q = request.url.query
-    return request.url.path + ".json" + (f"?{q}" if q else "")
+    return _here(request, ".json")
 
 
 def _first(e: BaseException) -> str:
@@ -292,11 +389,15 @@ def _first(e: BaseException) -> str:
 def _error(
     request: Request, st: WebState, as_json: bool, status: int, message: str, user: User
 ) -> Response:
+    headers = dict(render.SECURITY_HEADERS)
+    if status == 503:
+        headers["Retry-After"] = "5"
     if as_json:
-        return render.JSONResponse({"error": message}, status_code=status)
+        return render.JSONResponse({"error": message}, status_code=status, headers=headers)
     resp = render.render(
         request, st.env, "error.html", status=status, message=message, user=user,
         csrf=_csrf(request), page="error",
     )  # fmt: skip
     resp.status_code = status
+    resp.headers.update(headers)
     return resp

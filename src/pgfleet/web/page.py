@@ -60,8 +60,25 @@ class Ctx:
         for k, c in parts.items():
             if k not in wanted:
                 c.close()
-        values = await asyncio.gather(*wanted.values())
+        values = await concurrently(*wanted.values())
         return dict(zip(wanted, values, strict=True))
+
+
+async def concurrently(*aws: Awaitable[Any]) -> list[Any]:
+    """`asyncio.gather()`, but the first failure cancels the others: a page
+    that cannot be shown stops reading (and frees its connections) at once."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            # Once only: a task already cancelled is cancelling its query in
+            # the repository (psycopg does), and a second cancel would make
+            # psycopg drop the connection with the query still running there.
+            if not t.done() and not (isinstance(t, asyncio.Task) and t.cancelling()):
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,24 @@ def add(*lists: list[float | None]) -> list[float | None]:
         present = [v for v in vs if v is not None]
         out.append(sum(present) if present else None)
     return out
+
+
+# Identifiers in paths: a srvid is an integer, a queryid a bigint.
+INT4_MAX = 2**31 - 1
+INT8_MAX = 2**63 - 1
+
+
+def path_int(ctx: Ctx, name: str, what: str, maximum: int, minimum: int = 0) -> int:
+    """The path parameter `name`, an integer in [minimum, maximum], or NotFound."""
+    text = str(ctx.request.path_params[name])
+    digits = text[1:] if text[:1] == "-" else text
+    # Not int() alone: it takes "1_0", " 1", Arabic digits, and 5,000-digit numbers slowly.
+    if not (0 < len(digits) <= 19 and digits.isascii() and digits.isdigit()):
+        raise NotFound(f"{what} {text[:40]!r} is not a number")
+    value = int(text)
+    if not minimum <= value <= maximum:
+        raise NotFound(f"no {what} {value}")
+    return value
 
 
 def buckets_for(ctx: Ctx, server: Mapping[str, Any]) -> reads.Buckets:

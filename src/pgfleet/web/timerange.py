@@ -2,10 +2,15 @@
 
 ``?range=1h|6h|1d|7d|30d`` (the last hour... up to now) or ``?from=&to=`` in
 seconds since the epoch (what dragging on a chart sends) or ISO 8601.
+
+Whatever the query string holds, `parse` returns a range between
+``EARLIEST`` and ``LATEST`` or raises `BadRange`: no datetime arithmetic
+downstream (buckets, the minimum span, templates) can overflow.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -21,6 +26,9 @@ RANGES = {
 DEFAULT = "1h"
 # Fewer than this is not worth a chart; more would not be seen.
 MIN_SPAN = timedelta(seconds=60)
+# No snapshot is older, none will be this late; far from datetime's limits.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 
 
 class BadRange(ValueError):
@@ -52,17 +60,22 @@ class TimeRange:
 
 
 def _parse_time(text: str, name: str) -> datetime:
-    try:
-        return datetime.fromtimestamp(float(text), UTC)
-    except (ValueError, OverflowError, OSError):
-        pass
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError:
+    t: datetime | None = None
+    if len(text) <= 40:  # fromisoformat and float() of megabytes: no
+        try:
+            t = datetime.fromtimestamp(float(text), UTC)
+        except (ValueError, OverflowError, OSError):
+            with contextlib.suppress(ValueError):
+                t = datetime.fromisoformat(text)
+    if t is None:
+        raise BadRange(f"invalid {name} {text[:40]!r}: use seconds since the epoch or ISO 8601")
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    if not EARLIEST <= t <= LATEST:
         raise BadRange(
-            f"invalid {name} {text[:40]!r}: use seconds since the epoch or ISO 8601"
-        ) from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+            f"invalid {name} {text[:40]!r}: not between {EARLIEST.year} and {LATEST.year}"
+        )
+    return t.astimezone(UTC)
 
 
 def parse(params: QueryParams, now: datetime | None = None) -> TimeRange:

@@ -5,11 +5,12 @@ Live state comes through the command channel (:mod:`pgfleet.collector.commands`,
 ``WORKERS_STATUS``), sent from the user's own repository connection so the
 collectors check the user's membership themselves; what the repository
 knows (collectors' leases, each server's last snapshot) is shown to anyone.
+A command's connection is blocking (in a thread) and counts under the UI's
+cap on repository connections like any other.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import Any
@@ -18,20 +19,28 @@ import psycopg
 
 from pgfleet.errors import PgfleetError
 from pgfleet.repository import reads
-from pgfleet.web.page import Ctx, Page
-from pgfleet.web.sessions import User
+from pgfleet.web.page import Ctx, Page, concurrently
+from pgfleet.web.sessions import Sessions, User
 
 logger = logging.getLogger("pgfleet.web")
 
 
-def command(user: User, name: str, *args: str, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """Send a command as `user` and wait for the collectors' answers (blocking)."""
-    from pgfleet.collector import commands
-
+async def command(
+    sessions: Sessions, user: User, name: str, *args: str, timeout: float = 5.0
+) -> list[dict[str, Any]]:
+    """Send a command as `user` and wait for the collectors' answers."""
     if user.conninfo is None or not user.is_admin:
         raise PgfleetError("commanding the collectors needs a role member of pgfleet_admin")
+    return await sessions.blocking(_command, user.conninfo, name, args, timeout)
+
+
+def _command(
+    conninfo: str, name: str, args: tuple[str, ...], timeout: float
+) -> list[dict[str, Any]]:
+    from pgfleet.collector import commands
+
     try:
-        with psycopg.connect(user.conninfo, autocommit=True) as conn:
+        with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
             answers = commands.request(conn, name, *args, timeout=timeout)
     except psycopg.Error as e:
         raise PgfleetError(str(e).strip().splitlines()[0]) from None
@@ -42,7 +51,7 @@ async def _live(ctx: Ctx) -> dict[str, Any]:
     if not ctx.user.is_admin:
         return {"available": False, "reason": "shown to members of pgfleet_admin only"}
     try:
-        answers = await asyncio.to_thread(command, ctx.user, "WORKERS_STATUS")
+        answers = await command(ctx.state.sessions, ctx.user, "WORKERS_STATUS")
     except PgfleetError as e:
         return {"available": False, "reason": str(e)}
     workers: dict[str, Any] = {}
@@ -55,16 +64,19 @@ async def _live(ctx: Ctx) -> dict[str, Any]:
     return {"available": True, "answers": len(answers), "workers": workers}
 
 
+async def _servers(ctx: Ctx) -> list[dict[str, Any]]:
+    servers, leases = await concurrently(ctx.read(reads.snapshot_state), ctx.read(reads.leases))
+    for s in servers:
+        s["collector"] = leases.get(s["srvid"])
+    return list(servers)
+
+
 async def build(ctx: Ctx) -> dict[str, Any]:
     data = await ctx.gather({
         "collectors": ctx.read(reads.collectors),
-        "leases": ctx.read(reads.leases),
-        "servers": ctx.read(reads.snapshot_state),
+        "servers": _servers(ctx),
         "live": _live(ctx),
     })  # fmt: skip
-    leases = data.pop("leases")
-    for s in data["servers"]:
-        s["collector"] = leases.get(s["srvid"])
     return {"can_command": ctx.user.is_admin and ctx.user.conninfo is not None, **data}
 
 
@@ -73,6 +85,6 @@ PAGE = Page(
     path="/collector",
     template="collector.html",
     build=build,
-    html_parts=frozenset({"collectors", "leases", "servers", "live"}),
+    html_parts=frozenset({"collectors", "servers", "live"}),
     timed=False,
 )

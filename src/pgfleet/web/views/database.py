@@ -5,17 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from pgfleet.repository import reads
-from pgfleet.web.page import Ctx, NotFound, Page, buckets_for, chart, line, values
+from pgfleet.web.page import Ctx, NotFound, Page, buckets_for, chart, concurrently, line, values
 from pgfleet.web.render import tilde_decode
 from pgfleet.web.views import workload
 from pgfleet.web.views.server import load_server, sort_of
 
 
 async def _charts(ctx: Ctx, srvid: int, b: reads.Buckets, datname: str) -> list[dict[str, Any]]:
-    import asyncio
-
     n = b.count
-    common, tables, indexes = await asyncio.gather(
+    common, tables, indexes = await concurrently(
         workload.charts(ctx, srvid, b, datname),
         ctx.read(reads.rollup_series, "pg_stat_user_tables", srvid, b,
                  ["seq_scan", "idx_scan", "n_tup_ins", "n_tup_upd", "n_tup_del"],
@@ -43,9 +41,11 @@ async def build(ctx: Ctx) -> dict[str, Any]:
     srv = await load_server(ctx)
     srvid = srv["srvid"]
     datname = tilde_decode(ctx.request.path_params["datname"])
+    # Checked against the server's names before it goes near SQL: a NUL or an
+    # overlong name is simply not one of them.
     names = await ctx.read(reads.database_names, srvid)
     if datname not in names:
-        raise NotFound(f"server {srv['alias']!r} has no database {datname!r}")
+        raise NotFound(f"server {srv['alias']!r} has no database {datname[:100]!r}")
     b = buckets_for(ctx, srv)
     tr = ctx.range
     sort = sort_of(ctx)
@@ -71,7 +71,7 @@ async def build(ctx: Ctx) -> dict[str, Any]:
 
 PAGE = Page(
     name="database",
-    path="/server/{srvid:int}/database/{datname}",
+    path="/server/{srvid}/database/{datname}",
     template="database.html",
     build=build,
     html_parts=frozenset({"top_queries", "tables", "indexes", "sessions_waiting", "markers"}),

@@ -3,11 +3,21 @@ series, its wait events, its predicates."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from pgfleet.repository import reads
-from pgfleet.web.page import Ctx, NotFound, Page, buckets_for, chart, line, values
+from pgfleet.web.page import (
+    INT8_MAX,
+    Ctx,
+    NotFound,
+    Page,
+    buckets_for,
+    chart,
+    concurrently,
+    line,
+    path_int,
+    values,
+)
 from pgfleet.web.views.server import load_server
 
 _EXPRS = {
@@ -28,7 +38,7 @@ async def _charts(
     ctx: Ctx, srvid: int, b: reads.Buckets, where: dict[str, Any]
 ) -> list[dict[str, Any]]:
     n = b.count
-    s, means, waits = await asyncio.gather(
+    s, means, waits = await concurrently(
         ctx.read(reads.series, "pg_stat_statements", srvid, b, _EXPRS, where=where),
         ctx.read(reads.series, "pg_stat_statements", srvid, b,
                  {"mean": "sum(total_exec_time) / nullif(sum(calls), 0)"}, where=where, rate=False),
@@ -68,10 +78,7 @@ async def _charts(
 async def build(ctx: Ctx) -> dict[str, Any]:
     srv = await load_server(ctx)
     srvid = srv["srvid"]
-    try:
-        queryid = int(ctx.request.path_params["queryid"])
-    except ValueError:
-        raise NotFound("a queryid is a number") from None
+    queryid = path_int(ctx, "queryid", "queryid", INT8_MAX, -INT8_MAX - 1)
     datname = ctx.request.query_params.get("db") or None
     seen = await ctx.read(reads.query_info, srvid, queryid)
     if datname is not None:
@@ -105,7 +112,7 @@ async def build(ctx: Ctx) -> dict[str, Any]:
 
 PAGE = Page(
     name="query",
-    path="/server/{srvid:int}/query/{queryid}",
+    path="/server/{srvid}/query/{queryid}",
     template="query.html",
     build=build,
     html_parts=frozenset({"wait_events", "qualstats", "markers"}),

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from pgfleet.repository import reads
-from pgfleet.web.page import Ctx, NotFound, Page, buckets_for
+from pgfleet.web.page import INT4_MAX, Ctx, NotFound, Page, buckets_for, path_int
 from pgfleet.web.views import workload
 
 
 async def load_server(ctx: Ctx) -> dict[str, Any]:
-    srvid = int(ctx.request.path_params["srvid"])
+    srvid = path_int(ctx, "srvid", "server", INT4_MAX, 1)
     srv = await ctx.read(reads.server, srvid)
     if srv is None:
         raise NotFound(f"no server with srvid {srvid}")
@@ -49,7 +49,7 @@ async def build(ctx: Ctx) -> dict[str, Any]:
 
 PAGE = Page(
     name="server",
-    path="/server/{srvid:int}",
+    path="/server/{srvid}",  # not {srvid:int}: int() of 5,000 digits raises
     template="server.html",
     build=build,
     html_parts=frozenset(

@@ -3,11 +3,10 @@ server's, filtered)."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from pgfleet.repository import reads
-from pgfleet.web.page import Ctx, add, chart, line, values
+from pgfleet.web.page import Ctx, add, chart, concurrently, line, values
 
 _PGSS = ["calls", "total_exec_time", "rows", "shared_blks_hit", "shared_blks_read",
          "temp_blks_read", "temp_blks_written", "wal_bytes"]  # fmt: skip
@@ -18,7 +17,7 @@ async def charts(
 ) -> list[dict[str, Any]]:
     where = {"datname": datname} if datname is not None else None
     n = b.count
-    pgss, db, sessions = await asyncio.gather(
+    pgss, db, sessions = await concurrently(
         ctx.read(reads.rollup_series, "pg_stat_statements", srvid, b, _PGSS, where=where),
         ctx.read(
             reads.series, "pg_stat_database", srvid, b,
@@ -70,7 +69,7 @@ async def charts(
 
 async def server_charts(ctx: Ctx, srvid: int, b: reads.Buckets) -> list[dict[str, Any]]:
     n = b.count
-    results: list[Any] = await asyncio.gather(
+    results: list[Any] = await concurrently(
         charts(ctx, srvid, b),
         ctx.read(reads.series, "pg_stat_wal", srvid, b,
                  {"bytes": "sum(wal_bytes)", "records": "sum(wal_records)", "fpi": "sum(wal_fpi)"}),
