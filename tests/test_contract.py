@@ -38,7 +38,7 @@ CREATE FUNCTION public.my_datasource_src(_srvid integer)
 RETURNS TABLE (ts timestamptz, my_counter integer) LANGUAGE plpgsql AS $$
 BEGIN
     IF _srvid = 0 THEN
-        RETURN QUERY SELECT now(), t.my_counter FROM my_counter_table t;
+        RETURN QUERY SELECT now(), t.my_counter FROM public.my_counter_table t;
     ELSE
         RETURN QUERY SELECT t.ts, t.my_counter FROM public.my_datasource_src_tmp t
                       WHERE t.srvid = _srvid;

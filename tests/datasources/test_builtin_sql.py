@@ -21,10 +21,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from pgfleet.datasources import Datasource, builtin
-from pgfleet.snapshot.fetch import qualify
-
-MONITOR = "pgfleet_ds_monitor"
-MONITOR_PASSWORD = "pgfleet-ds-monitor-secret"
+from tests.datasources.monitor import MONITOR, ensure_monitor_role, monitor, qualified
 
 # Extensions (named as their library) we create in the test database when they
 # are preloaded; the fixtures may have put them in template1 already.
@@ -49,13 +46,7 @@ class Target:
 
     def monitor(self) -> psycopg.Connection[Any]:
         """A session as the collector's: pg_monitor, search_path pinned to pg_catalog."""
-        dsn = self.cluster.dsn(dbname=self.dbname, user=MONITOR, password=MONITOR_PASSWORD)
-        return psycopg.connect(
-            dsn,
-            autocommit=True,
-            application_name="pgfleet-test",
-            options="-c search_path=pg_catalog,pg_temp",
-        )
+        return monitor(self.cluster, self.dbname)
 
     def superuser(self, primary: bool = False) -> psycopg.Connection[Any]:
         where = self.primary if primary else self.cluster
@@ -64,14 +55,6 @@ class Target:
 
 def _dbname(dsn: str) -> str:
     return str(conninfo_to_dict(dsn)["dbname"])
-
-
-def _ensure_monitor_role(cluster: Any) -> None:
-    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (MONITOR,)).fetchone()
-        stmt = "ALTER ROLE {} LOGIN PASSWORD {}" if exists else "CREATE ROLE {} LOGIN PASSWORD {}"
-        conn.execute(sql.SQL(stmt).format(sql.Identifier(MONITOR), sql.Literal(MONITOR_PASSWORD)))
-        conn.execute(sql.SQL("GRANT pg_monitor TO {}").format(sql.Identifier(MONITOR)))
 
 
 def _preloaded(conn: psycopg.Connection[Any]) -> set[str]:
@@ -111,7 +94,7 @@ def _wait_replay(primary: Any, standby: Any, dbname: str, timeout: float = 30.0)
 def _make_target(request: pytest.FixtureRequest, name: str) -> Target:
     cluster = request.getfixturevalue(name)
     primary = request.getfixturevalue("pg15") if name == "pg15_standby" else cluster
-    _ensure_monitor_role(primary)
+    ensure_monitor_role(primary)
     # Our own database rather than new_database(): we need it at module scope.
     dbname = _dbname(primary.create_database(f"pgfleet_ds_{uuid.uuid4().hex[:12]}"))
     request.addfinalizer(lambda: _drop_database(primary, dbname))
@@ -170,11 +153,7 @@ def _query_or_skip(ds: Datasource, t: Target) -> str:
 
 def _qualified(query: str, conn: psycopg.Connection[Any]) -> str:
     """The source's SQL with its extensions' schemas, as the collector runs it."""
-    rows = conn.execute(
-        "SELECT e.extname::text, pg_catalog.quote_ident(n.nspname::text)"
-        " FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace"
-    ).fetchall()
-    resolved = qualify(query, {name: schema for name, schema in rows})
+    resolved = qualified(query, conn)
     assert resolved is not None, "an extension the source needs is missing"
     return resolved
 

@@ -13,10 +13,20 @@ metric machinery (``pgfleet.create_metric_source``) knows how to store it:
 - ``epoch``: changes when the entry's counters restarted (``stats_reset``).
 
 The SQL runs with ``search_path`` pinned to ``pg_catalog, pg_temp`` (see
-:mod:`pgfleet.connections`): built-in functions and catalogs are written
+:mod:`pgfleet.connections`), and means the same without: built-in functions
+(aggregates too), catalogs and types named by the parser are written
 ``pg_catalog.``-qualified, and an extension's objects ``@extschema:NAME@.object``,
 replaced by the schema extension NAME lives in, in each database (a database
-without it simply has nothing for that source).
+without it simply has nothing for that source).  Operators are written plainly
+but always get operands of exactly the types of a pg_catalog operator (cast
+where needed, ``pg_catalog.format()`` rather than ``text || integer``): an
+operator elsewhere could then win only on a path naming its schema before
+pg_catalog, never by matching better.  tests/datasources/test_qualified.py
+checks the names; docs/security.md says why.
+
+Secrets never leave the server: the SQL itself replaces them (settings.sql,
+pg_stat_statements*.sql, pg_qualstats.sql; docs/security.md lists what each
+source sends).
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ An entry is the extension's own: one predicate with its constant values
 reached simply vanish, whereas sums over constants would go backwards and look
 like resets.  ``qualnodeid`` (the predicate without its constants) is stored
 once per entry to group them; ``constvalue`` is the constant, truncated by the
-extension to 80 bytes: query data, as in pg_stat_statements' texts.  At most
-``pg_qualstats.max`` (1000) entries exist per server.
+extension to 80 bytes: query data, unlike pg_stat_statements' normalized texts.
+A constant compared with a column named for a secret (``password``,
+``api_token``...) is sent as a fingerprint, as settings are (docs/security.md).
+At most ``pg_qualstats.max`` (1000) entries exist per server.
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ the extension must be up to date (``ALTER EXTENSION pg_stat_statements UPDATE``
 after a major upgrade) or the newer columns are missing.
 
 Entries whose database or role was dropped are left out: their names are gone.
+
+Utility statements keep their literals in the text (``CREATE ROLE ...
+PASSWORD 'x'``, ``ALTER SYSTEM SET primary_conninfo = '...'``): a literal after
+a word naming a password, a secret, a conninfo or a command, ``password=...``
+and a URI's password become ``<redacted>`` on the server (docs/security.md).
 """
 
 from __future__ import annotations

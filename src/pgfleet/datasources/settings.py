@@ -6,6 +6,13 @@ left out, as they describe the collector, not the server.  Values set with
 ALTER DATABASE/ROLE ... SET still show as seen by the collector's database
 and role.  pg_monitor includes pg_read_all_settings, so superuser-only
 parameters are visible.
+
+A string setting that may hold a secret -- a command (``archive_command``,
+``restore_command``...), a conninfo (``primary_conninfo``), a password, an
+extension's ``*.password`` or ``*.secret``, a value with ``password=`` or a
+URI's password -- is sent as ``redacted sha256:`` and 12 hex digits of its
+value's SHA-256 keyed with the server's system identifier: a change still
+shows, the value does not (see settings.sql, docs/security.md).
 """
 
 from __future__ import annotations

@@ -70,9 +70,14 @@ def upgrade(conn: psycopg.Connection[Any]) -> list[Migration]:
     from pgfleet.repository import sources
 
     with conn.transaction():
+        # Nothing a repository user created elsewhere (public) may stand in
+        # for what the migrations call; restored at commit or rollback.
+        conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")
         # Transaction-level: released by commit or rollback, even if the
         # process dies half-way (the transaction is then rolled back whole).
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('pgfleet.migrate'))")
+        conn.execute(
+            "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgfleet.migrate'))"
+        )
         conn.execute("CREATE SCHEMA IF NOT EXISTS pgfleet")
         conn.execute(
             """CREATE TABLE IF NOT EXISTS pgfleet.schema_migrations (

@@ -7,6 +7,14 @@ query_source function ``pgfleet.<module>_src(srvid)`` -- local data for srvid 0
 otherwise -- and then lets ``pgfleet.create_metric_source`` build the storage
 and register the four operations.  Everything is idempotent, so ``repo
 upgrade`` reruns it: a source that gained a column gains it in place.
+
+Like every repository function (migration 0009), the query_source functions
+run with ``search_path = pg_catalog, pg_temp``, the path the collector's
+sessions have on a monitored server, where the same SQL runs.  The install
+itself runs with that path too, whatever the session's: the type names of
+the tables and functions it creates (``text``, ``timestamptz``) are
+PostgreSQL's, not those of whoever may create objects in a schema on the
+session's path.
 """
 
 from __future__ import annotations
@@ -18,13 +26,26 @@ from psycopg import sql
 
 from pgfleet.datasources import EXTSCHEMA, Datasource, builtin
 
+# The path of every repository function and of the collector's sessions.
+SEARCH_PATH = "pg_catalog, pg_temp"
+
 
 def install_builtin(conn: psycopg.Connection[Any]) -> None:
-    row = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()
-    assert row is not None
-    version = int(row[0])
-    for ds in builtin().values():
-        install(conn, ds, version)
+    """Install (or upgrade) every built-in source, in the caller's transaction."""
+    with conn.transaction():
+        # set_config(..., true) lasts until the end of the transaction: put
+        # the session's path back for whatever the caller does after us.
+        row = conn.execute(
+            "SELECT pg_catalog.current_setting('search_path'),"
+            " pg_catalog.set_config('search_path', %s, true),"
+            " pg_catalog.current_setting('server_version_num')::integer",
+            (SEARCH_PATH,),
+        ).fetchone()
+        assert row is not None
+        saved, _, version = row
+        for ds in builtin().values():
+            install(conn, ds, int(version))
+        conn.execute("SELECT pg_catalog.set_config('search_path', %s, true)", (saved,))
 
 
 # Built-in sources whose every column is short (names, numbers, times): their
@@ -153,7 +174,7 @@ def _src_function(ds: Datasource, version: int) -> sql.Composed:
         )
     return sql.SQL(
         """CREATE OR REPLACE FUNCTION {fn}(_srvid integer)
-RETURNS TABLE ({outputs}) LANGUAGE plpgsql AS $src$
+RETURNS TABLE ({outputs}) LANGUAGE plpgsql SET search_path = {path} AS $src$
 DECLARE
     _q text;
 BEGIN
@@ -167,6 +188,7 @@ $src$"""
     ).format(
         fn=sql.SQL(ds.src_function),
         outputs=outputs,
+        path=sql.SQL(SEARCH_PATH),
         local_branch=local_branch,
         cols=sql.SQL(", ").join(sql.SQL("t.{}").format(c) for c in cols),
         tmp=sql.SQL(ds.tmp_table),

@@ -1,5 +1,5 @@
 -- PostgreSQL 18 and later: pg_stat_checkpointer gained num_done and slru_written.
-SELECT now() AS ts, b.stats_reset,
+SELECT pg_catalog.now() AS ts, b.stats_reset,
        c.num_timed AS checkpoints_timed, c.num_requested AS checkpoints_req,
        c.num_done AS checkpoints_done,
        c.restartpoints_timed, c.restartpoints_req, c.restartpoints_done,
@@ -7,4 +7,4 @@ SELECT now() AS ts, b.stats_reset,
        b.buffers_clean, b.maxwritten_clean,
        NULL::bigint AS buffers_backend, NULL::bigint AS buffers_backend_fsync, b.buffers_alloc,
        c.write_time AS checkpoint_write_time, c.sync_time AS checkpoint_sync_time
-  FROM pg_stat_bgwriter b CROSS JOIN pg_stat_checkpointer c
+  FROM pg_catalog.pg_stat_bgwriter b CROSS JOIN pg_catalog.pg_stat_checkpointer c

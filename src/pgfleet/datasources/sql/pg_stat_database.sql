@@ -1,5 +1,5 @@
 -- PostgreSQL 14 and 15: no confl_active_logicalslot yet.
-SELECT now() AS ts, d.datname, d.stats_reset, d.numbackends,
+SELECT pg_catalog.now() AS ts, d.datname, d.stats_reset, d.numbackends,
        d.xact_commit, d.xact_rollback, d.blks_read, d.blks_hit, d.tup_returned,
        d.tup_fetched, d.tup_inserted, d.tup_updated, d.tup_deleted, d.conflicts,
        d.temp_files, d.temp_bytes, d.deadlocks, d.checksum_failures,
@@ -8,6 +8,6 @@ SELECT now() AS ts, d.datname, d.stats_reset, d.numbackends,
        c.confl_deadlock, NULL::bigint AS confl_active_logicalslot,
        d.blk_read_time, d.blk_write_time, d.session_time, d.active_time,
        d.idle_in_transaction_time
-  FROM pg_stat_database d
-  LEFT JOIN pg_stat_database_conflicts c USING (datid)
+  FROM pg_catalog.pg_stat_database d
+  LEFT JOIN pg_catalog.pg_stat_database_conflicts c USING (datid)
  WHERE d.datname IS NOT NULL

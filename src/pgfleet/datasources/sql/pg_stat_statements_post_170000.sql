@@ -1,7 +1,23 @@
 -- PostgreSQL 17 and later (pg_stat_statements 1.11+): per-entry stats_since,
 -- blk_*_time split into shared_blk_*_time and local_blk_*_time.
-SELECT now() AS ts, d.datname, r.rolname, s.toplevel, s.queryid,
-       s.stats_since, s.query,
+SELECT pg_catalog.now() AS ts, d.datname, r.rolname, s.toplevel, s.queryid,
+       s.stats_since,
+       -- Utility statements keep their literals (CREATE ROLE ... PASSWORD 'x',
+       -- CREATE SUBSCRIPTION ... CONNECTION '...', ALTER SYSTEM SET
+       -- primary_conninfo = '...'): a literal after a word naming a secret, a
+       -- conninfo or a command (a dollar-quoted one and all after it),
+       -- password=... anywhere and the password of a URI become <redacted>
+       -- here, before the text leaves the server.  The patterns are
+       -- dollar-quoted: no standard_conforming_strings changes what they say.
+       CASE WHEN s.query !~* $re$passw|passphrase|secret|conninfo|connection|_command|salt|token|://$re$
+            THEN s.query
+            ELSE pg_catalog.regexp_replace(pg_catalog.regexp_replace(pg_catalog.regexp_replace(
+                   s.query,
+                   $re$(passw[a-z]*|passphrase|secret[a-z_]*|conninfo|connection|_command|salt|token)(\s*=\s*|\s+to\s+|\s+)(?:[eE]?'(?:[^'\\]|''|\\.)*'|\$\w*\$.*)$re$,
+                   $re$\1\2'<redacted>'$re$, 'gi'),
+                   $re$(passw[a-z]*|passphrase)(\s*=\s*)(?!\$[0-9])[^\s',)]+$re$, $re$\1\2<redacted>$re$, 'gi'),
+                   $re$(://[^:/@\s']*:)[^@/\s']*@$re$, $re$\1<redacted>@$re$, 'g')
+       END AS query,
        s.calls, s.plans, s.rows,
        s.shared_blks_hit, s.shared_blks_read, s.shared_blks_dirtied, s.shared_blks_written,
        s.local_blks_hit, s.local_blks_read, s.local_blks_dirtied, s.local_blks_written,
@@ -14,6 +30,6 @@ SELECT now() AS ts, d.datname, r.rolname, s.toplevel, s.queryid,
        s.temp_blk_read_time, s.temp_blk_write_time,
        s.jit_generation_time
   FROM @extschema:pg_stat_statements@.pg_stat_statements s
-  JOIN pg_database d ON d.oid = s.dbid
-  JOIN pg_roles r ON r.oid = s.userid
+  JOIN pg_catalog.pg_database d ON d.oid = s.dbid
+  JOIN pg_catalog.pg_roles r ON r.oid = s.userid
  WHERE s.queryid IS NOT NULL

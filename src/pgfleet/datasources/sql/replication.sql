@@ -1,15 +1,17 @@
 -- pg_current_wal_lsn() raises during recovery: the CASE keeps it out of reach.
+-- Names and addresses only: neither the standby's conninfo nor its user.
 WITH pos AS (
-    SELECT CASE WHEN pg_is_in_recovery()
-                THEN greatest(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())
-                ELSE pg_current_wal_lsn() END AS lsn
+    SELECT CASE WHEN pg_catalog.pg_is_in_recovery()
+                THEN greatest(pg_catalog.pg_last_wal_receive_lsn(),
+                              pg_catalog.pg_last_wal_replay_lsn())
+                ELSE pg_catalog.pg_current_wal_lsn() END AS lsn
 ), r AS (
-    SELECT r.*, coalesce(host(r.client_addr), '') AS addr,
-           count(*) OVER (PARTITION BY r.application_name, r.client_addr) AS same
-      FROM pg_stat_replication r
+    SELECT r.*, coalesce(pg_catalog.host(r.client_addr), '') AS addr,
+           pg_catalog.count(*) OVER (PARTITION BY r.application_name, r.client_addr) AS same
+      FROM pg_catalog.pg_stat_replication r
 )
-SELECT now() AS ts,
-       CASE WHEN r.same > 1 THEN r.application_name || ' [' || r.pid || ']'
+SELECT pg_catalog.now() AS ts,
+       CASE WHEN r.same > 1 THEN pg_catalog.format('%s [%s]', r.application_name, r.pid)
             ELSE r.application_name END AS application_name,
        r.addr AS client_addr, r.pid, r.state, r.sync_state,
        (pos.lsn - r.sent_lsn)::bigint AS sent_lag_bytes,

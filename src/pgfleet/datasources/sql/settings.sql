@@ -1,3 +1,29 @@
-SELECT now() AS ts, name, setting, unit, source, pending_restart
-  FROM pg_settings
- WHERE source NOT IN ('client', 'session')
+-- A setting that may hold a secret leaves the server as a fingerprint of its
+-- value, never the value: 'redacted sha256:' and 12 hex digits of the SHA-256
+-- of the value keyed with the server's system identifier (not stored in the
+-- repository, so that a list of guesses cannot be checked against it there).
+-- A change of value still shows as a change; an empty value stays empty, and
+-- so does archive_command's '(disabled)' (what PostgreSQL shows when
+-- archive_mode is off, whatever the command).
+-- Which: string settings named for a command (archive_command,
+-- restore_command, archive_cleanup_command, recovery_end_command,
+-- ssl_passphrase_command...), a conninfo (primary_conninfo) or a secret
+-- (password, passphrase, secret, token, credential, salt, api_key...: an
+-- extension's too), and any whose value holds a password=... or a URI with a
+-- password.
+SELECT pg_catalog.now() AS ts, s.name,
+       CASE WHEN s.setting IN ('', '(disabled)') OR s.vartype <> 'string'
+                 OR NOT (s.name ~* k.names OR s.setting ~* k.values)
+            THEN s.setting
+            ELSE 'redacted sha256:' || pg_catalog.substr(pg_catalog.encode(pg_catalog.sha256(
+                     pg_catalog.convert_to(k.key || s.setting, pg_catalog.getdatabaseencoding())),
+                     'hex'), 1, 12) END AS setting,
+       s.unit, s.source, s.pending_restart
+  FROM pg_catalog.pg_settings s
+ CROSS JOIN (SELECT c.system_identifier::pg_catalog.text || ':' AS key,
+                    $re$(_command|_cmd|_script|[._]dsn)$|conninfo|connstr|connection_string|passw|passphrase|secret|token|credential|salt|api_?key|private_?key|access_?key$re$
+                      AS names,
+                    $re$(passw[a-z]*|passphrase|secret)[[:space:]]*=|://[^/@[:space:]]*:[^/@[:space:]]*@$re$
+                      AS values
+               FROM pg_catalog.pg_control_system() c) k
+ WHERE s.source NOT IN ('client', 'session')
