@@ -123,9 +123,9 @@ def test_collects_and_answers_the_cli(
     mon.execute("DROP ROLE IF EXISTS watcher")
     mon.execute("CREATE ROLE watcher LOGIN PASSWORD 'hunter2-secret' IN ROLE pg_monitor")
     add(run_cli, "fast", mon, "--frequency", "1")
-    add(run_cli, "slow", mon, "--frequency", "2", "--password-ref", "env:WATCHER_PW")
+    add(run_cli, "slow", mon, "--frequency", "2", "--password-ref", "env:PGFLEET_PW_WATCHER")
     assert run_cli("server", "update", "slow", "--user", "watcher").rc == 0
-    d = daemon(repo, env={"WATCHER_PW": "hunter2-secret"})
+    d = daemon(repo, env={"PGFLEET_PW_WATCHER": "hunter2-secret"})
 
     wait_until(
         lambda: snapshots(repo, "fast") >= 3 and snapshots(repo, "slow") >= 2, 20, "snapshots"

@@ -45,9 +45,9 @@ def test_every_builtin_source_as_pg_monitor(
         conn.execute("SELECT f(), count(*) FROM t")
     role = f"mon_{monitored.port}"
     _monitor_role(mon, role, "s3cret")
-    add_server(run_cli, "mon", mon, "--password-ref", "env:MON_PASSWORD")
+    add_server(run_cli, "mon", mon, "--password-ref", "env:PGFLEET_PW_MON")
     assert run_cli("server", "update", "mon", "--user", role).rc == 0
-    env = {"MON_PASSWORD": "s3cret"}
+    env = {"PGFLEET_PW_MON": "s3cret"}
 
     res = run_cli("snapshot", "mon", "--json", env=env)
     assert res.rc == 0, res.err
@@ -168,9 +168,9 @@ def test_wrong_password_never_echoed(
 ) -> None:
     mon = new_database(pg18)
     _monitor_role(mon, "pwtest", "right-one")
-    add_server(run_cli, "pw", mon, "--password-ref", "env:PW")
+    add_server(run_cli, "pw", mon, "--password-ref", "env:PGFLEET_PW_PW")
     assert run_cli("server", "update", "pw", "--user", "pwtest").rc == 0
-    res = run_cli("snapshot", "pw", env={"PW": "wrong-one"})
+    res = run_cli("snapshot", "pw", env={"PGFLEET_PW_PW": "wrong-one"})
     assert res.rc == 1
     assert len(res.err.strip().splitlines()) == 1
     assert 'password authentication failed for user "pwtest"' in res.err
@@ -179,7 +179,7 @@ def test_wrong_password_never_echoed(
     # A reference to an unset variable is named, not sent.
     res = run_cli("snapshot", "pw")
     assert res.rc == 1
-    assert "environment variable PW is not set" in res.err
+    assert "environment variable PGFLEET_PW_PW is not set" in res.err
     # The repository never saw a password.
     assert "wrong-one" not in str(scalar(repo, "SELECT array_agg(s::text) FROM pgfleet.servers s"))
 
@@ -204,9 +204,9 @@ def test_missing_privilege_fails_only_that_source(
     with connect(mon) as conn:
         conn.execute("DROP ROLE IF EXISTS plain")
         conn.execute("CREATE ROLE plain LOGIN PASSWORD 'p'")
-    add_server(run_cli, "plain", mon, "--password-ref", "env:PLAIN_PW")
+    add_server(run_cli, "plain", mon, "--password-ref", "env:PGFLEET_PW_PLAIN")
     assert run_cli("server", "update", "plain", "--user", "plain").rc == 0
-    res = run_cli("snapshot", "plain", "--json", env={"PLAIN_PW": "p"})
+    res = run_cli("snapshot", "plain", "--json", env={"PGFLEET_PW_PLAIN": "p"})
     result = json.loads(res.out)
     # pg_stat_database is readable by anyone and is stored regardless.
     assert "pg_stat_database" in result["stored"]
@@ -253,8 +253,8 @@ def test_unreachable_database_loses_only_its_rows(
     repo: str, run_cli: RunCli, new_cluster: NewCluster
 ) -> None:
     """Per-database sources of a database the role may not connect to record
-    that; the cluster-wide sources, which run on another database's
-    connection when there is one, fall back to the main connection."""
+    that, and the other databases' rows and the cluster-wide sources (on the
+    main connection) are stored."""
     mon = new_cluster("refusing", shared_preload_libraries=["pg_stat_statements"])
     app = mon.create_database("app")
     # First in name order: the connection the cluster-wide sources would use.
@@ -265,9 +265,9 @@ def test_unreachable_database_loses_only_its_rows(
     with connect(app) as conn:
         conn.execute("CREATE EXTENSION pg_stat_statements")
         conn.execute("CREATE TABLE t (id int)")
-    add_server(run_cli, "refusing", app, "--password-ref", "env:MON_PW")
+    add_server(run_cli, "refusing", app, "--password-ref", "env:PGFLEET_PW_MON")
     assert run_cli("server", "update", "refusing", "--user", "mon").rc == 0
-    res = run_cli("snapshot", "refusing", "--json", env={"MON_PW": "m"})
+    res = run_cli("snapshot", "refusing", "--json", env={"PGFLEET_PW_MON": "m"})
     assert res.rc == 3, res.err
     result = json.loads(res.out)
     per_database = {

@@ -2,16 +2,20 @@
 
 A worker is an asyncio task per server.  It sleeps until its next slot (see
 :mod:`pgfleet.collector.scheduler`), waits for a place among the snapshots in flight,
-fetches from the server over its persistent connections, and hands the
-result to the writer.  It never has two snapshots going at once, and a
+fetches from the server over its session (a main connection kept between
+snapshots, the other databases visited in turn on connections closed after
+each visit: see :class:`~pgfleet.snapshot.fetch.ServerSession`), and hands
+the result to the writer.  It never has two snapshots going at once, and a
 failure of any kind ends up counted and logged, never in a dead task.
 
 A snapshot is one :func:`~pgfleet.snapshot.fetch.fetch` call: one batch of
-COPYs per database connection, the connections working at once, as a
-one-shot snapshot does.  Each source's duration comes from the fetch's
-per-source timings, each failure from ``result.failures`` with the kind set
-where it was caught; the server's facts (version, databases) are read once
-per snapshot (see :class:`Session`).
+COPYs per database, on at most ``max_connections_per_server`` connections at
+once, as a one-shot snapshot does.  Each source's duration comes from the
+fetch's per-source timings, each failure from ``result.failures`` with the
+kind set where it was caught; the server's facts (version, databases, free
+connection slots) are read once per snapshot (see :class:`Session`), and so
+is its clock: one off by more than ``CLOCK_SKEW`` seconds is counted
+(``clock``/``skewed``) at every snapshot and logged once, when it starts.
 """
 
 from __future__ import annotations
@@ -50,21 +54,24 @@ log = EventLogger("worker")
 # Settings whose change needs new connections.
 _CONNECTION = ("host", "port", "username", "dbname", "password_ref", "options")
 
+# Seconds a server's clock may differ from ours before it is reported:
+# retention and the web UI's ranges go by the timestamps servers give.
+CLOCK_SKEW = 60.0
+
 
 class Session(ServerSession):
     """A ServerSession that reads the server's facts once per snapshot,
-    and counts the connections it opens."""
+    and counts the connections it opens (every one, the per-database
+    visits' included: pgfleet_connections_opened_total)."""
 
     def __init__(self, server: Server, cfg: CollectorConfig, stats: Stats) -> None:
         super().__init__(server, cfg)
         self._info: ServerInfo | None = None
         self._stats = stats
 
-    async def conn(self, dbname: str | None = None) -> psycopg.AsyncConnection[Any]:
-        before = self._conns.get(dbname or self.server.dbname)
-        c = await super().conn(dbname)
-        if c is not before:
-            self._stats.count(self.server.alias, "connection", "opened")
+    async def _connect(self, dbname: str) -> psycopg.AsyncConnection[Any]:
+        c = await super()._connect(dbname)
+        self._stats.count(self.server.alias, "connection", "opened")
         return c
 
     def new_snapshot(self) -> None:
@@ -122,6 +129,8 @@ class Worker:
         self._keep_on_cancel = True
         # A session replaced while its snapshot ran, closed when it ends.
         self._stale: ServerSession | None = None
+        # Whether the server's clock was last seen off (and said so).
+        self._skewed = False
         self.task: asyncio.Task[None] | None = None
 
     # -- Control, from the daemon
@@ -305,6 +314,7 @@ class Worker:
             except PgfleetError as e:  # ServerError, or an unresolvable password reference
                 return await self._fail(str(e))
             self.reachable = True
+            self._check_clock()
             # Query durations are kept per source, not per server and source:
             # a thousand servers times twenty sources of histograms is more
             # than anyone graphs.
@@ -356,10 +366,12 @@ class Worker:
                     self.server, taken_at, info, staged, result, ticket
                 )
             except asyncio.CancelledError:
-                if not ticket.begun and self._keep_on_cancel:
-                    # Shutting down before the repository got it: keep it
-                    # for the next run rather than lose it.
-                    self.writer.put(self.server, taken_at, info, staged, result)
+                if self._keep_on_cancel:
+                    # Shutting down before the repository answered: keep it
+                    # for the next run rather than lose it.  Spooled under the
+                    # stamp it was submitted with, a copy whose store did
+                    # commit after all is recognised at replay and skipped.
+                    self.writer.put(self.server, taken_at, info, staged, result, ticket.stamp)
                 raise
         finally:
             for st in staged:
@@ -388,6 +400,20 @@ class Worker:
             lag=None if lag is None else round(lag, 3),
         )
         return True
+
+    def _check_clock(self) -> None:
+        """Count a snapshot of a server whose clock is off; say so once, when it starts."""
+        skew = self.session.skew
+        if skew is None:
+            return
+        if abs(skew) > CLOCK_SKEW:
+            self.stats.count(self.server.alias, "clock", "skewed")
+            if not self._skewed:
+                self._skewed = True
+                self.log.warning("server clock differs from the collector's", skew_s=round(skew, 1))
+        elif self._skewed:
+            self._skewed = False
+            self.log.info("server clock agrees with the collector's again", skew_s=round(skew, 1))
 
     def _trace(self, staged: list[Staged], result: SnapshotResult) -> None:
         """Each fetched row, as COPY text: the finest detail there is."""

@@ -14,6 +14,7 @@ import asyncio
 import re
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
@@ -39,9 +40,49 @@ from pgfleet.snapshot.model import (
     new_spool,
 )
 
+# Connection slots of a monitored server the collector leaves to its other
+# clients: when it has this few free, it visits with its main connection alone.
+SPARE_SLOTS = 2
+
+# One statement, one round trip: the server's facts, its free connection slots
+# (those an ordinary client may take: superuser_reserved_connections and,
+# from PostgreSQL 16, reserved_connections are not for us; walsenders and
+# background workers have slots of their own), and its clock.  A role
+# without pg_read_all_stats sees another role's backend_type as NULL.
+_INFO = """
+SELECT pg_catalog.current_setting('server_version_num')::int,
+       pg_catalog.pg_is_in_recovery(),
+       ARRAY(SELECT extname::text FROM pg_catalog.pg_extension),
+       ARRAY(SELECT datname::text FROM pg_catalog.pg_database
+              WHERE datallowconn AND NOT datistemplate ORDER BY datname),
+       pg_catalog.current_setting('max_connections')::int
+         - pg_catalog.current_setting('superuser_reserved_connections')::int
+         - coalesce(pg_catalog.current_setting('reserved_connections', true)::int, 0)
+         - (SELECT count(*) FROM pg_catalog.pg_stat_activity
+             WHERE coalesce(backend_type = 'client backend', datid IS NOT NULL))::int,
+       pg_catalog.date_part('epoch', pg_catalog.clock_timestamp())
+"""
+
+
+def connection_budget(configured: int, free_slots: int | None) -> int:
+    """Connections a snapshot may hold at once: ``configured``, but never so
+    many that fewer than SPARE_SLOTS free slots are left to the server's
+    other clients; one (the main connection alone) at worst."""
+    if free_slots is None:
+        return max(1, configured)
+    return max(1, min(configured, 1 + free_slots - SPARE_SLOTS))
+
 
 class ServerSession:
-    """The connections to one monitored server: one per database, reused.
+    """The connections to one monitored server.
+
+    What always holds: at most ``budget`` connections are open at once; the
+    main one (to the server's own database) is kept between snapshots; every
+    other is opened for one database's visit and closed right after it.
+    ``budget`` is ``[collector] max_connections_per_server``, lowered by
+    :meth:`info` on a server with few free connection slots (see
+    :func:`connection_budget`); at one, the main connection is closed while
+    another database is visited, and opened again when next needed.
 
     The daemon keeps a session per server for its whole life; a one-shot
     snapshot opens one and closes it.
@@ -50,37 +91,74 @@ class ServerSession:
     def __init__(self, server: Server, cfg: CollectorConfig) -> None:
         self.server = server
         self.cfg = cfg
-        self._conns: dict[str, psycopg.AsyncConnection[Any]] = {}
+        self.budget = max(1, cfg.max_connections_per_server)
+        # From the last info(): the server's free connection slots (ours
+        # excluded), and its clock minus ours in seconds (None: unknown).
+        self.free_slots: int | None = None
+        self.skew: float | None = None
+        self._main: psycopg.AsyncConnection[Any] | None = None
+        self._visiting: set[psycopg.AsyncConnection[Any]] = set()
 
-    async def conn(self, dbname: str | None = None) -> psycopg.AsyncConnection[Any]:
-        db = dbname or self.server.dbname
-        c = self._conns.get(db)
+    async def _connect(self, dbname: str) -> psycopg.AsyncConnection[Any]:
+        """Open a connection: every one the session opens goes through here."""
+        return await connect_server(self.server, self.cfg, dbname=dbname)
+
+    async def conn(self) -> psycopg.AsyncConnection[Any]:
+        """The main connection, opened if need be."""
+        c = self._main
         if c is None or c.closed or c.broken:
-            c = await connect_server(self.server, self.cfg, dbname=db)
-            self._conns[db] = c
+            self._main = None
+            if c is not None:
+                await c.close()
+            self._check_room()
+            c = self._main = await self._connect(self.server.dbname)
         return c
 
-    async def discard(self, dbname: str | None = None) -> None:
-        c = self._conns.pop(dbname or self.server.dbname, None)
+    async def open(self, dbname: str) -> psycopg.AsyncConnection[Any]:
+        """A connection to ``dbname`` for one visit; give it back with release()."""
+        if dbname == self.server.dbname:
+            return await self.conn()
+        if self.budget <= 1:
+            await self.close_main()
+        self._check_room()
+        c = await self._connect(dbname)
+        self._visiting.add(c)
+        return c
+
+    async def release(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The visit is over: close ``conn`` unless it is the main connection."""
+        if conn in self._visiting:
+            self._visiting.discard(conn)
+            await conn.close()
+
+    async def close_main(self) -> None:
+        c, self._main = self._main, None
         if c is not None:
             await c.close()
 
     async def close(self) -> None:
-        conns, self._conns = list(self._conns.values()), {}
+        conns = list(self._visiting)
+        self._visiting.clear()
         for c in conns:
             await c.close()
+        await self.close_main()
+
+    def _check_room(self) -> None:
+        held = len(self._visiting) + (self._main is not None)
+        # A bug of the caller's, never the server's doing: fetch() keeps to it.
+        assert held < self.budget, f"{held} connections open, budget {self.budget}"
 
     async def info(self) -> ServerInfo:
         c = await self.conn()
-        cur = await c.execute(
-            """SELECT pg_catalog.current_setting('server_version_num')::int,
-                      pg_catalog.pg_is_in_recovery(),
-                      ARRAY(SELECT extname::text FROM pg_catalog.pg_extension),
-                      ARRAY(SELECT datname::text FROM pg_catalog.pg_database
-                             WHERE datallowconn AND NOT datistemplate ORDER BY datname)"""
-        )
+        before = time.time()
+        cur = await c.execute(_INFO)
         row = await cur.fetchone()
+        after = time.time()
         assert row is not None
+        self.free_slots = row[4]
+        self.budget = connection_budget(self.cfg.max_connections_per_server, row[4])
+        # The server read its clock between our sending and our receiving.
+        self.skew = None if row[5] is None else float(row[5]) - (before + after) / 2
         return ServerInfo(row[0], row[1], frozenset(row[2]), tuple(row[3]))
 
 
@@ -161,8 +239,6 @@ class _Job:
     spool: IO[bytes]
     # A per-database source loses only this database when it cannot be reached.
     per_database: bool
-    # A cluster-wide source: any database's connection will do.
-    flexible: bool = False
     # A per-database connection failure: recorded, the source still stored.
     unreachable: str | None = None
     # A query failure: the source is not stored.
@@ -180,15 +256,24 @@ async def fetch(
     """Run the sources on the monitored server into spools.
 
     Built-in sources run as a few multi-statement batches of ``COPY ... TO
-    STDOUT``, one per database connection, concurrently: the per-database
-    sources on their database's connection, the cluster-wide ones on another
-    database's connection when the server has one (pg_stat_statements and
-    other extensions' views stay on the main one), so that two server
-    backends work at once and each connection pays one round trip, not one
-    per source.  A user's source, and any source with a ``query_cleanup``,
-    runs on its own afterwards.  Each source's spool holds its rows in the
-    same order as when they ran one by one; ``result.phases["fetch <module>"]``
-    has each source's time, and ``result.failures`` each failure, with its kind.
+    STDOUT``, one per database connection, so that each connection pays one
+    round trip, not one per source.  The main connection runs its own
+    database's batch, every cluster-wide source among it, while within the
+    session's budget of connections (see ServerSession) ``budget - 1`` more
+    connections visit the other databases in turn, each for that database's
+    per-database sources.  The cluster-wide sources stay on the main
+    connection even when a visit could take them: a backend started for
+    one visit reads every catalog it needs afresh, which costs more than
+    the main connection's running them after its own (bench/snapshot.py's
+    server, fetches alone: a median of 28 ms moved, 24 ms kept).  With a
+    budget of one, the main connection's batch comes first, then the
+    visits, one after the other, the main connection closed.
+
+    A user's source, and any source with a ``query_cleanup``, runs on its
+    own afterwards.  Each source's spool holds its rows in the same order as
+    when they ran one by one; ``result.phases["fetch <module>"]`` has each
+    source's time, ``result.phases["fetch @<db>"]`` each visit's, and
+    ``result.failures`` each failure, with its kind.
 
     Raise ServerError when the server (its main database) cannot be reached
     or a connection is lost half-way.
@@ -227,7 +312,6 @@ async def fetch(
                         db,
                         stream.open(src) if stream is not None and streams else new_spool(),
                         ds.per_database,
-                        flexible=not ds.extension,
                     )
                     for db in dbs
                 ]
@@ -242,34 +326,46 @@ async def fetch(
     for js in jobs.values():
         for job in js:
             lanes.setdefault(job.db, []).append(job)
-    helper = next((db for db in lanes if db != main), None)
-    if helper is not None:
-        moved = [j for j in lanes.get(main, []) if j.flexible and not j.per_database]
-        lanes[main] = [j for j in lanes.get(main, []) if j not in moved]
-        lanes[helper] = moved + lanes[helper]
+    home = lanes.pop(main, [])
+    visits = [(db, lane) for db, lane in lanes.items() if lane]
+    extra = session.budget - 1
     staged_alone: dict[str, Staged] = {}
+    todo = deque(visits)
+    stop = False
 
-    async def timed(db: str, lane: list[_Job]) -> list[_Job]:
+    async def timed(db: str, lane: list[_Job]) -> None:
+        nonlocal stop
         t0 = time.perf_counter()
         try:
-            return await _run_lane(session, db, lane)
+            await _run_lane(session, db, lane)
+        except BaseException:
+            stop = True  # the snapshot is lost: visit no more databases
+            raise
         finally:
             result.phases["fetch @" + db] = time.perf_counter() - t0
 
+    async def tour() -> None:
+        """Visit the databases left, one after the other, on one connection at a time."""
+        while todo and not stop:
+            db, lane = todo.popleft()
+            await timed(db, lane)
+
     try:
-        outcomes = await asyncio.gather(
-            *(timed(db, lane) for db, lane in lanes.items() if lane),
-            return_exceptions=True,
-        )
-        for out in outcomes:
-            if isinstance(out, BaseException):
-                raise out
-        # Cluster-wide sources whose helper connection could not be opened.
-        retry = [j for out in outcomes if isinstance(out, list) for j in out]
-        if retry:
-            for job in retry:
-                job.unreachable = None
-            await _run_lane(session, main, retry, fallback=False)
+        if extra > 0:
+            runs = [tour() for _ in range(min(extra, len(visits)))]
+            if home:
+                runs.insert(0, timed(main, home))
+            for out in await asyncio.gather(*runs, return_exceptions=True):
+                if isinstance(out, BaseException):
+                    raise out
+        else:
+            # Alone: the main connection's batch, then each database in turn
+            # on a connection of its own, the main one closed meanwhile.
+            if home:
+                await timed(main, home)
+            if todo:
+                await session.close_main()
+                await tour()
         for src in alone:
             st = await _fetch_alone(session, src, known, info, result)
             if st is not None:
@@ -310,26 +406,30 @@ async def fetch(
     return info, staged
 
 
-async def _run_lane(
-    session: ServerSession, db: str, lane: list[_Job], *, fallback: bool = True
-) -> list[_Job]:
-    """Run one connection's jobs in batches; return the jobs to run elsewhere.
+async def _run_lane(session: ServerSession, db: str, lane: list[_Job]) -> None:
+    """Run one database's jobs in batches, on a connection to it.
 
-    Those are the cluster-wide jobs of a helper connection that could not be
-    opened (``fallback``); a per-database job records the failure instead.
-    A connection lost half-way raises ServerError, as it does for the whole
-    snapshot.
+    A database that cannot be connected to records the failure in its
+    per-database jobs; the main one, with cluster-wide jobs, raises
+    ServerError, as does a connection lost half-way: the snapshot is lost.
     """
     try:
-        conn = await session.conn(db)
+        conn = await session.open(db)
     except ServerError as e:
-        if db == session.server.dbname and any(not j.per_database for j in lane):
+        if any(not j.per_database for j in lane):
             raise
-        retry = [j for j in lane if fallback and not j.per_database]
         for job in lane:
-            if job not in retry:
-                job.unreachable = str(e)
-        return retry
+            job.unreachable = str(e)
+        return
+    try:
+        await _run_jobs(session, conn, lane)
+    finally:
+        await session.release(conn)
+
+
+async def _run_jobs(
+    session: ServerSession, conn: psycopg.AsyncConnection[Any], lane: list[_Job]
+) -> None:
     srvid = session.server.srvid
     pending = lane
     if any(needs_schemas(j.query) for j in lane):
@@ -372,7 +472,6 @@ async def _run_lane(
             continue
         batch[done].failed = source_failure(batch[done].src.module, error, session.cfg)
         pending = pending[done + 1 :]
-    return []
 
 
 async def _fetch_alone(
@@ -392,20 +491,28 @@ async def _fetch_alone(
         if ds is not None:
             query, _ = plan_builtin(ds, info)
             assert query is not None
-            dbnames = info.databases if ds.per_database else (None,)
+            dbnames = info.databases if ds.per_database else (session.server.dbname,)
             for db in dbnames:
                 try:
-                    conn = await session.conn(db)
+                    conn = await session.open(db)
+                except ServerError as e:
+                    # One unreachable database (e.g. connection limit)
+                    # must not lose the others.
+                    result.fail(src.module, FailureKind.CONNECT, str(e))
+                    continue
+                try:
                     here: str | None = query
                     if needs_schemas(query):
                         here = qualify(query, await extension_schemas(conn))
                     if here is None:
                         continue  # the extension is not in this database
                     await wire.copy_out(conn, _copy_stmt(srvid, sql.SQL(here)), spool)
-                except ServerError as e:
-                    # One unreachable database (e.g. connection limit)
-                    # must not lose the others.
-                    result.fail(src.module, FailureKind.CONNECT, str(e))
+                except psycopg.Error as e:
+                    if conn.broken:
+                        raise _lost(session, e) from None
+                    raise
+                finally:
+                    await session.release(conn)
         else:
             conn = await session.conn()
             assert src.query_source is not None
