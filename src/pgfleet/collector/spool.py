@@ -1,9 +1,9 @@
 """Snapshots waiting on disk for the repository, stored later in order.
 
 One file per snapshot, ``<seq>-<srvid>.snap``: a JSON header line (server,
-when, what the server said about itself, per-source errors, and each
-source with the size of its rows), then every source's rows in COPY text
-format, back to back.  It is written under a temporary name, fsync'ed and
+when, what the server said about itself, per-source errors, its
+:class:`Stamp`, and each source with the size of its rows), then every
+source's rows in COPY text format, back to back.  It is written under a temporary name, fsync'ed and
 renamed, so a crash leaves either the whole snapshot or nothing.  ``seq``
 grows with every snapshot of the process and survives restarts (it is read
 back from the names), so the files' order is the order snapshots were
@@ -57,6 +57,25 @@ class Entry:
     size: int
 
 
+@dataclass(frozen=True)
+class Stamp:
+    """What the repository needs of a snapshot besides its rows, kept with it.
+
+    ``key``: the snapshot's own, so that it is stored once however often it
+    is sent (a store given up on may have committed).  ``term``: the lease
+    term its collector held when it took it, and ``clock``: when it was taken
+    by the repository's clock (an estimate of its start, an upper bound of
+    its end), for the fence (see :mod:`pgfleet.collector.lease`) and to
+    bring a server's clock back to the repository's.  Snapshots spooled
+    before stamps existed have none: they are stored if their collector holds
+    the lease, without those checks.
+    """
+
+    key: str
+    term: int | None = None
+    clock: tuple[float, float] | None = None
+
+
 @dataclass
 class Spooled:
     """A snapshot read back from the spool, ready for ``collector.store()``."""
@@ -67,6 +86,7 @@ class Spooled:
     info: ServerInfo | None
     staged: list[Staged]
     failures: list[Failure]
+    stamp: Stamp | None = None
 
     def close(self) -> None:
         for st in self.staged:
@@ -177,6 +197,7 @@ class Spool:
         info: ServerInfo | None,
         staged: list[Staged],
         failures: list[Failure],
+        stamp: Stamp | None = None,
     ) -> tuple[Entry, int]:
         """Write one snapshot; return its entry and how many old ones were dropped.
 
@@ -198,6 +219,9 @@ class Spool:
             "failures": [
                 {"source": f.source, "kind": f.kind.value, "message": f.message} for f in failures
             ],
+            "stamp": None
+            if stamp is None
+            else {"key": stamp.key, "term": stamp.term, "clock": stamp.clock},
             "sources": [
                 {
                     "module": st.source.module,
@@ -238,6 +262,7 @@ class Spool:
             with entry.path.open("rb") as f:
                 header: dict[str, Any] = json.loads(f.readline())
                 failures = _failures(header)
+                stamp = _stamp(header)
                 for src in header["sources"]:
                     spool = new_spool()
                     staged.append(
@@ -285,6 +310,7 @@ class Spool:
             info,
             staged,
             failures,
+            stamp,
         )
 
     def busy(self, entry: Entry, busy: bool) -> None:
@@ -327,6 +353,18 @@ class Spool:
             dropped += 1
         self.dropped += dropped
         return dropped
+
+
+def _stamp(header: dict[str, Any]) -> Stamp | None:
+    st = header.get("stamp")
+    if st is None:
+        return None
+    clock = st["clock"]
+    return Stamp(
+        str(st["key"]),
+        None if st["term"] is None else int(st["term"]),
+        None if clock is None else (float(clock[0]), float(clock[1])),
+    )
 
 
 def _failures(header: dict[str, Any]) -> list[Failure]:

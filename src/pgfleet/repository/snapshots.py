@@ -10,6 +10,7 @@ current definition is ``repository/functions.sql``.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -22,6 +23,24 @@ from pgfleet.snapshot.model import Failure, FailureKind, RegisteredSource, Serve
 MARK = sql.SQL("SELECT extract(epoch FROM clock_timestamp())")
 LOCK = sql.SQL("SELECT pgfleet.snapshot_lock()")
 TRY_LOCK = sql.SQL("SELECT pgfleet.snapshot_try_lock()")
+
+# The SQLSTATE ``snapshot_claim`` raises: this snapshot is stored already.
+STORED_ALREADY = "PF001"
+# SQLSTATE classes of the errors that refuse a snapshot's own rows: data
+# exceptions (22: a value that does not parse or fit) and integrity
+# constraints (23).  Sent again, the same rows would be refused again.
+_ROWS_REFUSED = ("22", "23")
+
+
+def rows_refused(e: BaseException) -> bool:
+    """Whether the repository refused ``e``'s snapshot for its own rows, for good."""
+    state = getattr(e, "sqlstate", None)
+    return isinstance(state, str) and state[:2] in _ROWS_REFUSED
+
+
+def stored_already(e: BaseException) -> bool:
+    """Whether ``e`` says the snapshot is in the repository already (see :func:`claim`)."""
+    return getattr(e, "sqlstate", None) == STORED_ALREADY
 
 
 async def registered_sources(repo: psycopg.AsyncConnection[Any]) -> list[RegisteredSource]:
@@ -47,9 +66,35 @@ def copy_in(src: RegisteredSource) -> sql.Composed:
     return sql.SQL("COPY {} FROM STDIN").format(tmp)
 
 
-def take_snapshot(srvid: int, modules: list[str]) -> sql.Composed:
-    return sql.SQL("SELECT pgfleet.take_snapshot({}, {}::text[])").format(
-        sql.Literal(srvid), sql.Literal(modules)
+def take_snapshot(
+    srvid: int, modules: list[str], purge_interval: float | None = None
+) -> sql.Composed:
+    """``purge_interval``: seconds between two purges of the server at most
+    (None: the repository's default, a day)."""
+    if purge_interval is None:
+        return sql.SQL("SELECT pgfleet.take_snapshot({}, {}::text[])").format(
+            sql.Literal(srvid), sql.Literal(modules)
+        )
+    return sql.SQL("SELECT pgfleet.take_snapshot({}, {}::text[], {}::interval)").format(
+        sql.Literal(srvid), sql.Literal(modules), sql.Literal(timedelta(seconds=purge_interval))
+    )
+
+
+def claim(srvid: int, key: str) -> sql.Composed:
+    """Claim ``key`` as the server's last stored snapshot; fails with
+    :data:`STORED_ALREADY` if it is (the snapshot was stored already)."""
+    return sql.SQL("SELECT pgfleet.snapshot_claim({}, {}::uuid)").format(
+        sql.Literal(srvid), sql.Literal(key)
+    )
+
+
+def clamp(query_sources: list[str], clock: tuple[float, float]) -> sql.Composed:
+    """Bring the staged rows of ``query_sources`` to the repository's clock if
+    their timestamps are more than a minute off ``clock`` (when the snapshot
+    was taken, by the repository's clock); return the shift, in seconds."""
+    start, end = (datetime.fromtimestamp(t, UTC) for t in clock)
+    return sql.SQL("SELECT pgfleet.snapshot_clamp({}::text[], {}, {})").format(
+        sql.Literal(query_sources), sql.Literal(start), sql.Literal(end)
     )
 
 

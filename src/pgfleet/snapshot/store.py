@@ -5,6 +5,13 @@ The spooled rows are COPYed into each source's transient table,
 own subtransaction), the transient tables are TRUNCATEd, commit.  A crash
 anywhere leaves nothing half-written.  The statements themselves are
 :mod:`pgfleet.repository.snapshots`'.
+
+Only a source whose own rows the repository refuses (a data exception or a
+constraint: :func:`~pgfleet.repository.snapshots.rows_refused`) is left out
+and recorded as failed, the others stored.  Any other error -- the
+repository read-only, full, a privilege taken away -- fails the whole
+snapshot, which the daemon keeps and stores once the repository is itself
+again: stored without the source, it would be lost for it.
 """
 
 from __future__ import annotations
@@ -40,7 +47,10 @@ async def store(
     result: SnapshotResult,
     *,
     preloaded: frozenset[str] = frozenset(),
-) -> None:
+    key: str | None = None,
+    clock: tuple[float, float] | None = None,
+    purge_interval: float | None = None,
+) -> float:
     """Write spooled rows and take the snapshot, in one transaction.
 
     The whole transaction is one multi-statement query: the snapshot lock,
@@ -60,20 +70,29 @@ async def store(
 
     ``preloaded``: modules whose rows the caller already COPYed into their
     transient tables, in the transaction this one is then a savepoint of.
+
+    ``key``: the snapshot's own (see :class:`~pgfleet.collector.spool.Stamp`),
+    claimed in the transaction: a snapshot stored already fails with
+    :data:`~pgfleet.repository.snapshots.STORED_ALREADY` instead of going in
+    twice.  ``clock``: when it was taken by the repository's clock (start,
+    end); rows whose timestamps are more than a minute off are brought to it
+    (the server's clock is off).  Return the shift applied, in seconds (0:
+    none).  ``purge_interval``: see ``take_snapshot``.
     """
     ph = result.phases
     t = time.perf_counter()
     rows = result.rows
     failures = len(result.failures)
-    key = (repo.info.host, repo.info.port, repo.info.dbname, srvid)
+    cached = (repo.info.host, repo.info.port, repo.info.dbname, srvid)
     digests = _digests(staged)
-    before = _stored.get(key)
+    before = _stored.get(cached)
     unchanged = {
         m
         for m, d in digests.items()
         if before and before.digests.get(m) == d and m not in preloaded
     }
     stored: _Stored | None = None
+    extra = _Extra(key, clock, purge_interval)
     try:
         try:
             async with repo.transaction():
@@ -87,6 +106,7 @@ async def store(
                     unchanged=unchanged,
                     expect=before.snapshots if before else None,
                     preloaded=preloaded,
+                    extra=extra,
                 )
         except _StagingFailed:
             # Rolled back: nothing of the first attempt is left.
@@ -96,6 +116,8 @@ async def store(
             loaded: list[Staged] = []
             async with repo.transaction():
                 await repo.execute(q.LOCK)
+                if key is not None:
+                    await repo.execute(q.claim(srvid, key))
                 for st in staged:
                     if st.source.module in preloaded:
                         loaded.append(st)
@@ -105,14 +127,16 @@ async def store(
                             result.rows += await _stage(repo, st)
                         loaded.append(st)
                     except psycopg.Error as e:
+                        if not q.rows_refused(e):
+                            raise
                         result.fail(
                             st.source.module, FailureKind.STORE, f"cannot store: {first_line(e)}"
                         )
                 stored = await _store_script(
-                    repo, srvid, info, result, loaded, fast=False, preloaded=preloaded
+                    repo, srvid, info, result, loaded, fast=False, preloaded=preloaded, extra=extra
                 )
     except BaseException:
-        _stored.pop(key, None)
+        _stored.pop(cached, None)
         raise
     finally:
         # As the Staged contract says, whatever was read from them.
@@ -126,14 +150,24 @@ async def store(
     result.rows += sum(digests[m][1] for m in stored.skipped)
     result.unchanged = [m for m in result.stored if m in stored.skipped]
     stored.digests = {m: d for m, d in digests.items() if m not in failed}
-    _stored[key] = stored
+    _stored[cached] = stored
     now = time.perf_counter()
     ph["store"] = now - t
     ph["commit"] = now - ph.pop("_end", now)
+    return stored.shift
 
 
 class _StagingFailed(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class _Extra:
+    """What the daemon's stores add to a snapshot's statements (see store())."""
+
+    key: str | None = None
+    clock: tuple[float, float] | None = None
+    purge_interval: float | None = None
 
 
 @dataclass
@@ -145,6 +179,8 @@ class _Stored:
     digests: dict[str, tuple[bytes, int]] = field(default_factory=dict)
     # The modules this snapshot left out as unchanged.
     skipped: set[str] = field(default_factory=set)
+    # Seconds its rows' timestamps were moved by, to the repository's clock.
+    shift: float = 0.0
 
 
 # Per repository (host, port, dbname) and srvid.
@@ -192,11 +228,13 @@ async def _store_script(
     unchanged: set[str] | None = None,
     expect: int | None = None,
     preloaded: frozenset[str] = frozenset(),
+    extra: _Extra = _Extra(),
 ) -> _Stored:
     """Run what a snapshot writes as one multi-statement query.
 
-    ``fast``: the snapshot lock and the COPYs come first in the same query
-    (else the caller took the lock and staged ``loaded`` already).
+    ``fast``: the snapshot lock (and the claim of the snapshot's key) and the
+    COPYs come first in the same query (else the caller took the lock,
+    claimed the key and staged ``loaded`` already).
     ``unchanged``: modules to leave out, if the server's snapshot count is
     still ``expect`` (checked under the lock, before the rest is sent).
     ``preloaded``: modules staged already (not COPYed, but TRUNCATEd).
@@ -204,11 +242,16 @@ async def _store_script(
     """
     count = q.snapshot_count(srvid)
     locked = not fast
+    # Right after the lock: a store of the same snapshot still in flight
+    # (one given up on) ends before the claim looks.
+    lock: list[tuple[str, sql.Composable]] = [("lock", q.LOCK)]
+    if extra.key is not None:
+        lock.append(("claim", q.claim(srvid, extra.key)))
     skip: set[str] = set()
     if fast and unchanged and expect is not None:
-        results = await _run_script(repo, [("lock", q.LOCK), ("count", count)], [])
+        results = await _run_script(repo, [*lock, ("count", count)], [])
         locked = True
-        if wire.int_value(results[1]) == expect:
+        if wire.int_value(results[-1]) == expect:
             skip = unchanged
     with_rows = [
         st
@@ -223,7 +266,7 @@ async def _store_script(
     stmts: list[tuple[str, sql.Composable]] = [("mark", q.MARK)]
     copies: list[Staged] = []
     if not locked:
-        stmts.append(("lock", q.LOCK))
+        stmts += lock
         stmts.append(("mark", q.MARK))
     if fast:
         for st in with_rows:
@@ -232,7 +275,10 @@ async def _store_script(
             stmts.append(("copy", q.copy_in(st.source)))
             copies.append(st)
         stmts.append(("mark", q.MARK))
-    stmts.append(("take_snapshot", q.take_snapshot(srvid, modules)))
+    if extra.clock is not None and with_rows:
+        sources = [st.source.query_source for st in with_rows if st.source.query_source]
+        stmts.append(("clamp", q.clamp(sources, extra.clock)))
+    stmts.append(("take_snapshot", q.take_snapshot(srvid, modules, extra.purge_interval)))
     stmts.append(("mark", q.MARK))
     stmts.append(("count", count))
     for failure in result.failures:
@@ -249,6 +295,7 @@ async def _store_script(
     clock: float | None = None
     phase = "start"
     snapshots = 0
+    shift = 0.0
     for (what, _), res in zip(stmts, results, strict=True):
         if what == "mark":
             at = float(wire.value(res) or 0)
@@ -259,14 +306,16 @@ async def _store_script(
             result.rows += max(res.command_tuples or 0, 0)
         elif what == "count":
             snapshots = wire.int_value(res)
+        elif what == "clamp":
+            shift = float(wire.value(res) or 0)
         elif what == "state":
             result.failures.extend(q.failures(wire.text_rows(res, repo.info.encoding)))
-        if what != "mark":
-            phase = what
+        if what not in ("mark", "claim"):
+            phase = what  # (the claim's time counts as the lock's)
     ph["_end"] = time.perf_counter()
     failed = {f.source for f in result.failures}
     result.stored = [st.source.module for st in loaded if st.source.module not in failed]
-    return _Stored(snapshots, skipped=skip)
+    return _Stored(snapshots, skipped=skip, shift=shift)
 
 
 async def _run_script(
@@ -276,11 +325,11 @@ async def _run_script(
     *,
     staging: bool = False,
 ) -> list[Any]:
-    """Run ``stmts`` as one query; raise _StagingFailed if a COPY failed."""
+    """Run ``stmts`` as one query; raise _StagingFailed if a COPY's rows were refused."""
     query = b";\n".join(stmt.as_bytes(repo) for _, stmt in stmts)
     results, error = await wire.run_script(repo, query, [st.spool for st in copies])
     if error is not None:
-        if staging and stmts[len(results)][0] == "copy":
+        if staging and stmts[len(results)][0] == "copy" and q.rows_refused(error):
             raise _StagingFailed() from error
         raise error
     return results
