@@ -1,21 +1,27 @@
 """The ``pgfleet`` command line.
 
 Every failure a user can cause (bad argument, bad config, unreachable server
-or repository) ends as one ``pgfleet: error: ...`` line on stderr and a
-non-zero exit; tracebacks are for bugs only.
+or repository, a repository role without the privilege a command needs, a
+read-only repository) ends as one ``pgfleet: error: ...`` line on stderr and
+a non-zero exit: 2 for the command line itself, 1 otherwise; tracebacks are
+for bugs only.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import json
+import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
 
@@ -24,41 +30,73 @@ from pgfleet.collector import commands
 from pgfleet.config import ENV_CONFIG, Config, load
 from pgfleet.connections import connect_repository, connect_repository_async, first_line
 from pgfleet.errors import ConfigError, PgfleetError, RepositoryError
+from pgfleet.log import escape
 from pgfleet.repository import schema, servers
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # the command line itself
 EXIT_PARTIAL = 3  # a snapshot was stored but some sources failed
+
+_NUMBER_RE = re.compile(r"\s*\+?[0-9]{1,18}\s*")
+_PLAIN_RE = re.compile(r"[A-Za-z0-9_.+-]{1,70}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, saying what is wrong in one line (the usage is a --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        # The message may quote arguments as given: control characters escaped.
+        text = escape(message)
+        self.exit(EXIT_USAGE, f"pgfleet: error: {text} (see '{self.prog} --help')\n")
+
+
+def _show(text: str) -> str:
+    """A command-line value in a message: as is if plain, else quoted (on one line)."""
+    t = text.strip()
+    return t if _PLAIN_RE.fullmatch(t) else repr(text[:70])
 
 
 def _interval(text: str) -> timedelta:
     """Parse '7d', '12h', '30m', '3600s' or '3600' (seconds)."""
     units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
     t = text.strip().lower()
+    bad = f"invalid duration {_show(text)}: use e.g. 7d, 12h, 30m or seconds"
     try:
-        if t and t[-1] in units:
-            return timedelta(seconds=float(t[:-1]) * units[t[-1]])
-        return timedelta(seconds=float(t))
+        seconds = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise ValueError(bad)
+        return timedelta(seconds=seconds)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(bad) from None
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (at most a day)."""
+    try:
+        v = float(text)
     except ValueError:
+        v = math.nan
+    if not 0 < v <= 86400:
         raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: use e.g. 7d, 12h, 30m or seconds"
-        ) from None
+            f"invalid number of seconds {_show(text)}: must be above 0, at most 86400"
+        )
+    return v
 
 
 def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    # Not int() alone: it takes "1_0" and other scripts' digits.
+    if not _NUMBER_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid number {_show(text)}")
+    v = int(text)
     if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+        raise argparse.ArgumentTypeError(f"{text.strip()} must be at least 1")
     return v
 
 
 def _port(text: str) -> int:
-    v = _positive_int(text)
-    if v > 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {text}: must be between 1 and 65535")
-    return v
+    if not _NUMBER_RE.fullmatch(text) or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {_show(text)}: must be between 1 and 65535")
+    return int(text)
 
 
 def _server_options(p: argparse.ArgumentParser, *, update: bool) -> None:
@@ -68,8 +106,9 @@ def _server_options(p: argparse.ArgumentParser, *, update: bool) -> None:
     p.add_argument("--dbname", help="database to connect to (default postgres)")
     p.add_argument(
         "--password-ref",
-        help="where the password is: env:VARIABLE or file:/path (never the password itself); "
-        "omit to use libpq's passfile, service file or PGPASSWORD",
+        help="where the password is: env:PGFLEET_PW_NAME (the variable must carry "
+        "[collector] password_env_prefix) or file:/path (inside [collector] password_dirs); "
+        "never the password itself; omit to use libpq's passfile, service file or PGPASSWORD",
     )
     p.add_argument("--options", help="extra libpq parameters, e.g. 'sslmode=require'")
     p.add_argument(
@@ -94,9 +133,7 @@ def _config_option(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pgfleet", description="Watch a fleet of PostgreSQL servers."
-    )
+    parser = _Parser(prog="pgfleet", description="Watch a fleet of PostgreSQL servers.")
     parser.add_argument("--version", action="version", version=f"pgfleet {__version__}")
     parser.add_argument("-c", "--config", help="configuration file (TOML; default $PGFLEET_CONFIG)")
     parser.add_argument(
@@ -136,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ask the running collector to snapshot SERVER now, instead of doing it here",
     )
-    snap.add_argument("--timeout", type=float, default=5.0, help=argparse.SUPPRESS)
+    snap.add_argument("--timeout", type=_seconds, default=5.0, help=argparse.SUPPRESS)
 
     for name, text in (
         (
@@ -156,10 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what the running collectors are doing, per server")
     _config_option(p)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for answers")
+    p.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for answers")
     p = sub.add_parser("reload", help="make the running collectors reread their configuration")
     _config_option(p)
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for answers")
+    p.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for answers")
 
     # -- pgfleet web (issue 5)
     p = sub.add_parser("web", help="serve the web UI (see docs/web.md)")
@@ -230,6 +267,11 @@ def _server_dict(s: servers.Server) -> dict[str, Any]:
 
 
 def cmd_server(args: argparse.Namespace, cfg: Config) -> int:
+    # Bad settings are said before connecting (and whatever the repository).
+    if args.action == "add":
+        servers.validate({"alias": args.alias, **_settings(args)})
+    elif args.action == "update":
+        servers.validate(_settings(args))
     with connect_repository(_repo_dsn(args, cfg)) as conn:
         schema.require_current(conn)
         if args.action == "add":
@@ -338,7 +380,8 @@ def cmd_snapshot(args: argparse.Namespace, cfg: Config) -> int:
     else:
         print(result.summary())
     for f in result.failures:
-        print(f"pgfleet: error: server {result.alias!r}: {f.source}: {f.message}", file=sys.stderr)
+        message = escape(f"server {result.alias!r}: {f.source}: {f.message}")
+        print(f"pgfleet: error: {message}", file=sys.stderr)
     return EXIT_PARTIAL if result.failures else 0
 
 
@@ -436,7 +479,7 @@ def cmd_reload(args: argparse.Namespace, cfg: Config) -> int:
         if a.ok:
             print(a.data)
         else:
-            print(f"pgfleet: error: {a.data}", file=sys.stderr)
+            print(f"pgfleet: error: {escape(a.data)}", file=sys.stderr)
             rc = EXIT_ERROR
     return rc
 
@@ -476,21 +519,46 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
 }
 
 
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    # Parsing leaves a parser as it was: one serves every call of main()
+    # (tests call it thousands of times in-process).
+    return build_parser()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
         cfg = load(args.config)
         return COMMANDS[args.command](args, cfg)
     except PgfleetError as e:
-        print(f"pgfleet: error: {e}", file=sys.stderr)
+        # One line, whatever the message quotes (a file's content, a server's error).
+        print(f"pgfleet: error: {escape(str(e))}", file=sys.stderr)
         return EXIT_ERROR
-    except psycopg.OperationalError as e:
-        # The repository went away mid-command.
-        print(f"pgfleet: error: repository: {first_line(e)}", file=sys.stderr)
+    except psycopg.Error as e:
+        # The repository went away mid-command, or refused it.
+        print(f"pgfleet: error: repository: {escape(_repository_error(e))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # 'pgfleet server list | head': the reader has all it wants.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lest the exit flush fail too
+        return EXIT_ERROR
+
+
+def _repository_error(e: psycopg.Error) -> str:
+    """The repository's refusal, in one line that says what to do about it."""
+    text = first_line(e)
+    if isinstance(e, psycopg.errors.InsufficientPrivilege):
+        return (
+            f"{text} (the repository role lacks this privilege: connect as one that has it, "
+            "see docs/repository.md)"
+        )
+    if isinstance(e, psycopg.errors.ReadOnlySqlTransaction):
+        return f"{text} (the repository is read-only: a standby, or default_transaction_read_only)"
+    return text
 
 
 __all__ = ["ConfigError", "main"]

@@ -13,6 +13,7 @@ in its field's metadata (``choices``), a number with bounds gives them as
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -24,6 +25,8 @@ from pgfleet.errors import ConfigError
 
 ENV_REPOSITORY = "PGFLEET_REPOSITORY"
 ENV_CONFIG = "PGFLEET_CONFIG"
+# A configuration file larger than this is refused (say, -c /dev/zero).
+MAX_FILE_BYTES = 2**20
 
 PORT = {"range": (1, 65535)}
 SSLMODES = ("", "disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -57,7 +60,8 @@ class CollectorConfig:
     lease_period: float = 30.0
     # The LISTEN/NOTIFY channel commands arrive on.  Needs a restart.
     command_channel: str = "pgfleet_collector"
-    # On SIGTERM, seconds the snapshots in flight get to finish.
+    # On SIGTERM, seconds the whole stop may take: the snapshots in flight get
+    # most of it (what they fetched is spooled), giving back leases the rest.
     shutdown_timeout: float = 30.0
     # Seconds the repository side of one snapshot may take before it is
     # abandoned (and the snapshot spooled, to be stored later, in order).
@@ -264,6 +268,8 @@ def _check(hint: Any, value: Any, where: str, origin: str) -> Any:
     if not ok:
         names = " or ".join("a number" if t is float else t.__name__ for t in allowed)
         raise ConfigError(f"invalid configuration {origin!r}: {where}: expected {names}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"invalid configuration {origin!r}: {where}: must be a finite number")
     if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
         raise ConfigError(f"invalid configuration {origin!r}: {where}: must be positive")
     return value
@@ -282,13 +288,27 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     if path is not None:
         origin = str(path)
         try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            with Path(path).open("rb") as f:
+                raw = f.read(MAX_FILE_BYTES + 1)
+            if len(raw) > MAX_FILE_BYTES:
+                raise ConfigError(
+                    f"invalid configuration {origin!r}: larger than {MAX_FILE_BYTES // 2**20} MB"
+                )
+            data = tomllib.loads(raw.decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"invalid configuration {origin!r}: file not found") from None
         except OSError as e:
-            raise ConfigError(f"invalid configuration {origin!r}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"invalid configuration {origin!r}: {e}") from None
+            raise ConfigError(f"invalid configuration {origin!r}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"invalid configuration {origin!r}: not UTF-8 (byte {e.start})"
+            ) from None
+        except ValueError as e:
+            # TOMLDecodeError, or a number too long for int() (4300 digits).
+            reason = " ".join(str(e).split())
+            raise ConfigError(f"invalid configuration {origin!r}: {reason[:300]}") from None
+        except RecursionError:
+            raise ConfigError(f"invalid configuration {origin!r}: nested too deeply") from None
     cfg = _build(Config, data, "", origin)
     cfg = dataclasses.replace(cfg, source=origin)
     env_dsn = os.environ.get(ENV_REPOSITORY)

@@ -8,12 +8,19 @@ observed value.
 Passwords and connection strings are never passed to a logger on purpose;
 a last filter still masks ``password=...`` and ``user:password@`` in
 whatever reaches the output, should an error message carry one.
+
+Fields carry what others sent us (a server's error, a notification's
+payload, a file_sd label): one event is always one line of printable text.
+Control characters (C0, DEL, C1), line and paragraph separators, bidi
+overrides and lone surrogates are escaped (``\x1b``, ``\u2028``), in keys
+too; JSON lines are valid JSON (no NaN, no raw separators).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -49,8 +56,13 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields = getattr(record, "fields", None)
     if not isinstance(fields, Mapping):
         return {}
-    # An unknown value is left out rather than shown empty.
-    return {k: v for k, v in fields.items() if v is not None}
+    # An unknown value is left out rather than shown empty; a field named
+    # like a password is masked whole.
+    return {
+        str(k): "***" if "password" in str(k).lower() else v
+        for k, v in fields.items()
+        if v is not None
+    }
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -58,16 +70,43 @@ def _timestamp(record: logging.LogRecord) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
 
 
-_BARE = re.compile(r"^[A-Za-z0-9_.:/@+,-]+$")
+_BARE = re.compile(r"[A-Za-z0-9_.:/@+,-]+")
+_KEY = re.compile(r"[A-Za-z0-9_.:/@+-]+")
+# What never reaches the output raw: C0 and C1 controls, DEL, line and
+# paragraph separators, bidi embeddings, overrides and isolates (which can
+# make a line read as another), and lone surrogates (not encodable).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group()
+    return _SHORT.get(c) or _hex(c)
+
+
+def escape(text: str) -> str:
+    """``text`` with every unsafe character as a backslash escape."""
+    return _UNSAFE.sub(_escape_char, text)
 
 
 def _logfmt(value: Any) -> str:
     if isinstance(value, float):
         value = f"{value:.3f}".rstrip("0").rstrip(".") if value == value else "nan"
-    text = value if isinstance(value, str) else str(value)
-    if text and _BARE.match(text):
+    text = redact(value if isinstance(value, str) else str(value))
+    if text and _BARE.fullmatch(text):
         return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return '"' + escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+
+
+def _logfmt_key(key: str) -> str:
+    """A key as logfmt wants it: no quotes there, so anything else is escaped."""
+    if _KEY.fullmatch(key):
+        return key
+    return "".join(c if _KEY.fullmatch(c) else _hex(c) for c in key) or "_"
+
+
+def _hex(c: str) -> str:
+    return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -79,10 +118,12 @@ class KeyValueFormatter(logging.Formatter):
             f"level={record.levelname.lower()}",
             f"msg={_logfmt(record.getMessage())}",
         ]
-        parts.extend(f"{k}={_logfmt(v)}" for k, v in _fields(record).items())
+        parts.extend(f"{_logfmt_key(k)}={_logfmt(v)}" for k, v in _fields(record).items())
         if record.exc_info:
             parts.append(f"exc={_logfmt(self.formatException(record.exc_info))}")
-        return redact(" ".join(parts))
+        # Secrets are masked value by value (see _logfmt): on the whole line,
+        # "password=x" could swallow the quote that ends its value.
+        return " ".join(parts)
 
 
 class JsonFormatter(logging.Formatter):
@@ -92,13 +133,25 @@ class JsonFormatter(logging.Formatter):
         obj: dict[str, Any] = {
             "ts": _timestamp(record),
             "level": record.levelname.lower(),
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
         for k, v in _fields(record).items():
-            obj[k] = v if isinstance(v, int | float | bool | str) or v is None else str(v)
+            if isinstance(v, float) and not math.isfinite(v):
+                v = str(v)  # NaN and Infinity are no JSON
+            elif not isinstance(v, int | float | bool | str):
+                v = str(v)
+            # Masked value by value: on the whole line, "password=x" could
+            # swallow the quote that ends its string.
+            obj[k] = redact(v) if isinstance(v, str) else v
         if record.exc_info:
-            obj["exc"] = self.formatException(record.exc_info)
-        return redact(json.dumps(obj, ensure_ascii=False))
+            obj["exc"] = redact(self.formatException(record.exc_info))
+        # json.dumps escapes C0 controls; the others (only ever inside
+        # strings) become \u escapes too.
+        return escape_json(json.dumps(obj, ensure_ascii=False))
+
+
+def escape_json(text: str) -> str:
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def setup(level: str = "info", fmt: str = "keyvalue", stream: IO[str] | None = None) -> None:

@@ -13,10 +13,19 @@ channel asks for no answer.  Every live collector answers
 Who may command: NOTIFY cannot be restricted in PostgreSQL and does not say
 who sent it, only the sending backend's pid.  ``collector_command()``
 therefore also inserts a request row that only members of
-``pgfleet_admin`` may insert, whose sender and pid columns they cannot set;
-a collector acts on a notification only if such a row exists for the
-notifying pid with the same payload, and its sender is (still) a member.
-Everything else gets ``KO``.  See migration 0003 for the details.
+``pgfleet_admin`` may insert, whose sender and pid columns they cannot set.
+The rows are what a collector acts upon, each once, and only if its sender
+is (still) a member; a notification only wakes the collector up.  One that
+matches no row (same pid, same payload) gets ``KO``.  See migration 0003
+for the details.
+
+Floods: anyone who can connect may NOTIFY, as fast as they like.  The
+listener files every notification in an :class:`Inbox` (no I/O, so it keeps
+up), which caps what waits per sending backend and in all, and counts what
+it drops.  The handler reads the request rows first, at every wake-up, so
+authorised requests never queue behind garbage (nor need their own
+notification to have been kept); what matched no row is answered when
+nothing new waits, a sender at a time in turn.
 
 An answer longer than a NOTIFY payload may be (under 8000 bytes) is stored
 in ``pgfleet.collector_replies`` and the notification carries
@@ -35,7 +44,9 @@ import json
 import re
 import secrets
 import time
+from collections import Counter, deque
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -56,9 +67,19 @@ COMMANDS: dict[str, tuple[int, int]] = {
     "FORCE_SNAPSHOT": (1, 1),
 }
 
+# Notifications waiting to be handled, per sending backend and in all: past
+# either, the newest are dropped (and counted).  An authorised request is
+# read from its row whether or not its notification was kept.
+PER_SENDER = 32
+INBOX_MAX = 2000
+# Request rows read per wake-up, at most (oldest first; the rest next time).
+REQUESTS_PER_ROUND = 100
+
 # A channel is an identifier; keep to those that need no quoting, so that
 # what we LISTEN to is exactly what the requester named.
-_CHANNEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_CHANNEL_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_SRVID_RE = re.compile(r"[0-9]{1,9}")
+_WORD_RE = re.compile(r"[A-Za-z0-9_]{1,70}")
 
 
 class BadRequest(PgfleetError):
@@ -86,20 +107,24 @@ def parse(payload: str) -> Request:
     if len(tokens) < 2:
         raise BadRequest("expected 'COMMAND RESPONSE_CHANNEL [ARGS...]'")
     name, channel, args = tokens[0], tokens[1], tuple(tokens[2:])
-    if channel != "-" and not _CHANNEL_RE.match(channel):
+    if channel != "-" and not _CHANNEL_RE.fullmatch(channel):
         raise BadRequest(f"invalid response channel {channel[:70]!r}")
     chan = None if channel == "-" else channel
-    command = name.upper()
+    # ASCII only: str.upper() makes "RELOAD" of other letters too (U+017F is "S").
+    command = name.upper() if name.isascii() else name
     if command not in COMMANDS:
+        # The answer names it back: only if it is a word.
+        echo = name if _WORD_RE.fullmatch(name) else "ERROR"
         raise BadRequest(
-            f"unknown command {name[:70]!r}: use one of {', '.join(COMMANDS)}", name[:70], chan
+            f"unknown command {name[:70]!r}: use one of {', '.join(COMMANDS)}", echo, chan
         )
     low, high = COMMANDS[command]
     if not low <= len(args) <= high:
         want = str(low) if low == high else f"{low} to {high}"
         raise BadRequest(f"{command} takes {want} argument(s), not {len(args)}", command, chan)
     for a in args:
-        if not a.isdigit() or len(a) > 9:
+        # Not str.isdigit(): "²" is a digit to it, and no number to int().
+        if not _SRVID_RE.fullmatch(a):
             raise BadRequest(f"invalid srvid {a[:70]!r}: expected a number", command, chan)
     return Request(command, chan, args)
 
@@ -119,27 +144,175 @@ async def send_answer(
     await repo_channel.notify(conn, channel, text)
 
 
-class Authorizer:
-    """Matches notifications with the request rows only pgfleet_admin can insert."""
+class Inbox:
+    """Notifications waiting for the handler: capped per sender and in all, no I/O.
+
+    New notifications wait in arrival order until the handler matches them
+    with the request rows (:meth:`take_new`); those that matched none wait
+    in a queue per sender, taken in turn (:meth:`next_unmatched`), so that
+    one busy sender does not make the others wait.  Past a cap, a new
+    notification is dropped, or, when the inbox is full and its sender has
+    nothing waiting, the oldest unmatched one of another sender is.
+    """
+
+    def __init__(self, per_sender: int = PER_SENDER, limit: int = INBOX_MAX) -> None:
+        self.per_sender = per_sender
+        self.limit = limit
+        self._new: deque[tuple[int, str]] = deque()
+        self._unmatched: dict[int, deque[str]] = {}
+        self._turns: deque[int] = deque()  # senders with unmatched notifications, in turn
+        self._waiting: Counter[int] = Counter()  # new and unmatched, by sender
+        self._total = 0
+
+    def __len__(self) -> int:
+        return self._total
+
+    def put(self, pid: int, payload: str) -> int:
+        """File a notification; return how many were dropped (0 or 1)."""
+        if self._waiting[pid] >= self.per_sender:
+            return 1
+        if self._total >= self.limit:
+            if self._waiting[pid] or not self._turns:
+                return 1
+            self._drop_unmatched(self._turns[0])
+            self._put(pid, payload)
+            return 1
+        self._put(pid, payload)
+        return 0
+
+    def _put(self, pid: int, payload: str) -> None:
+        self._new.append((pid, payload))
+        self._waiting[pid] += 1
+        self._total += 1
+
+    def _taken(self, pid: int) -> None:
+        self._total -= 1
+        self._waiting[pid] -= 1
+        if not self._waiting[pid]:
+            del self._waiting[pid]
+
+    def _drop_unmatched(self, pid: int) -> None:
+        queue = self._unmatched[pid]
+        queue.popleft()
+        self._taken(pid)
+        if not queue:
+            del self._unmatched[pid]
+            self._turns.remove(pid)
+
+    @property
+    def has_new(self) -> bool:
+        return bool(self._new)
+
+    def take_new(self) -> list[tuple[int, str]]:
+        """The notifications not matched yet, as (pid, payload), oldest first.
+
+        They still count as waiting: give back those that match no request
+        with :meth:`unmatched`, and call :meth:`done` for the others.
+        """
+        batch = list(self._new)
+        self._new.clear()
+        return batch
+
+    def done(self, pid: int) -> None:
+        """A notification taken with :meth:`take_new` was dealt with."""
+        self._taken(pid)
+
+    def unmatched(self, pid: int, payload: str) -> None:
+        """A notification taken with :meth:`take_new` matched no request: answer it later."""
+        queue = self._unmatched.get(pid)
+        if queue is None:
+            queue = self._unmatched[pid] = deque()
+            self._turns.append(pid)
+        queue.append(payload)
+
+    def next_unmatched(self) -> tuple[int, str] | None:
+        """The next unmatched notification to answer, senders taking turns."""
+        if not self._turns:
+            return None
+        pid = self._turns.popleft()
+        queue = self._unmatched[pid]
+        payload = queue.popleft()
+        if queue:
+            self._turns.append(pid)
+        else:
+            del self._unmatched[pid]
+        self._taken(pid)
+        return pid, payload
+
+    def clear(self) -> int:
+        """Forget everything waiting; return how many."""
+        n = self._total
+        self._new.clear()
+        self._unmatched.clear()
+        self._turns.clear()
+        self._waiting.clear()
+        self._total = 0
+        return n
+
+
+class Requests:
+    """The request rows only pgfleet_admin can insert: which notifications are commands."""
 
     def __init__(self, channel: str) -> None:
         self.channel = channel
+        # Rows older than our first LISTEN were not meant for us.
+        self.since: datetime | None = None
         self._used: dict[int, float] = {}  # request ids acted upon, when
+        # Requests acted upon before their notification arrived: that
+        # notification is no garbage.  (pid, payload) -> when, oldest first.
+        self._early: dict[tuple[int, str], list[float]] = {}
 
-    async def check(self, conn: psycopg.AsyncConnection[Any], pid: int, payload: str) -> str | None:
-        """None if authorized, else the reason for KO."""
+    async def pending(self, conn: psycopg.AsyncConnection[Any]) -> list[repo_channel.RequestRow]:
+        """The requests not acted upon yet, oldest first; each is returned once."""
+        if self.since is None:
+            return []
         now = time.monotonic()
         self._used = {i: t for i, t in self._used.items() if now - t < 900}
-        row = await repo_channel.find_request(conn, pid, self.channel, payload, self._used)
-        if row is None:
-            return (
-                "not authorized: send commands with pgfleet.collector_command() "
-                "as a member of pgfleet_admin"
-            )
-        self._used[row.id] = now
-        if not row.admin:
-            return f"not authorized: role {row.sender!r} is not a member of pgfleet_admin"
-        return None
+        self._early = {
+            k: kept for k, ts in self._early.items() if (kept := [t for t in ts if now - t < 60])
+        }
+        rows = await repo_channel.pending_requests(
+            conn, self.channel, self.since, self._used, REQUESTS_PER_ROUND
+        )
+        for row in rows:
+            self._used[row.id] = now
+        return rows
+
+    def match(
+        self, rows: list[repo_channel.RequestRow], batch: list[tuple[int, str]]
+    ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+        """Split notifications into (those of a request, those of none).
+
+        A notification matches a row of ``rows`` with its pid and payload, or
+        a request acted upon before the notification came.
+        """
+        now = time.monotonic()
+        wanted = Counter((r.pid, r.payload) for r in rows)
+        mine, garbage = [], []
+        for n in batch:
+            if wanted[n]:
+                wanted[n] -= 1
+                mine.append(n)
+            elif self._early.get(n):
+                self._early[n].pop(0)
+                mine.append(n)
+            else:
+                garbage.append(n)
+        for key, left in wanted.items():
+            self._early.setdefault(key, []).extend([now] * left)
+        return mine, garbage
+
+
+NOT_AUTHORIZED = (
+    "not authorized: send commands with pgfleet.collector_command() as a member of pgfleet_admin"
+)
+
+
+def refusal(row: repo_channel.RequestRow) -> str | None:
+    """None if the request's sender may command, else the reason for KO."""
+    if not row.admin:
+        return f"not authorized: role {row.sender!r} is not a member of pgfleet_admin"
+    return None
 
 
 async def housekeeping(conn: psycopg.AsyncConnection[Any]) -> None:

@@ -9,11 +9,20 @@ One asyncio event loop runs:
 - the writer's replay of spooled snapshots (:mod:`pgfleet.collector.writer`);
 - the command listener and handler (:mod:`pgfleet.collector.commands`).
 
-Signals: SIGTERM and SIGINT stop taking snapshots, give those in flight
-``shutdown_timeout`` seconds, then cancel them and exit 0.  SIGHUP rereads
-the configuration and the fleet; settings that need a restart are named in
-the log and keep their old value.  systemd hears about all of it
-(:mod:`pgfleet.collector.systemd`).
+Signals: SIGTERM and SIGINT stop taking snapshots and exit within
+``shutdown_timeout`` seconds, whatever the repository does meanwhile: the
+snapshots in flight get most of it, then are cancelled (what they fetched
+goes to the spool), the leases are given back if the repository answers in
+time, and every await on the way out is under that one deadline (see
+:meth:`Daemon._shutdown`).  SIGHUP rereads the configuration and the fleet;
+settings that need a restart are named in the log and keep their old value.
+systemd hears about all of it (:mod:`pgfleet.collector.systemd`).
+
+Exit status: 0 after SIGTERM or SIGINT (every snapshot fetched is stored or
+spooled); 1 for what only a human can fix (configuration, repository schema,
+a collector name in use, a busy port); :data:`EXIT_FORCED` if the way out
+still overran the deadline and the process cut it short (a bug: see the
+log); 130 for a second Ctrl-C during the start.
 """
 
 from __future__ import annotations
@@ -22,10 +31,14 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
+import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Coroutine
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +64,7 @@ from pgfleet.connections import connect_repository_async, first_line
 from pgfleet.errors import ConfigError, RepositoryError
 from pgfleet.repository import channel as repo_channel
 from pgfleet.repository import schema
+from pgfleet.repository.channel import RequestRow
 from pgfleet.repository.servers import Server
 from pgfleet.repository.snapshots import registered_sources
 from pgfleet.snapshot.model import FailureKind, RegisteredSource
@@ -69,9 +83,33 @@ RESTART_SETTINGS = (
     "web.enabled",
     "web.listen",
     "web.port",
+    # Read once when the UI's app is made.
+    "web.secret_key_file",
+    "web.token",
+    "web.token_file",
+    "web.session_max_age",
+    "web.secure_cookie",
+    "web.pool_size",
+    "web.max_connections",
+    "web.pool_idle",
+    "web.statement_timeout",
+    "web.login_attempts",
 )
 
-_QUEUE_MAX = 1000  # notifications waiting to be handled; more are dropped
+# The shutdown: the last part of shutdown_timeout, kept for giving back the
+# leases and closing (at most this, and at most a quarter of it).
+_SHUTDOWN_RESERVE = 2.0
+# psycopg cancels a query politely, waiting up to 10 s for the server: at
+# shutdown a task still running after this long is cancelled again, which
+# closes its connection instead.
+_RECANCEL_EVERY = 0.2
+# If the process is still there this long past the deadline (a hung thread,
+# an await that ignores cancellation), it exits at once with EXIT_FORCED.
+_FORCE_GRACE = 1.0
+EXIT_FORCED = 4
+# Warnings about bad command notifications: at most so many per window (s).
+_WARNINGS_PER_WINDOW = 20
+_WARNING_WINDOW = 10.0
 SUMMARY_EVERY = 300.0  # seconds between two "collecting" lines at info level
 _SUMMARY_COUNTS = {
     ("snapshot", "stored"),
@@ -109,8 +147,17 @@ class Daemon:
         self._fleet_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
-        self._notifications: asyncio.Queue[psycopg.Notify] = asyncio.Queue(_QUEUE_MAX)
+        self.inbox = commands.Inbox()
+        self._inbox_wake = asyncio.Event()
+        self._rows_due = False  # read the request rows even if nothing new came
+        # Warnings about bad notifications: so many per window, then a count.
+        self._window = time.monotonic()
+        self._warned = 0
+        self._held: dict[str, int] = {}
         self._schema_checked = False
+        # When a stop was asked for, the shutdown must be over (monotonic).
+        self._deadline: float | None = None
+        self._force_timer: threading.Timer | None = None
         self._summary_at = time.monotonic()
         self._summary_totals: dict[str, int] = {}
 
@@ -126,7 +173,12 @@ class Daemon:
         finally:
             self.spool.close()
 
-    async def _run(self) -> int:
+    def prepare(self) -> None:
+        """Make the parts that need no I/O: links, leases, writer, discovery.
+
+        ``main`` does it before starting anything; tests that drive one part
+        in-process (the command handler, say) call it with ``spool`` set.
+        """
         cfg = self.cfg
         self.name = cfg.collector.name or self.spool.collector_name()
         self.log = self.log.bind(collector=self.name)
@@ -153,13 +205,18 @@ class Daemon:
             self.leases,
             self.stats,
             store_timeout=cfg.collector.store_timeout,
+            purge_interval=cfg.collector.purge_interval,
             # A store refused for want of the lease: the next round says
             # which servers are still ours, better now than later.
             on_lease_lost=lambda srvid: self._fleet_wake.set(),
         )
-        self.discovery = Discovery(cfg.discovery, cfg.source)
+        self.discovery = Discovery(cfg.discovery, cfg.source, self.stats)
         self.limiter = Limiter(cfg.collector.max_in_flight)
-        self.authorizer = commands.Authorizer(self.channel)
+        self.requests = commands.Requests(self.channel)
+
+    async def _run(self) -> int:
+        cfg = self.cfg
+        self.prepare()
         # Bound before anything starts, so that a busy port is one clear
         # error at start rather than a collector without its endpoint.
         servers = self._http_servers()
@@ -257,6 +314,7 @@ class Daemon:
     def _on_stop(self, sig: signal.Signals) -> None:
         if self._stop.is_set():
             return
+        self._deadline = _now() + self.cfg.collector.shutdown_timeout
         self.log.info("stopping", signal=sig.name)
         systemd.notify("STOPPING=1", "STATUS=stopping")
         self._stop.set()
@@ -276,39 +334,111 @@ class Daemon:
         task.add_done_callback(self._background.discard)
 
     async def _shutdown(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Stop everything within shutdown_timeout of the stop request, always.
+
+        Snapshots in flight get the time but a reserve; then they are
+        cancelled, and each spools what it fetched but could not store
+        (synchronously: nothing can interrupt that).  The reserve gives the
+        leases back and closes the links.  Every wait is against the one
+        deadline; a task that outlives its cancellation (psycopg waits for
+        the server to confirm a cancelled query) is cancelled again, which
+        closes its connection.  Should all that still overrun (a hung
+        thread), a timer thread ends the process past the deadline.
+        """
+        timeout = self.cfg.collector.shutdown_timeout
+        deadline = self._deadline or time.monotonic() + timeout
+        self._arm_force_exit(deadline)
+        reserve = min(_SHUTDOWN_RESERVE, timeout / 4)
         workers = list(self.workers.values())
         for w in workers:
             w.stop()
-        pending = [w.task for w in workers if w.task is not None]
-        if pending:
-            _, late = await asyncio.wait(pending, timeout=self.cfg.collector.shutdown_timeout)
+        # The rest stops now: no lease round, discovery, command or replay
+        # starts after a stop request.
+        service = asyncio.create_task(
+            _settle([*self._tasks, *self._background], deadline - reserve)
+        )
+        running = [w.task for w in workers if w.task is not None and not w.task.done()]
+        if running:
+            _, late = await asyncio.wait(running, timeout=max(0.0, deadline - reserve - _now()))
             if late:
                 self.log.warning(
-                    "snapshots still running at the deadline: cancelled", count=len(late)
+                    "snapshots still running at the deadline: cancelled, fetched data spooled",
+                    count=len(late),
                 )
-            for w in workers:
-                await w.cancel(keep=True)
-        for t in list(self._background):
-            t.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+            await _settle(running, deadline - reserve / 2)
+        await service
         # Let the others take our servers now rather than when our leases
         # expire; keep those whose snapshots wait in our spool.
+        leave = asyncio.create_task(self._leave(), name="leave")
+        await _settle([leave], deadline - 0.1, cancel=False)
+        left = [t for t in (*running, *self._tasks, *self._background, leave) if not t.done()]
+        if left:
+            self.log.warning(
+                "tasks still running at the shutdown deadline",
+                tasks=",".join(sorted(t.get_name() for t in left)),
+            )
+        self._command_totals()
+        for link in (self.control, self.writer_link):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.05, deadline - _now())):
+                    await link.close()
+        self.log.info(
+            "collector stopped",
+            spooled=len(self.spool),
+            seconds=round(timeout - (deadline - _now()), 1),
+        )
+
+    def _command_totals(self) -> None:
+        """What the command channel received and what became of it, if anything."""
+        waiting = self.inbox.clear()
+        if waiting:
+            self.stats.count("", "commands", "dropped", waiting)
+            self._held["dropped"] = self._held.get("dropped", 0) + waiting
+        self._flush_warnings(final=True)
+        counts = {k: n for (srv, src, k), n in self.stats.counters().items() if src == "commands"}
+        if counts:
+            self.log.info("command channel totals", **dict(sorted(counts.items())))
+
+    async def _leave(self) -> None:
         try:
-            async with asyncio.timeout(5), self.control.use() as conn:
+            async with self.control.use() as conn:
                 await self.leases.leave(conn, self.spool.servers())
-        except (RepositoryError, psycopg.Error, TimeoutError) as e:
-            self.log.debug("leases not released", error=str(e))
-        await self.control.close()
-        await self.writer_link.close()
-        self.log.info("collector stopped", spooled=len(self.spool))
+        except (RepositoryError, psycopg.Error) as e:
+            self.log.debug("leases not released", error=first_line(e))
+
+    def _arm_force_exit(self, deadline: float) -> None:
+        """The last resort: a thread that ends the process _FORCE_GRACE past ``deadline``."""
+        if self._force_timer is not None:
+            return
+        code = EXIT_FORCED
+
+        def force() -> None:
+            self.log.error(
+                "shutdown overran shutdown_timeout: exiting now",
+                spooled=len(self.spool),
+                exit_code=code,
+            )
+            for h in logging.getLogger(log.ROOT).handlers:
+                with contextlib.suppress(Exception):
+                    h.flush()
+            os._exit(code)
+
+        self._force_timer = threading.Timer(max(0.0, deadline - _now()) + _FORCE_GRACE, force)
+        self._force_timer.daemon = True
+        self._force_timer.start()
+
+    def disarm(self) -> None:
+        """The process is leaving by itself: no need for the last resort."""
+        if self._force_timer is not None:
+            self._force_timer.cancel()
 
     # -- Fleet: discovery, leases, workers
 
     async def _fleet_loop(self) -> None:
         last_discovery = 0.0
+        # The last round's error: a repository refusing for minutes (read-only,
+        # full) is said once, not every third of a lease period.
+        last_error: str | None = None
         while True:
             period = self.cfg.collector.lease_period
             interval = min(period / 3, self.cfg.discovery.refresh)
@@ -327,6 +457,9 @@ class Daemon:
                     if self.leases.rounds % 100 == 1:
                         await commands.housekeeping(conn)
                 await self._reconcile(result)
+                if last_error is not None:
+                    self.log.info("fleet rounds work again")
+                    last_error = None
                 self.writer.ready = True
                 self.writer_link.retry_now()
                 self.writer.kick.set()
@@ -335,8 +468,16 @@ class Daemon:
             except ConfigError as e:
                 self.log.error("discovery failed", error=str(e))
             except psycopg.Error as e:
-                # A lost race with another collector (deadlock) or the like.
-                self.log.warning("fleet round failed", error=first_line(e))
+                # A lost race with another collector (deadlock), or a
+                # repository refusing writes for now.
+                if first_line(e) != last_error:
+                    last_error = first_line(e)
+                    self.log.warning("fleet round failed", error=last_error, sqlstate=e.sqlstate)
+                if (e.sqlstate or "")[:2] in ("08", "25", "57"):
+                    # A session keeps the read-only setting it started with
+                    # (ALTER DATABASE ... default_transaction_read_only):
+                    # the next round's new session may not.
+                    await self.control.drop("fleet round failed", failed=False)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -505,6 +646,7 @@ class Daemon:
             await self.limiter.resize(new.collector.max_in_flight)
             self.spool.max_bytes = round(new.spool.max_size * 2**20)
             self.writer.store_timeout = new.collector.store_timeout
+            self.writer.purge_interval = new.collector.purge_interval
             self.latest.configure(
                 max_statements=new.exporter.max_statements, max_tables=new.exporter.max_tables
             )
@@ -523,56 +665,167 @@ class Daemon:
         backoff = Backoff(30)
         while True:
             try:
-                conn = await connect_repository_async(self.dsn)
+                async with asyncio.timeout(self.cfg.collector.connect_timeout):
+                    conn = await connect_repository_async(self.dsn)
                 async with conn:
-                    await repo_channel.listen_async(conn, self.channel)
+                    since = await repo_channel.listen_async(conn, self.channel)
+                    if self.requests.since is None:
+                        # A request committed just before we listened was
+                        # meant for us too (its transaction began earlier).
+                        self.requests.since = since - timedelta(seconds=2)
                     self.log.debug("listening for commands", channel=self.channel)
                     backoff.reset()
                     async for n in conn.notifies():
-                        try:
-                            self._notifications.put_nowait(n)
-                        except asyncio.QueueFull:
-                            self.stats.count("", "commands", "dropped")
-            except (RepositoryError, psycopg.Error) as e:
-                self.log.debug("command channel lost", error=str(e).splitlines()[0])
+                        self._received(n)
+            except (RepositoryError, psycopg.Error, TimeoutError) as e:
+                self.log.debug("command channel lost", error=first_line(e))
             await asyncio.sleep(backoff.next())
+
+    def _received(self, n: psycopg.Notify) -> None:
+        """File a notification (no I/O: the listener must keep up with any flood)."""
+        self.stats.count("", "commands", "received")
+        dropped = self.inbox.put(n.pid, n.payload)
+        if dropped:
+            self.stats.count("", "commands", "dropped", dropped)
+            self._warn_later("dropped", dropped)
+            # It may have been a request's: the rows say, dropped or not.
+            self._rows_due = True
+        self._inbox_wake.set()
 
     async def _command_loop(self) -> None:
         while True:
-            n = await self._notifications.get()
+            if not self.inbox.has_new and not self._rows_due:
+                if not len(self.inbox):
+                    await self._inbox_wake.wait()
+                # Unmatched notifications wait: a moment for new ones first.
+                await asyncio.sleep(0)
+            self._inbox_wake.clear()
             try:
-                await self._handle(n)
+                if self.inbox.has_new or self._rows_due:
+                    await self._serve_requests()
+                await self._answer_unmatched()
             except asyncio.CancelledError:
                 raise
-            except (RepositoryError, psycopg.Error) as e:
-                self.log.warning("command not answered", error=str(e).splitlines()[0])
-            except Exception:
-                self.log.exception("command failed", payload=n.payload[:200])
+            except Exception as e:
+                # What waits might be requests: dropped rather than refused;
+                # their rows (what counts) are read again once the
+                # repository is back, or at the next notification.
+                n = self.inbox.clear()
+                if n:
+                    self.stats.count("", "commands", "dropped", n)
+                    self._warn_later("dropped", n)
+                self._rows_due = False
+                if isinstance(e, RepositoryUnavailable):
+                    delay = max(1.0, self.control.retry_in)
+                    asyncio.get_running_loop().call_later(delay, self._recheck_rows)
+                    self.log.debug("commands not answered", error=str(e))
+                elif isinstance(e, RepositoryError | psycopg.Error):
+                    self.log.warning("command not answered", error=first_line(e))
+                else:
+                    self.log.exception("command handling failed")
+            self._flush_warnings()
 
-    async def _handle(self, n: psycopg.Notify) -> None:
+    def _recheck_rows(self) -> None:
+        self._rows_due = True
+        self._inbox_wake.set()
+
+    async def _serve_requests(self) -> None:
+        """Match the new notifications with the request rows; act on the rows, oldest first."""
+        batch = self.inbox.take_new()
+        # Set again by a drop while we read (that request may be too recent for this read).
+        self._rows_due = False
         try:
-            req = commands.parse(n.payload)
+            async with self.control.use() as conn:
+                rows = await self.requests.pending(conn)
+        except BaseException:
+            for pid, _ in batch:
+                self.inbox.done(pid)
+            if batch:
+                self.stats.count("", "commands", "dropped", len(batch))
+                self._warn_later("dropped", len(batch))
+            raise
+        self._rows_due |= len(rows) >= commands.REQUESTS_PER_ROUND
+        mine, garbage = self.requests.match(rows, batch)
+        for pid, _ in mine:
+            self.inbox.done(pid)
+        for pid, payload in garbage:
+            self.inbox.unmatched(pid, payload)
+        for row in rows:
+            # Each row is acted upon once: one that cannot be answered must
+            # not take the next ones with it.
+            try:
+                await self._handle(row.payload, row)
+            except (RepositoryError, psycopg.Error) as e:
+                self.log.warning("command not answered", error=first_line(e), request=row.id)
+
+    async def _answer_unmatched(self, budget: float = 0.05) -> None:
+        """Answer notifications of no request, while nothing new waits, for ``budget`` seconds."""
+        until = _now() + budget
+        while not self.inbox.has_new and _now() < until:
+            item = self.inbox.next_unmatched()
+            if item is None:
+                return
+            await self._handle(item[1], None)
+
+    async def _handle(self, payload: str, row: RequestRow | None) -> None:
+        """Answer one request (``row``) or a notification that matched none."""
+        try:
+            req = commands.parse(payload)
         except commands.BadRequest as e:
             self.stats.count("", "commands", "malformed")
-            self.log.warning("malformed command", payload=n.payload[:200], error=e.reason)
+            if self._log_budget():
+                self.log.warning("malformed command", payload=payload[:200], error=e.reason)
             if e.channel is not None and e.channel != self.channel:
                 await self._answer(e.channel, e.command or "ERROR", False, e.reason)
             return
         if req.channel == self.channel:
             # An answer there would read as a command to every collector.
-            self.log.warning("command ignored: its response channel is the command channel")
+            self.stats.count("", "commands", "ignored")
+            if self._log_budget():
+                self.log.warning("command ignored: its response channel is the command channel")
             return
-        async with self.control.use() as conn:
-            refusal = await self.authorizer.check(conn, n.pid, n.payload)
+        refusal = commands.NOT_AUTHORIZED if row is None else commands.refusal(row)
         if refusal is not None:
             self.stats.count("", "commands", "refused")
-            self.log.warning("command refused", command=req.command, error=refusal)
+            if self._log_budget():
+                self.log.warning("command refused", command=req.command, error=refusal)
             await self._answer(req.channel, req.command, False, refusal)
             return
+        assert row is not None
         self.stats.count("", "commands", req.command.lower())
-        self.log.info("command", command=req.command, args=" ".join(req.args))
+        self.log.info("command", command=req.command, args=" ".join(req.args), sender=row.sender)
         ok, data = await self._execute(req)
         await self._answer(req.channel, req.command, ok, data)
+
+    def _log_budget(self) -> bool:
+        """Whether a warning about a bad notification may be logged now (a flood is not)."""
+        self._flush_warnings()
+        if self._warned < _WARNINGS_PER_WINDOW:
+            self._warned += 1
+            return True
+        self._warn_later("unlogged", 1)
+        return False
+
+    def _warn_later(self, what: str, n: int) -> None:
+        self._held[what] = self._held.get(what, 0) + n
+        self._flush_warnings()
+
+    def _flush_warnings(self, *, final: bool = False) -> None:
+        """Say what a flood made us drop or not log, once per window at most."""
+        now = _now()
+        if not final and now - self._window < _WARNING_WINDOW:
+            return
+        self._window, self._warned = now, 0
+        held, self._held = self._held, {}
+        if held.get("dropped"):
+            self.log.warning(
+                "command notifications dropped: too many waiting",
+                dropped=held["dropped"],
+                total=self.stats.get("", "commands", "dropped"),
+                received=self.stats.get("", "commands", "received"),
+            )
+        if held.get("unlogged"):
+            self.log.warning("more bad command notifications, not logged", count=held["unlogged"])
 
     async def _execute(self, req: commands.Request) -> tuple[bool, str]:
         if req.command == "RELOAD":
@@ -614,6 +867,32 @@ class Daemon:
             await asyncio.sleep(interval)
 
 
+def _now() -> float:
+    return time.monotonic()
+
+
+async def _settle(
+    tasks: list[asyncio.Task[Any]], until: float, *, cancel: bool = True
+) -> set[asyncio.Task[Any]]:
+    """Wait for ``tasks`` to end by ``until``, cancelling them meanwhile.
+
+    They are cancelled at once (without ``cancel``: once half the time left
+    is over), then again every _RECANCEL_EVERY while they linger.  Return
+    those still running at ``until``.
+    """
+    pending = {t for t in tasks if not t.done()}
+    if not cancel and pending:
+        _, pending = await asyncio.wait(pending, timeout=max(0.0, (until - _now()) / 2))
+    while pending:
+        for t in pending:
+            t.cancel()
+        left = until - _now()
+        if left <= 0:
+            break
+        _, pending = await asyncio.wait(pending, timeout=min(left, _RECANCEL_EVERY))
+    return pending
+
+
 def _hostport(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -627,8 +906,12 @@ def run(cfg: Config, *, config_path: str | None, dsn: str, serve_web: bool = Fal
             "or [repository] dsn in the configuration file"
         )
     log.setup(cfg.logging.level, cfg.logging.format)
+    daemon = Daemon(cfg, config_path=config_path, dsn=dsn, serve_web=serve_web)
     try:
-        daemon = Daemon(cfg, config_path=config_path, dsn=dsn, serve_web=serve_web)
+        # asyncio.run's own way out (the tasks left, the executor's threads)
+        # is under the shutdown's last resort too: disarmed only after it.
         return asyncio.run(daemon.main())
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+    except KeyboardInterrupt:  # a second Ctrl-C during the start
         return 130
+    finally:
+        daemon.disarm()

@@ -16,14 +16,24 @@
 
 Snapshots need a srvid, so servers of the last two are registered (and kept
 up to date) in ``pgfleet.servers`` under their alias, marked with their
-provider.  A server that leaves its provider is no longer collected; its
+provider and where it found them (``origin``: the configuration file, the
+file_sd file).  A provider only ever writes its own rows: a target whose
+alias is that of a server added by hand, of ``local`` or of the other
+provider's changes nothing and is not collected.  That collision is logged
+as an error once (again if it ends and comes back) and counted
+(``discovery``/``collision``; ``discovery``/``collisions`` is how many there
+are now).  A server that leaves its provider is no longer collected; its
 row and data stay until ``pgfleet server remove [--purge]``.  The rows are
 written by :mod:`pgfleet.repository.servers`, the registry's one writer.
 
 Files are polled (mtime, size, inode) every ``refresh`` seconds: no inotify,
 and a file replaced by a rename, as configuration management does, is seen
 like any other change.  A file that does not parse keeps its previous
-targets, with an error in the log, as Prometheus does.
+targets, with an error in the log, as Prometheus does.  Files are input
+from other tools, read as hostile: at most :data:`MAX_FILE_BYTES` and
+:data:`MAX_TARGETS` targets each, and every value checked as ``pgfleet
+server add`` checks it, so that no target can fail the registration of the
+others.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,13 +50,20 @@ from typing import Any
 import psycopg
 import yaml
 
+from pgfleet.collector.stats import Stats
 from pgfleet.config import DiscoveryConfig, StaticServer
 from pgfleet.errors import ConfigError
 from pgfleet.log import EventLogger
 from pgfleet.repository import servers
-from pgfleet.repository.servers import Server, validate
+from pgfleet.repository.servers import Collision, Server, validate
 
 log = EventLogger("discovery")
+
+# A file_sd file larger than this, or with more targets, is refused whole.
+MAX_FILE_BYTES = 16 * 2**20
+MAX_TARGETS = 10_000
+
+_NUMBER_RE = re.compile(r"[0-9]+")
 
 # Labels of a file_sd group that map to server settings.
 _LABELS = {
@@ -74,6 +92,8 @@ class Target:
     frequency: int = 300
     coalesce: int = 100
     provider: str = "static"
+    # Where the provider found it: the configuration file, the file_sd file.
+    origin: str = ""
 
     def checked(self, where: str) -> Target:
         """This target, validated like 'pgfleet server add' does; ConfigError naming ``where``."""
@@ -81,7 +101,10 @@ class Target:
             values = validate(
                 {
                     "alias": self.alias,
+                    "host": self.host,
                     "port": self.port,
+                    "username": self.username,
+                    "dbname": self.dbname,
                     "frequency": self.frequency,
                     "coalesce": self.coalesce,
                     "password_ref": self.password_ref,
@@ -107,6 +130,7 @@ def from_static(servers: tuple[StaticServer, ...], origin: str) -> list[Target]:
             frequency=s.frequency,
             coalesce=s.coalesce,
             provider="static",
+            origin=origin,
         )
         out.append(t.checked(f"invalid configuration {origin!r}: discovery.servers[{i}]"))
     return out
@@ -128,7 +152,7 @@ def split_target(target: str) -> tuple[str, int]:
         raise ValueError(f"invalid target {target!r}: no host")
     if not port_text:
         return host, 5432
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not _NUMBER_RE.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"invalid target {target!r}: bad port {port_text!r}")
     return host, int(port_text)
 
@@ -137,21 +161,32 @@ def parse_file_sd(path: Path) -> list[Target]:
     """Read one file_sd file; ConfigError naming the file and the faulty group."""
     where = f"invalid file_sd file {str(path)!r}"
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
-        raise ConfigError(f"{where}: {e.strerror}") from None
+        raise ConfigError(f"{where}: {e.strerror or e}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_FILE_BYTES // 2**20} MB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 (byte {e.start})") from None
     try:
         if path.suffix.lower() in (".yml", ".yaml"):
             data = yaml.safe_load(text)
         else:
             data = json.loads(text) if text.strip() else None
     except (ValueError, yaml.YAMLError) as e:
-        reason = " ".join(str(e).split())
+        reason = " ".join(str(e).split())[:300]
         raise ConfigError(f"{where}: {reason}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
     if data is None:
         return []
     if not isinstance(data, list):
         raise ConfigError(f"{where}: expected a list of target groups")
+    # A file name need not be UTF-8; the repository's text must.
+    origin = os.fsencode(path).decode("utf-8", "replace")
     out: list[Target] = []
     for i, group in enumerate(data):
         gwhere = f"{where}: group {i}"
@@ -161,6 +196,8 @@ def parse_file_sd(path: Path) -> list[Target]:
         labels = group.get("labels") or {}
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise ConfigError(f"{gwhere}: targets: expected a list of strings")
+        if len(out) + len(targets) > MAX_TARGETS:
+            raise ConfigError(f"{where}: more than {MAX_TARGETS} targets")
         if not isinstance(labels, dict) or not all(
             isinstance(k, str) and isinstance(v, str | int) for k, v in labels.items()
         ):
@@ -171,8 +208,10 @@ def parse_file_sd(path: Path) -> list[Target]:
                 continue
             value = str(labels[label])
             if label in _INT_LABELS:
-                if not value.strip().isdigit():
-                    raise ConfigError(f"{gwhere}: label {label}: expected a number, not {value!r}")
+                if not _NUMBER_RE.fullmatch(value.strip()) or len(value.strip()) > 10:
+                    raise ConfigError(
+                        f"{gwhere}: label {label}: expected a number, not {value[:70]!r}"
+                    )
                 settings[key] = int(value)
             else:
                 settings[key] = value
@@ -190,8 +229,9 @@ def parse_file_sd(path: Path) -> list[Target]:
                 host=host,
                 port=port,
                 provider="file_sd",
+                origin=origin,
             )
-            out.append(t.checked(f"{gwhere}: target {target!r}"))
+            out.append(t.checked(f"{gwhere}: target {target[:100]!r}"))
     return out
 
 
@@ -242,11 +282,17 @@ class FileWatch:
 class Discovery:
     """The fleet as the configured providers say, with srvids from the repository."""
 
-    def __init__(self, cfg: DiscoveryConfig, origin: str = "<config>") -> None:
+    def __init__(
+        self, cfg: DiscoveryConfig, origin: str = "<config>", stats: Stats | None = None
+    ) -> None:
         self.cfg = cfg
+        self.stats = stats or Stats()
         self._files = FileWatch(cfg.files)
         self._static = from_static(cfg.servers, origin)
         self._synced: list[Target] | None = None
+        # Targets whose alias is another's, as last logged, by alias.
+        self.collisions: dict[str, Collision] = {}
+        self._duplicates: set[str] = set()  # aliases said to be given twice
 
     def configure(self, cfg: DiscoveryConfig, origin: str) -> None:
         """Take a reloaded configuration (raises ConfigError before changing anything)."""
@@ -265,12 +311,22 @@ class Discovery:
         if "file_sd" in self.cfg.providers:
             found += self._files.poll()[0]
         seen: dict[str, Target] = {}
+        duplicates = set()
         for t in found:
             if t.alias in seen:
-                if seen[t.alias] != t:
-                    log.warning("duplicate alias, first one kept", server=t.alias)
+                first = seen[t.alias]
+                if dataclasses.replace(first, origin=t.origin) != t:
+                    duplicates.add(t.alias)
+                    if t.alias not in self._duplicates:
+                        log.warning(
+                            "duplicate alias, first one kept",
+                            server=t.alias,
+                            kept=first.origin,
+                            ignored=t.origin,
+                        )
                 continue
             seen[t.alias] = t
+        self._duplicates = duplicates
         return list(seen.values())
 
     async def refresh(self, conn: psycopg.AsyncConnection[Any]) -> dict[int, Server]:
@@ -279,15 +335,36 @@ class Discovery:
         if targets != self._synced:
             await self._sync(conn, targets)
             self._synced = targets
+        elif self.collisions:
+            # Every refresh looks again at the aliases taken: the other row
+            # may have gone, and ours can be registered then.
+            await self._sync(conn, [t for t in targets if t.alias in self.collisions])
         found = await servers.fetch_enabled(
             conn,
-            [t.alias for t in targets],
+            [(t.alias, t.provider) for t in targets],
             registered="repository" in self.cfg.providers,
         )
         return {s.srvid: s for s in found}
 
     async def _sync(self, conn: psycopg.AsyncConnection[Any], targets: list[Target]) -> None:
-        if not targets:
-            return
-        await servers.upsert_discovered(conn, [dataclasses.asdict(t) for t in targets])
-        log.debug("discovered servers registered", servers=len(targets))
+        collisions = await servers.upsert_discovered(conn, [dataclasses.asdict(t) for t in targets])
+        by_alias = {t.alias: t for t in targets}
+        now = {c.alias: c for c in collisions}
+        for alias, c in sorted(now.items()):
+            if self.collisions.get(alias) == c:
+                continue  # said already
+            self.stats.count("", "discovery", "collision")
+            log.error(
+                "discovered server ignored: its alias is taken, the server left unchanged",
+                server=alias,
+                provider=c.provider,
+                origin=by_alias[alias].origin,
+                owner=c.owner,
+                owner_origin=c.origin,
+            )
+        for alias in sorted(self.collisions.keys() - now.keys()):
+            log.info("alias collision over", server=alias)
+        self.collisions = now
+        self.stats.gauge("", "discovery", "collisions", len(now))
+        if targets:
+            log.debug("discovered servers registered", servers=len(targets) - len(now))

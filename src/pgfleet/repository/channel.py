@@ -15,6 +15,7 @@ than that is not acted upon, and :func:`forget_old` deletes both.
 from __future__ import annotations
 
 from collections.abc import Collection
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import psycopg
@@ -27,41 +28,48 @@ from pgfleet.errors import RepositoryError
 
 
 class RequestRow(NamedTuple):
-    """The request row behind a notification: what the notifier could not forge."""
+    """A request row: what the notifier could not forge."""
 
     id: int
+    pid: int  # the backend that inserted it (and notified)
+    payload: str
     sender: str
     admin: bool  # the sender is (still) a member of pgfleet_admin
 
 
-async def listen_async(conn: psycopg.AsyncConnection[Any], channel: str) -> None:
+async def listen_async(conn: psycopg.AsyncConnection[Any], channel: str) -> datetime:
+    """LISTEN on ``channel``; return when, by the repository's clock."""
     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+    cur = await conn.execute("SELECT statement_timestamp()")
+    row = await cur.fetchone()
+    assert row is not None
+    when: datetime = row[0]
+    return when
 
 
-async def find_request(
+async def pending_requests(
     conn: psycopg.AsyncConnection[Any],
-    pid: int,
     channel: str,
-    payload: str,
+    since: datetime,
     used: Collection[int],
-) -> RequestRow | None:
-    """The oldest recent request of backend ``pid`` with this payload, but those ``used``."""
+    limit: int,
+) -> list[RequestRow]:
+    """The requests on ``channel`` made after ``since`` (and recently), but those ``used``."""
     # Membership is checked now, not when the request was made: a role
     # removed from pgfleet_admin meanwhile is refused.
     cur = await conn.execute(
-        """SELECT id, sender,
+        """SELECT id, pid, payload, sender,
                   CASE WHEN to_regrole('pgfleet_admin') IS NULL THEN false
                        ELSE EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = sender
                                        AND pg_has_role(r.oid, 'pgfleet_admin', 'MEMBER'))
                   END
              FROM pgfleet.collector_requests
-            WHERE pid = %s AND channel = %s AND payload = %s AND NOT (id = ANY (%s))
-              AND created_at > now() - interval '10 minutes'
-            ORDER BY id LIMIT 1""",
-        (pid, channel, payload, list(used)),
+            WHERE channel = %s AND NOT (id = ANY (%s))
+              AND created_at > greatest(%s, now() - interval '10 minutes')
+            ORDER BY id LIMIT %s""",
+        (channel, list(used), since, limit),
     )
-    row = await cur.fetchone()
-    return None if row is None else RequestRow(row[0], row[1], row[2])
+    return [RequestRow(*row) for row in await cur.fetchall()]
 
 
 async def store_reply(conn: psycopg.AsyncConnection[Any], channel: str, body: str) -> int:

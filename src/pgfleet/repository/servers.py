@@ -6,7 +6,9 @@ without one, libpq's own passfile, service file or PGPASSWORD apply.
 
 This is the one module that writes ``pgfleet.servers``: the CLI's sync CRUD
 (``pgfleet server add/update/remove``) and the collectors' async discovery
-sync alike, so that what a row may hold is decided in one place.
+sync alike, so that what a row may hold is decided in one place.  A
+discovery provider writes only the rows it created (``provider``; never
+local's, never those of ``server add``): see :func:`upsert_discovered`.
 """
 
 from __future__ import annotations
@@ -24,8 +26,14 @@ from psycopg.rows import class_row
 
 from pgfleet.errors import ConfigError, RepositoryError
 
-_ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$")
-_PASSWORD_REF_RE = re.compile(r"^(env|file):.+$")
+# Matched whole (fullmatch): "$" would let a final newline through, which
+# the table's CHECK refuses.
+_ALIAS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]*")
+_PASSWORD_REF_RE = re.compile(r"(env|file):.+", re.S)
+# What the table's CHECK on options refuses, as it says it.
+_OPTIONS_PASSWORD_RE = re.compile(r"(^|\s)password\s*=", re.I)
+# PostgreSQL's integer.
+_INT_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -64,23 +72,35 @@ EDITABLE = (
 
 
 def validate(changes: dict[str, Any]) -> dict[str, Any]:
-    """Check user-supplied settings; raise ConfigError naming the bad one."""
+    """Check user-supplied settings; raise ConfigError naming the bad one.
+
+    What passes is what the table's constraints accept: a discovery
+    provider registers many servers in one statement, which one bad value
+    would fail whole.
+    """
     out = dict(changes)
-    if "alias" in out and not _ALIAS_RE.match(str(out["alias"])):
+    for key, value in out.items():
+        if isinstance(value, str) and not _storable(value):
+            raise ConfigError(
+                f"invalid {key} {value[:70]!r}: contains a NUL character or a lone surrogate"
+            )
+    if "alias" in out and not _ALIAS_RE.fullmatch(str(out["alias"])):
         raise ConfigError(
-            f"invalid alias {out['alias']!r}: use letters, digits and _ . : @ - "
+            f"invalid alias {str(out['alias'])[:70]!r}: use letters, digits and _ . : @ - "
             "(starting with a letter or digit)"
         )
-    if "port" in out and not (1 <= int(out["port"]) <= 65535):
+    if "port" in out and not (1 <= _number(out, "port") <= 65535):
         raise ConfigError(f"invalid port {out['port']}: must be between 1 and 65535")
-    if "frequency" in out and int(out["frequency"]) < 1:
-        raise ConfigError(f"invalid frequency {out['frequency']}: must be at least 1 second")
-    if "coalesce" in out and int(out["coalesce"]) < 1:
-        raise ConfigError(f"invalid coalesce {out['coalesce']}: must be at least 1")
-    ref = out.get("password_ref")
-    if ref is not None and not _PASSWORD_REF_RE.match(ref):
+    if "frequency" in out and not 1 <= _number(out, "frequency") <= _INT_MAX:
         raise ConfigError(
-            f"invalid password reference {ref!r}: use env:VARIABLE or file:/path "
+            f"invalid frequency {out['frequency']}: must be between 1 and {_INT_MAX} seconds"
+        )
+    if "coalesce" in out and not 1 <= _number(out, "coalesce") <= _INT_MAX:
+        raise ConfigError(f"invalid coalesce {out['coalesce']}: must be between 1 and {_INT_MAX}")
+    ref = out.get("password_ref")
+    if ref is not None and not _PASSWORD_REF_RE.fullmatch(str(ref)):
+        raise ConfigError(
+            f"invalid password reference {str(ref)[:70]!r}: use env:VARIABLE or file:/path "
             "(passwords are never stored in the repository)"
         )
     if "options" in out:
@@ -88,12 +108,31 @@ def validate(changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _storable(text: str) -> bool:
+    """Whether a text column can hold ``text`` (JSON and YAML escapes can make both)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _number(values: dict[str, Any], key: str) -> int:
+    try:
+        return int(values[key])
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid {key} {str(values[key])[:70]!r}: expected a number") from None
+
+
 def _check_options(options: str) -> str:
     try:
         params = psycopg.conninfo.conninfo_to_dict(options) if options.strip() else {}
     except psycopg.ProgrammingError as e:
-        raise ConfigError(f"invalid connection options {options!r}: {e}") from None
-    if "password" in params:
+        reason = " ".join(str(e).split())  # libpq's ends with a newline
+        raise ConfigError(f"invalid connection options {options[:100]!r}: {reason}") from None
+    if "password" in params or _OPTIONS_PASSWORD_RE.search(options):
         raise ConfigError(
             "connection options may not contain a password: use --password-ref "
             "env:VARIABLE or file:/path, or libpq's passfile"
@@ -206,43 +245,75 @@ def by_srvid(conn: psycopg.Connection[Any], srvid: int) -> Server:
 # -- The collectors' side: discovery
 
 
+@dataclass(frozen=True)
+class Collision:
+    """A provider's target whose alias is another's: the row is left alone."""
+
+    alias: str
+    provider: str  # the target's
+    owner: str  # whose the row is: "local", "pgfleet server add", or a provider
+    origin: str | None  # where the owner found it, if a provider
+
+
+def _owner(srvid: int, provider: str | None) -> str:
+    if srvid == 0:
+        return "local"
+    return provider or "pgfleet server add"
+
+
 async def fetch_enabled(
-    conn: psycopg.AsyncConnection[Any], aliases: Sequence[str], *, registered: bool
+    conn: psycopg.AsyncConnection[Any],
+    targets: Sequence[tuple[str, str]],
+    *,
+    registered: bool,
 ) -> list[Server]:
     """The enabled servers a collector may collect, in srvid order.
 
-    Those named in ``aliases`` (the providers' targets) and, with
+    Those of ``targets``, (alias, provider) pairs: a provider's target is
+    its own row, never another's of the same alias; and, with
     ``registered``, those added with 'pgfleet server add' (no provider).
     The local server (srvid 0), the repository's own instance, is left out:
     collectors do not snapshot it (``pgfleet snapshot --local`` does).
     """
-    where = [sql.SQL("alias = ANY (%(aliases)s)")]
+    where = [
+        sql.SQL(
+            "(alias, provider) IN"
+            " (SELECT * FROM unnest(%(aliases)s::text[], %(providers)s::text[]))"
+        )
+    ]
     if registered:
         where.append(sql.SQL("provider IS NULL"))
     query = sql.SQL(
         "SELECT {} FROM pgfleet.servers WHERE srvid <> 0 AND enabled AND ({}) ORDER BY srvid"
     ).format(_fields(), sql.SQL(" OR ").join(where))
     async with conn.cursor(row_factory=class_row(Server)) as cur:
-        await cur.execute(query, {"aliases": list(aliases)})
+        await cur.execute(
+            query,
+            {"aliases": [a for a, _ in targets], "providers": [p for _, p in targets]},
+        )
         return await cur.fetchall()
 
 
 async def upsert_discovered(
     conn: psycopg.AsyncConnection[Any], targets: Sequence[Mapping[str, Any]]
-) -> None:
+) -> list[Collision]:
     """Register discovered servers under their alias, or bring their row up to date.
 
-    Each target maps ``alias``, the :data:`SYNCED` columns and ``provider``.
-    A row is rewritten only if something changed, so that an unchanged fleet
-    costs no dead tuples.
+    Each target maps ``alias``, the :data:`SYNCED` columns, ``provider`` and
+    ``origin``.  A provider writes only its own rows: a target whose alias
+    is local's, a server's added by hand or another provider's changes
+    nothing, and is returned as a :class:`Collision`.  A row is rewritten
+    only if something changed, so that an unchanged fleet costs no dead
+    tuples.
     """
     if not targets:
-        return
-    cols = ("alias", *SYNCED, "provider")
+        return []
+    cols = ("alias", *SYNCED, "provider", "origin")
     stmt = sql.SQL(
         "INSERT INTO pgfleet.servers ({cols}) VALUES ({vals}) "
         "ON CONFLICT (alias) DO UPDATE SET {sets} "
-        "WHERE ({old}) IS DISTINCT FROM ({new})"
+        "WHERE servers.srvid <> 0 AND servers.provider = excluded.provider "
+        "AND ({old}) IS DISTINCT FROM ({new})"
     ).format(
         cols=sql.SQL(", ").join(map(sql.Identifier, cols)),
         vals=sql.SQL(", ").join(sql.Placeholder() * len(cols)),
@@ -252,5 +323,17 @@ async def upsert_discovered(
         old=sql.SQL(", ").join(sql.SQL("servers.{}").format(sql.Identifier(c)) for c in cols),
         new=sql.SQL(", ").join(sql.SQL("excluded.{}").format(sql.Identifier(c)) for c in cols),
     )
+    wanted = {t["alias"]: t["provider"] for t in targets}
     async with conn.transaction(), conn.cursor() as cur:
         await cur.executemany(stmt, [[t[c] for c in cols] for t in targets])
+        # Whose each row is now, in this transaction: ours, or another's.
+        await cur.execute(
+            "SELECT alias, srvid, provider, origin FROM pgfleet.servers WHERE alias = ANY (%s)",
+            (list(wanted),),
+        )
+        rows = await cur.fetchall()
+    return [
+        Collision(alias, wanted[alias], _owner(srvid, provider), origin)
+        for alias, srvid, provider, origin in rows
+        if srvid == 0 or provider != wanted[alias]
+    ]
