@@ -7,11 +7,12 @@
 -- without schema pgfleet: the migrations run there and are rolled back.
 -- tests/repository/test_functions.py checks that this file matches the migrations.
 
--- last (re)defined by 0002_metric_sources.sql
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet._coldefs(_tmp regclass, _cols text[], _array boolean DEFAULT false)
  RETURNS text
  LANGUAGE sql
  STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
     SELECT coalesce(string_agg(format('%I %s%s', c,
                                       format_type(a.atttypid, a.atttypmod),
@@ -20,29 +21,32 @@ AS $function$
       JOIN pg_attribute a ON a.attrelid = _tmp AND a.attname = c AND NOT a.attisdropped;
 $function$;
 
--- last (re)defined by 0002_metric_sources.sql
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet._list(_cols text[], _fmt text DEFAULT '%I'::text, _sep text DEFAULT ', '::text)
  RETURNS text
  LANGUAGE sql
  IMMUTABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
     SELECT coalesce(string_agg(format(_fmt, c), _sep ORDER BY o), '')
       FROM unnest(_cols) WITH ORDINALITY AS u(c, o);
 $function$;
 
--- last (re)defined by 0002_metric_sources.sql
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet._tmp_table(_module text)
  RETURNS regclass
  LANGUAGE sql
  STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
     SELECT (src_function || '_tmp')::regclass FROM pgfleet.metric_sources WHERE module = _module;
 $function$;
 
--- last (re)defined by 0003_collectors.sql
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.collector_command(_payload text, _channel text DEFAULT 'pgfleet_collector'::text)
  RETURNS void
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
     IF to_regrole('pgfleet_admin') IS NULL THEN
@@ -58,22 +62,30 @@ BEGIN
 END;
 $function$;
 
--- last (re)defined by 0003_collectors.sql
+-- last (re)defined by 0010_nothing_lost.sql
 CREATE OR REPLACE FUNCTION pgfleet.collector_leave(_owner text, _keep integer[])
  RETURNS void
  LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    DELETE FROM pgfleet.collector_leases WHERE owner = _owner AND NOT (srvid = ANY (_keep));
+    WITH gone AS (
+        DELETE FROM pgfleet.collector_leases
+         WHERE owner = _owner AND NOT (srvid = ANY (_keep))
+        RETURNING term
+    )
+    UPDATE pgfleet.lease_terms t SET ended_at = now(), closed = true
+      FROM gone WHERE t.term = gone.term;
     DELETE FROM pgfleet.collectors WHERE name = _owner;
 $function$;
 
--- last (re)defined by 0002_metric_sources.sql
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.create_metric_source(_module text, _src_function text, _keys text[], _counters text[], _deltas text[], _gauges text[], _onces text[], _epoch text DEFAULT NULL::text, _scope text DEFAULT NULL::text, _priority integer DEFAULT 10, _query_cleanup text DEFAULT NULL::text, _added_manually boolean DEFAULT true)
  RETURNS void
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
-    tmp regclass := (_src_function || '_tmp')::regclass;
+    tmp regclass;
     base text := 'pgfleet.' || quote_ident(_module);
     values_ text[] := _counters || _deltas || _gauges;
     missing text;
@@ -83,6 +95,11 @@ BEGIN
     IF _module !~ '^[a-z_][a-z0-9_]*$' OR length(_module) > 40 THEN
         RAISE EXCEPTION 'invalid module name "%": use lower case letters, digits and _ (40 at most)', _module;
     END IF;
+    IF cardinality(parse_ident(_src_function, false)) < 2 THEN
+        RAISE EXCEPTION 'query_source function "%" has no schema: name it with its schema (public.% ...)',
+                        _src_function, _src_function;
+    END IF;
+    tmp := (_src_function || '_tmp')::regclass;
     SELECT string_agg(x, ', ') INTO missing
       FROM unnest(_keys || values_ || _onces || coalesce(_epoch, 'ts') || 'ts'::text) x
      WHERE NOT EXISTS (SELECT 1 FROM pg_attribute
@@ -147,35 +164,20 @@ BEGIN
 
     -- The four registered operations are thin wrappers over the generic ones,
     -- so a user can see (and replace) them like any other source's.
-    EXECUTE format('CREATE OR REPLACE FUNCTION %s_snapshot(_srvid integer) RETURNS void LANGUAGE plpgsql AS %L',
+    EXECUTE format('CREATE OR REPLACE FUNCTION %s_snapshot(_srvid integer) RETURNS void LANGUAGE plpgsql'
+                   ' SET search_path = pg_catalog, pg_temp AS %L',
                    base, pgfleet.metric_snapshot_body(_module));
     EXECUTE format($f$CREATE OR REPLACE FUNCTION %s_aggregate(_srvid integer) RETURNS void
-                      LANGUAGE sql AS $w$SELECT pgfleet.metric_aggregate(%L, _srvid)$w$$f$, base, _module);
+                      LANGUAGE sql SET search_path = pg_catalog, pg_temp
+                      AS $w$SELECT pgfleet.metric_aggregate(%L, _srvid)$w$$f$, base, _module);
     EXECUTE format($f$CREATE OR REPLACE FUNCTION %s_purge(_srvid integer) RETURNS void
-                      LANGUAGE sql AS $w$SELECT pgfleet.metric_purge(%L, _srvid)$w$$f$, base, _module);
+                      LANGUAGE sql SET search_path = pg_catalog, pg_temp
+                      AS $w$SELECT pgfleet.metric_purge(%L, _srvid)$w$$f$, base, _module);
     EXECUTE format($f$CREATE OR REPLACE FUNCTION %s_unregister(_srvid integer) RETURNS boolean
-                      LANGUAGE sql AS $w$DELETE FROM pgfleet.functions WHERE module = %L; SELECT true$w$$f$,
+                      LANGUAGE sql SET search_path = pg_catalog, pg_temp
+                      AS $w$DELETE FROM pgfleet.functions WHERE module = %L; SELECT true$w$$f$,
                    base, _module);
-
-    -- A series reader: every stored point of one server in a time range,
-    -- history and not-yet-aggregated rows alike.  It is a plain SQL function
-    -- so the planner inlines it and pushes key filters into the index scans.
-    EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$s_series(_srvid integer, _from timestamptz, _to timestamptz)
-                      RETURNS TABLE (ts timestamptz%2$s%3$s)
-                      LANGUAGE sql STABLE AS $s$
-                        SELECT p.ts%4$s%5$s
-                          FROM %1$s_history h, unnest(h.points) AS p
-                         WHERE h.srvid = _srvid AND h.ts_start <= _to AND h.ts_end >= _from
-                           AND p.ts >= _from AND p.ts <= _to
-                        UNION ALL
-                        SELECT c.ts%6$s%7$s FROM %1$s_current c
-                         WHERE c.srvid = _srvid AND c.ts >= _from AND c.ts <= _to
-                      $s$$f$,
-                   base,
-                   CASE WHEN _keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, _keys) END,
-                   CASE WHEN values_ = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, values_) END,
-                   pgfleet._list(_keys, ', h.%I', ''), pgfleet._list(values_, ', p.%I', ''),
-                   pgfleet._list(_keys, ', c.%I', ''), pgfleet._list(values_, ', c.%I', ''));
+    PERFORM pgfleet.metric_series(_module);
 
     INSERT INTO pgfleet.functions AS f
            (module, operation, function_name, query_source, query_cleanup, added_manually, priority)
@@ -191,10 +193,11 @@ BEGIN
 END;
 $function$;
 
--- last (re)defined by 0003_collectors.sql
+-- last (re)defined by 0010_nothing_lost.sql
 CREATE OR REPLACE FUNCTION pgfleet.grant_admin()
  RETURNS void
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
     IF to_regrole('pgfleet_admin') IS NULL THEN
@@ -202,79 +205,182 @@ BEGIN
     END IF;
     GRANT USAGE ON SCHEMA pgfleet TO pgfleet_admin;
     GRANT SELECT ON pgfleet.schema_migrations, pgfleet.servers, pgfleet.collectors,
-                    pgfleet.collector_leases, pgfleet.collector_replies TO pgfleet_admin;
+                    pgfleet.collector_leases, pgfleet.lease_terms,
+                    pgfleet.collector_replies TO pgfleet_admin;
     GRANT INSERT (channel, payload) ON pgfleet.collector_requests TO pgfleet_admin;
     GRANT USAGE ON SEQUENCE pgfleet.collector_requests_id_seq TO pgfleet_admin;
 END;
 $function$;
 
--- last (re)defined by 0003_collectors.sql
+-- last (re)defined by 0010_nothing_lost.sql
+CREATE OR REPLACE FUNCTION pgfleet.lease_drained(_srvid integer, _owner text, _term bigint)
+ RETURNS void
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    UPDATE pgfleet.lease_terms SET closed = true
+     WHERE term = _term AND srvid = _srvid AND owner = _owner AND ended_at IS NOT NULL;
+$function$;
+
+-- last (re)defined by 0010_nothing_lost.sql
+CREATE OR REPLACE FUNCTION pgfleet.lease_fence(_srvid integer, _owner text, _term bigint, _taken timestamp with time zone)
+ RETURNS text
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    l record;
+    t record;
+    _current bigint;
+BEGIN
+    SELECT o.owner, o.term INTO l FROM pgfleet.collector_leases o WHERE o.srvid = _srvid FOR SHARE;
+    IF FOUND AND l.owner = _owner AND (_term IS NULL OR l.term = _term) THEN
+        _current := l.term;
+    ELSE
+        SELECT * INTO t FROM pgfleet.lease_terms o
+         WHERE o.term = _term AND o.srvid = _srvid AND o.owner = _owner FOR UPDATE;
+        IF NOT FOUND OR t.closed OR t.ended_at IS NULL OR _taken IS NULL
+           OR _taken >= t.ended_at THEN
+            RETURN 'lost';
+        END IF;
+    END IF;
+    -- Earlier terms of other collectors, still open: what they took comes
+    -- first.  (Our own come first in our spool already.)
+    PERFORM 1 FROM pgfleet.lease_terms o
+      WHERE o.srvid = _srvid AND o.term < coalesce(_current, _term) AND NOT o.closed
+        AND o.owner <> _owner AND o.drain_until > now()
+        FOR UPDATE;
+    IF FOUND THEN
+        RETURN 'wait';
+    END IF;
+    UPDATE pgfleet.lease_terms o SET closed = true
+     WHERE o.srvid = _srvid AND o.term < coalesce(_current, _term) AND NOT o.closed;
+    RETURN CASE WHEN _current IS NULL THEN 'handover' ELSE 'ok' END;
+END;
+$function$;
+
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.lease_held(_srvid integer, _owner text)
  RETURNS boolean
  LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
     SELECT EXISTS (SELECT 1 FROM pgfleet.collector_leases
                     WHERE srvid = _srvid AND owner = _owner FOR SHARE);
 $function$;
 
--- last (re)defined by 0003_collectors.sql
+-- last (re)defined by 0010_nothing_lost.sql
 CREATE OR REPLACE FUNCTION pgfleet.lease_release(_owner text, _srvids integer[])
  RETURNS void
  LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    DELETE FROM pgfleet.collector_leases WHERE owner = _owner AND srvid = ANY (_srvids);
+    WITH gone AS (
+        DELETE FROM pgfleet.collector_leases
+         WHERE owner = _owner AND srvid = ANY (_srvids)
+        RETURNING term
+    )
+    UPDATE pgfleet.lease_terms t SET ended_at = now(), closed = true
+      FROM gone WHERE t.term = gone.term;
 $function$;
 
--- last (re)defined by 0003_collectors.sql
-CREATE OR REPLACE FUNCTION pgfleet.lease_round(_owner text, _host text, _pid integer, _period interval, _srvids integer[])
- RETURNS TABLE(owned integer[], share integer, collectors integer)
+-- last (re)defined by 0010_nothing_lost.sql
+CREATE OR REPLACE FUNCTION pgfleet.lease_round(_owner text, _host text, _pid integer, _period interval, _srvids integer[], _pending integer[] DEFAULT '{}'::integer[], _grace interval DEFAULT NULL::interval)
+ RETURNS TABLE(owned integer[], terms bigint[], share integer, collectors integer, clock double precision)
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     _have integer;
+    _last timestamptz;
+    _took integer[];
+    _took_terms bigint[];
 BEGIN
+    SELECT max(c.heartbeat) INTO _last FROM pgfleet.collectors c;
+    IF _last < now() - _period THEN
+        UPDATE pgfleet.collectors c SET expires_at = now() + coalesce(_grace, _period)
+         WHERE c.expires_at >= _last AND c.expires_at < now() + coalesce(_grace, _period);
+        UPDATE pgfleet.collector_leases l SET expires_at = now() + coalesce(_grace, _period)
+         WHERE l.expires_at >= _last AND l.expires_at < now() + coalesce(_grace, _period);
+    END IF;
+
     INSERT INTO pgfleet.collectors AS c (name, host, pid, expires_at)
     VALUES (_owner, _host, _pid, now() + _period)
     ON CONFLICT (name) DO UPDATE
        SET host = excluded.host, pid = excluded.pid, heartbeat = now(),
            expires_at = excluded.expires_at,
            started_at = CASE WHEN c.pid = excluded.pid THEN c.started_at ELSE now() END;
-    DELETE FROM pgfleet.collectors WHERE expires_at < now() - 10 * _period;
+    DELETE FROM pgfleet.collectors c WHERE c.expires_at < now() - 10 * _period;
 
-    DELETE FROM pgfleet.collector_leases
-     WHERE owner = _owner AND NOT (srvid = ANY (_srvids));
-    UPDATE pgfleet.collector_leases SET expires_at = now() + _period WHERE owner = _owner;
+    -- Servers we no longer see (they left our fleet): nothing of theirs is
+    -- left to store, the daemon drops their spooled snapshots.
+    WITH gone AS (
+        DELETE FROM pgfleet.collector_leases l
+         WHERE l.owner = _owner AND NOT (l.srvid = ANY (_srvids))
+        RETURNING l.term
+    )
+    UPDATE pgfleet.lease_terms t SET ended_at = now(), closed = true
+      FROM gone WHERE t.term = gone.term;
+    UPDATE pgfleet.collector_leases l SET expires_at = now() + _period WHERE l.owner = _owner;
 
-    SELECT count(*) INTO collectors FROM pgfleet.collectors WHERE expires_at > now();
+    -- Terms others took from us: still open while we have snapshots of the
+    -- server to store, closed once we have none.
+    UPDATE pgfleet.lease_terms t SET closed = true
+     WHERE t.owner = _owner AND t.ended_at IS NOT NULL AND NOT t.closed
+       AND NOT (t.srvid = ANY (_pending));
+    UPDATE pgfleet.lease_terms t SET drain_until = greatest(t.drain_until, now() + _period)
+     WHERE t.owner = _owner AND t.ended_at IS NOT NULL AND NOT t.closed;
+    -- Closed terms are kept a while, for the log of who collected what.
+    DELETE FROM pgfleet.lease_terms t WHERE t.closed AND t.ended_at < now() - 10 * _period;
+
+    SELECT count(*) INTO collectors FROM pgfleet.collectors c WHERE c.expires_at > now();
     share := ceil(cardinality(_srvids)::numeric / greatest(collectors, 1));
-    SELECT count(*) INTO _have FROM pgfleet.collector_leases WHERE owner = _owner;
+    SELECT count(*) INTO _have FROM pgfleet.collector_leases l WHERE l.owner = _owner;
     IF _have < share THEN
         -- Each collector prefers different servers (the hash includes its
         -- name), so that collectors starting together rarely contend.  The
         -- WHERE of ON CONFLICT is rechecked on the latest row version: of
         -- two collectors racing for one lease, one gets it.
-        INSERT INTO pgfleet.collector_leases AS l (srvid, owner, expires_at)
-        SELECT s.srvid, _owner, now() + _period
-          FROM unnest(_srvids) AS s(srvid)
-         WHERE EXISTS (SELECT 1 FROM pgfleet.servers v WHERE v.srvid = s.srvid)
-           AND NOT EXISTS (SELECT 1 FROM pgfleet.collector_leases o
-                            WHERE o.srvid = s.srvid AND o.expires_at >= now())
-         ORDER BY hashtext(_owner || ':' || s.srvid)
-         LIMIT share - _have
-        ON CONFLICT (srvid) DO UPDATE
-           SET owner = excluded.owner, expires_at = excluded.expires_at, acquired_at = now()
-         WHERE l.expires_at < now();
+        WITH taken AS (
+            INSERT INTO pgfleet.collector_leases AS l (srvid, owner, expires_at, term)
+            SELECT s.srvid, _owner, now() + _period, nextval('pgfleet.lease_terms_term_seq')
+              FROM unnest(_srvids) AS s(srvid)
+             WHERE EXISTS (SELECT 1 FROM pgfleet.servers v WHERE v.srvid = s.srvid)
+               AND NOT EXISTS (SELECT 1 FROM pgfleet.collector_leases o
+                                WHERE o.srvid = s.srvid AND o.expires_at >= now())
+             ORDER BY hashtext(_owner || ':' || s.srvid)
+             LIMIT share - _have
+            ON CONFLICT (srvid) DO UPDATE
+               SET owner = excluded.owner, expires_at = excluded.expires_at, acquired_at = now(),
+                   term = excluded.term
+             WHERE l.expires_at < now()
+            RETURNING l.srvid, l.term
+        )
+        SELECT array_agg(taken.srvid), array_agg(taken.term) INTO _took, _took_terms FROM taken;
+        IF _took IS NOT NULL THEN
+            -- The terms we took over end now; their owners get a period to
+            -- come back and store what they took under them (see above).
+            UPDATE pgfleet.lease_terms t SET ended_at = now(), drain_until = now() + _period
+             WHERE t.srvid = ANY (_took) AND t.ended_at IS NULL;
+            INSERT INTO pgfleet.lease_terms (term, srvid, owner)
+            SELECT x.term, x.srvid, _owner FROM unnest(_took_terms, _took) AS x(term, srvid);
+        END IF;
     END IF;
-    owned := ARRAY(SELECT l.srvid FROM pgfleet.collector_leases l
-                    WHERE l.owner = _owner ORDER BY l.srvid);
+    SELECT array_agg(l.srvid ORDER BY l.srvid), array_agg(l.term ORDER BY l.srvid)
+      INTO owned, terms
+      FROM pgfleet.collector_leases l WHERE l.owner = _owner;
+    owned := coalesce(owned, '{}');
+    terms := coalesce(terms, '{}');
+    clock := extract(epoch FROM now());
     RETURN NEXT;
 END;
 $function$;
 
--- last (re)defined by 0002_metric_sources.sql
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_aggregate(_module text, _srvid integer)
  RETURNS void
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     m pgfleet.metric_sources;
@@ -306,11 +412,12 @@ BEGIN
 END;
 $function$;
 
--- last (re)defined by 0005_snapshot_speed.sql
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_extend(_module text)
  RETURNS void
  LANGUAGE plpgsql
  SET client_min_messages TO 'warning'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     m pgfleet.metric_sources;
@@ -324,7 +431,6 @@ DECLARE
     agg_row text;
     keydefs text;
     valdefs text;
-    sumdefs text;
     i integer;
 BEGIN
     SELECT * INTO m FROM pgfleet.metric_sources WHERE module = _module;
@@ -355,17 +461,20 @@ BEGIN
         END IF;
     END LOOP;
     EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$s_total(_points %1$s_point[])
-                      RETURNS %1$s_point LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
+                      RETURNS %1$s_point LANGUAGE sql IMMUTABLE PARALLEL SAFE
+                      SET search_path = pg_catalog, pg_temp AS
                       $t$SELECT ROW(%2$s)::%1$s_point FROM unnest(_points) p$t$$f$,
                    base, format(agg_row, 'cardinality(_points)'));
     EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$s_chunks(_points %1$s_point[])
-                      RETURNS %1$s_point[] LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
+                      RETURNS %1$s_point[] LANGUAGE sql IMMUTABLE PARALLEL SAFE
+                      SET search_path = pg_catalog, pg_temp AS
                       $t$SELECT array_agg(c ORDER BY g) FROM (
                              SELECT (p.ordinality - 1) / 10 AS g, ROW(%2$s)::%1$s_point AS c
                                FROM unnest(_points) WITH ORDINALITY p GROUP BY 1) s$t$$f$,
                    base, format(agg_row, 'max(p.ordinality)'));
     EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$s_chunk_ts(_points %1$s_point[])
-                      RETURNS timestamptz[] LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
+                      RETURNS timestamptz[] LANGUAGE sql IMMUTABLE PARALLEL SAFE
+                      SET search_path = pg_catalog, pg_temp AS
                       $t$SELECT array_agg(p.ts ORDER BY p.ordinality)
                            FROM unnest(_points) WITH ORDINALITY p
                           WHERE (p.ordinality - 1) %% 10 = 0$t$$f$, base);
@@ -385,7 +494,9 @@ BEGIN
     -- <module>_sums: the same columns as <module>_series without ts: one row
     -- per fully covered window, per whole chunk and per point of a cut chunk
     -- of the windows at the range's edges, and per not-yet-aggregated row.
-    -- A plain SQL function, inlined by the planner.
+    -- A plain SQL function, inlined by the planner: no SET clause, every
+    -- name in it schema-qualified.  ROWS FROM (unnest(a), unnest(b)) is what
+    -- unnest(a, b) stands for.
     keydefs := pgfleet._coldefs(hist, m.keys);
     valdefs := (SELECT string_agg(format('%I %s', c, t), ', ' ORDER BY o)
                   FROM unnest(cols, types) WITH ORDINALITY AS u(c, t, o));
@@ -396,27 +507,46 @@ BEGIN
                           LANGUAGE sql STABLE AS $s$
                             SELECT %3$s %4$s
                               FROM %1$s_history h
-                             WHERE h.srvid = _srvid AND h.ts_start >= _from AND h.ts_end <= _to
+                             WHERE h.srvid OPERATOR(pg_catalog.=) _srvid
+                               AND h.ts_start OPERATOR(pg_catalog.>=) _from
+                               AND h.ts_end OPERATOR(pg_catalog.<=) _to
                             UNION ALL
                             SELECT %3$s %5$s
                               FROM %1$s_history h,
-                                   unnest(h.chunk_ts, h.chunks) AS c(first_ts, ts, %8$s)
-                             WHERE h.srvid = _srvid AND h.ts_start <= _to AND h.ts_end >= _from
-                               AND (h.ts_start < _from OR h.ts_end > _to)
-                               AND c.first_ts >= _from AND c.ts <= _to
+                                   ROWS FROM (pg_catalog.unnest(h.chunk_ts), pg_catalog.unnest(h.chunks))
+                                     AS c(first_ts, ts, %8$s)
+                             WHERE h.srvid OPERATOR(pg_catalog.=) _srvid
+                               AND h.ts_start OPERATOR(pg_catalog.<=) _to
+                               AND h.ts_end OPERATOR(pg_catalog.>=) _from
+                               AND (h.ts_start OPERATOR(pg_catalog.<) _from
+                                    OR h.ts_end OPERATOR(pg_catalog.>) _to)
+                               AND c.first_ts OPERATOR(pg_catalog.>=) _from
+                               AND c.ts OPERATOR(pg_catalog.<=) _to
                             UNION ALL
                             SELECT %3$s %6$s
                               FROM %1$s_history h,
-                                   unnest(h.chunk_ts, h.chunks) WITH ORDINALITY AS c(first_ts, ts, %8$s, o),
-                                   unnest(h.points[(c.o - 1) * 10 + 1 : c.o * 10]) AS p
-                             WHERE h.srvid = _srvid AND h.ts_start <= _to AND h.ts_end >= _from
-                               AND (h.ts_start < _from OR h.ts_end > _to)
-                               AND c.ts >= _from AND c.first_ts <= _to
-                               AND (c.first_ts < _from OR c.ts > _to)
-                               AND p.ts >= _from AND p.ts <= _to
+                                   ROWS FROM (pg_catalog.unnest(h.chunk_ts), pg_catalog.unnest(h.chunks))
+                                     WITH ORDINALITY AS c(first_ts, ts, %8$s, o),
+                                   pg_catalog.unnest(h.points[((c.o OPERATOR(pg_catalog.-) 1)
+                                                                 OPERATOR(pg_catalog.*) 10)
+                                                                OPERATOR(pg_catalog.+) 1
+                                                              : c.o OPERATOR(pg_catalog.*) 10]) AS p
+                             WHERE h.srvid OPERATOR(pg_catalog.=) _srvid
+                               AND h.ts_start OPERATOR(pg_catalog.<=) _to
+                               AND h.ts_end OPERATOR(pg_catalog.>=) _from
+                               AND (h.ts_start OPERATOR(pg_catalog.<) _from
+                                    OR h.ts_end OPERATOR(pg_catalog.>) _to)
+                               AND c.ts OPERATOR(pg_catalog.>=) _from
+                               AND c.first_ts OPERATOR(pg_catalog.<=) _to
+                               AND (c.first_ts OPERATOR(pg_catalog.<) _from
+                                    OR c.ts OPERATOR(pg_catalog.>) _to)
+                               AND p.ts OPERATOR(pg_catalog.>=) _from
+                               AND p.ts OPERATOR(pg_catalog.<=) _to
                             UNION ALL
                             SELECT %7$s FROM %1$s_current c
-                             WHERE c.srvid = _srvid AND c.ts >= _from AND c.ts <= _to
+                             WHERE c.srvid OPERATOR(pg_catalog.=) _srvid
+                               AND c.ts OPERATOR(pg_catalog.>=) _from
+                               AND c.ts OPERATOR(pg_catalog.<=) _to
                           $s$$f$,
                        base, concat_ws(', ', nullif(keydefs, ''), valdefs),
                        pgfleet._list(m.keys, 'h.%I, ', ''), pgfleet._list(cols, '(h.total).%I'),
@@ -444,10 +574,11 @@ BEGIN
 END;
 $function$;
 
--- last (re)defined by 0004_web_reads.sql
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_extend_trigger()
  RETURNS trigger
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
     PERFORM pgfleet.metric_extend(NEW.module);
@@ -455,10 +586,11 @@ BEGIN
 END;
 $function$;
 
--- last (re)defined by 0002_metric_sources.sql
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_forget(_module text, _srvid integer)
  RETURNS void
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     base text := 'pgfleet.' || quote_ident(_module);
@@ -474,11 +606,12 @@ BEGIN
 END;
 $function$;
 
--- last (re)defined by 0005_snapshot_speed.sql
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_inline_rollup(_module text)
  RETURNS void
  LANGUAGE plpgsql
  SET client_min_messages TO 'warning'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     base text := 'pgfleet.' || quote_ident(_module);
@@ -490,15 +623,17 @@ BEGIN
         EXECUTE format('DROP TRIGGER IF EXISTS rollup_add ON %s_current', base);
     END IF;
     EXECUTE format('DROP FUNCTION IF EXISTS %s_rollup_add()', base);
-    EXECUTE format('CREATE OR REPLACE FUNCTION %s_snapshot(_srvid integer) RETURNS void LANGUAGE plpgsql AS %L',
+    EXECUTE format('CREATE OR REPLACE FUNCTION %s_snapshot(_srvid integer) RETURNS void LANGUAGE plpgsql'
+                   ' SET search_path = pg_catalog, pg_temp AS %L',
                    base, pgfleet.metric_snapshot_body(_module));
 END;
 $function$;
 
--- last (re)defined by 0002_metric_sources.sql
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_partition(_module text, _day date)
  RETURNS void
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     part text := format('%s_history_%s', _module, to_char(_day, 'YYYYMMDD'));
@@ -516,10 +651,11 @@ BEGIN
 END;
 $function$;
 
--- last (re)defined by 0002_metric_sources.sql
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_purge(_module text, _srvid integer)
  RETURNS void
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     m pgfleet.metric_sources;
@@ -567,10 +703,11 @@ BEGIN
 END;
 $function$;
 
--- last (re)defined by 0004_web_reads.sql
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_rollup_rebuild(_module text)
  RETURNS void
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     m pgfleet.metric_sources;
@@ -596,10 +733,51 @@ BEGIN
 END;
 $function$;
 
--- last (re)defined by 0006_rollup_retention.sql
+-- last (re)defined by 0009_search_path.sql
+CREATE OR REPLACE FUNCTION pgfleet.metric_series(_module text)
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    m pgfleet.metric_sources;
+    base text := 'pgfleet.' || quote_ident(_module);
+    tmp regclass;
+    values_ text[];
+BEGIN
+    SELECT * INTO m FROM pgfleet.metric_sources WHERE module = _module;
+    tmp := to_regclass(m.src_function || '_tmp');
+    IF m.module IS NULL OR tmp IS NULL THEN
+        RETURN;
+    END IF;
+    values_ := m.counters || m.deltas || m.gauges;
+    EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$s_series(_srvid integer, _from timestamptz, _to timestamptz)
+                      RETURNS TABLE (ts timestamptz%2$s%3$s)
+                      LANGUAGE sql STABLE AS $s$
+                        SELECT p.ts%4$s%5$s
+                          FROM %1$s_history h, pg_catalog.unnest(h.points) AS p
+                         WHERE h.srvid OPERATOR(pg_catalog.=) _srvid
+                           AND h.ts_start OPERATOR(pg_catalog.<=) _to
+                           AND h.ts_end OPERATOR(pg_catalog.>=) _from
+                           AND p.ts OPERATOR(pg_catalog.>=) _from AND p.ts OPERATOR(pg_catalog.<=) _to
+                        UNION ALL
+                        SELECT c.ts%6$s%7$s FROM %1$s_current c
+                         WHERE c.srvid OPERATOR(pg_catalog.=) _srvid
+                           AND c.ts OPERATOR(pg_catalog.>=) _from AND c.ts OPERATOR(pg_catalog.<=) _to
+                      $s$$f$,
+                   base,
+                   CASE WHEN m.keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, m.keys) END,
+                   CASE WHEN values_ = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, values_) END,
+                   pgfleet._list(m.keys, ', h.%I', ''), pgfleet._list(values_, ', p.%I', ''),
+                   pgfleet._list(m.keys, ', c.%I', ''), pgfleet._list(values_, ', c.%I', ''));
+END;
+$function$;
+
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_snapshot_body(_module text)
  RETURNS text
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     m pgfleet.metric_sources;
@@ -823,10 +1001,11 @@ $f$,
 END;
 $function$;
 
--- last (re)defined by 0008_failure_kinds.sql
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.record_error(_srvid integer, _source text, _message text, _kind text)
  RETURNS void
  LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
     INSERT INTO pgfleet.snapshot_errors (srvid, source, message, kind)
     VALUES (_srvid, _source, _message, _kind);
@@ -839,10 +1018,11 @@ AS $function$
                     WHERE srvid = _srvid ORDER BY ts DESC OFFSET 99 LIMIT 1);
 $function$;
 
--- last (re)defined by 0008_failure_kinds.sql
+-- last (re)defined by 0010_nothing_lost.sql
 CREATE OR REPLACE FUNCTION pgfleet.run_operation(_srvid integer, _operation text, _modules text[] DEFAULT NULL::text[])
  RETURNS integer
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     r record;
@@ -857,6 +1037,17 @@ BEGIN
         BEGIN
             EXECUTE format('SELECT %s($1)', r.function_name::regproc) USING _srvid;
         EXCEPTION WHEN OTHERS THEN
+            -- The repository's trouble, not the source's: connection (08),
+            -- read-only (25), conflict (40), resources (53: disk full, out of
+            -- memory), object state (55: lock not available), shutdown (57),
+            -- system (58), corruption (XX001, XX002), a privilege taken away
+            -- (42501).  Stored without this source, the snapshot would be
+            -- lost for it; failed whole, it is kept and stored later.
+            IF _operation = 'snapshot'
+               AND (left(SQLSTATE, 2) IN ('08', '25', '40', '53', '55', '57', '58')
+                    OR SQLSTATE IN ('42501', 'XX001', 'XX002')) THEN
+                RAISE;
+            END IF;
             failures := failures + 1;
             PERFORM pgfleet.record_error(_srvid, r.module,
                                          format('%s failed: %s', _operation, SQLERRM), 'store');
@@ -866,31 +1057,85 @@ BEGIN
 END;
 $function$;
 
--- last (re)defined by 0001_repository.sql
+-- last (re)defined by 0010_nothing_lost.sql
+CREATE OR REPLACE FUNCTION pgfleet.snapshot_claim(_srvid integer, _key uuid)
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    INSERT INTO pgfleet.snapshot_state AS st (srvid, last_key) VALUES (_srvid, _key)
+    ON CONFLICT (srvid) DO UPDATE SET last_key = excluded.last_key
+     WHERE st.last_key IS DISTINCT FROM excluded.last_key;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'snapshot % of server % is stored already', _key, _srvid
+              USING ERRCODE = 'PF001';
+    END IF;
+END;
+$function$;
+
+-- last (re)defined by 0010_nothing_lost.sql
+CREATE OR REPLACE FUNCTION pgfleet.snapshot_clamp(_sources text[], _start timestamp with time zone, _end timestamp with time zone, _threshold interval DEFAULT '00:01:00'::interval)
+ RETURNS double precision
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    _tmps regclass[];
+    _ts timestamptz;
+    _shift interval;
+    t regclass;
+BEGIN
+    SELECT array_agg(x.tmp ORDER BY x.o) INTO _tmps
+      FROM (SELECT to_regclass(s || '_tmp') AS tmp, o
+              FROM unnest(_sources) WITH ORDINALITY AS u(s, o)) x
+     WHERE EXISTS (SELECT 1 FROM pg_attribute a
+                    WHERE a.attrelid = x.tmp AND a.attname = 'ts' AND NOT a.attisdropped
+                      AND a.atttypid = 'timestamptz'::regtype);
+    IF _tmps IS NULL OR _start IS NULL OR _end IS NULL THEN
+        RETURN 0;
+    END IF;
+    EXECUTE format('SELECT ts FROM %s LIMIT 1', _tmps[1]) INTO _ts;
+    IF _ts IS NULL OR _ts BETWEEN _start - _threshold AND _end + _threshold THEN
+        RETURN 0;
+    END IF;
+    _shift := _start - _ts;
+    FOREACH t IN ARRAY _tmps LOOP
+        EXECUTE format('UPDATE %s SET ts = ts + $1', t) USING _shift;
+    END LOOP;
+    RETURN extract(epoch FROM _shift);
+END;
+$function$;
+
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.snapshot_lock()
  RETURNS void
  LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
     SELECT pg_advisory_xact_lock(hashtext('pgfleet.snapshot'));
 $function$;
 
--- last (re)defined by 0007_snapshot_try_lock.sql
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.snapshot_try_lock()
  RETURNS boolean
  LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
     SELECT pg_try_advisory_xact_lock(hashtext('pgfleet.snapshot'));
 $function$;
 
--- last (re)defined by 0001_repository.sql
-CREATE OR REPLACE FUNCTION pgfleet.take_snapshot(_srvid integer, _modules text[] DEFAULT NULL::text[])
+-- last (re)defined by 0010_nothing_lost.sql
+CREATE OR REPLACE FUNCTION pgfleet.take_snapshot(_srvid integer, _modules text[] DEFAULT NULL::text[], _purge_interval interval DEFAULT '1 day'::interval)
  RETURNS integer
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     failures integer;
     st pgfleet.snapshot_state;
     srv pgfleet.servers;
+    _purge boolean := false;
 BEGIN
     PERFORM pgfleet.snapshot_lock();
     SELECT * INTO srv FROM pgfleet.servers WHERE srvid = _srvid;
@@ -902,7 +1147,9 @@ BEGIN
     failures := pgfleet.run_operation(_srvid, 'snapshot', _modules);
 
     UPDATE pgfleet.snapshot_state
-       SET snapshots = snapshots + 1, coalesce_seq = coalesce_seq + 1, last_snapshot = now()
+       SET snapshots = snapshots + 1, coalesce_seq = coalesce_seq + 1, last_snapshot = now(),
+           last_purge = coalesce(last_purge,
+                                 now() - _purge_interval * ((hashtext('purge:' || _srvid) & 1023) / 1024.0)::float8)
      WHERE srvid = _srvid
     RETURNING * INTO st;
 
@@ -912,19 +1159,21 @@ BEGIN
            SET coalesce_seq = 0, aggregates = aggregates + 1, last_aggregate = now()
          WHERE srvid = _srvid
         RETURNING * INTO st;
-        IF st.aggregates % 10 = 0 THEN
-            failures := failures + pgfleet.run_operation(_srvid, 'purge');
-            UPDATE pgfleet.snapshot_state SET last_purge = now() WHERE srvid = _srvid;
-        END IF;
+        _purge := st.aggregates % 10 = 0;
+    END IF;
+    IF _purge OR st.last_purge < now() - _purge_interval THEN
+        failures := failures + pgfleet.run_operation(_srvid, 'purge');
+        UPDATE pgfleet.snapshot_state SET last_purge = now() WHERE srvid = _srvid;
     END IF;
     RETURN failures;
 END;
 $function$;
 
--- last (re)defined by 0001_repository.sql
+-- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.unregister_module(_module text)
  RETURNS void
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     fn text;
@@ -940,7 +1189,8 @@ $function$;
 
 -- Not dumped: the functions of each datasource, pgfleet.<module><suffix>,
 -- made when it is installed (the built-in ones at every repo upgrade) by:
---   pgfleet.create_metric_source: _aggregate, _purge, _series, _snapshot, _unregister
+--   pgfleet.create_metric_source: _aggregate, _purge, _snapshot, _unregister
 --   pgfleet.metric_extend: _chunk_ts, _chunks, _sums, _total
 --   pgfleet.metric_inline_rollup: _snapshot
+--   pgfleet.metric_series: _series
 --   pgfleet.repository.sources.install (Python, built-in sources): _src

@@ -26,7 +26,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from pgfleet.collector.stats import Histogram, Stats
+from pgfleet.collector.stats import Histogram, Key, Stats
 
 if TYPE_CHECKING:
     from pgfleet.collector.spool import Spool
@@ -114,7 +114,8 @@ class HealthCollector:
         )
         opened = CounterMetricFamily(
             "pgfleet_connections_opened",
-            "Connections opened to the server (one per database; kept between snapshots).",
+            "Connections opened to the server: the main one (kept between snapshots) and one "
+            "per database visited.",
             labels=["server"],
         )
         for (server, source, kind), n in sorted(counters.items()):
@@ -187,6 +188,103 @@ class HealthCollector:
             "Snapshots lost: spool full, unwritable or unreadable, or their server removed.",
             value=counters.get(("", "spool", "dropped"), 0),
         )
+        yield from _events(counters, f.stats.gauges())
         info = InfoMetricFamily("pgfleet_build", "pgfleet's version and what it runs on.")
         info.add_metric([], {**self._build, "collector": f.collector})
         yield info
+
+
+# Per-server event counters: Stats (source, kind) -> (family, label value).
+# The families' label is named by _EVENT_FAMILIES.
+_EVENTS: dict[tuple[str, str], tuple[str, str]] = {
+    ("repository", "kept"): ("pgfleet_repository_refusals", "kept"),
+    ("repository", "refused"): ("pgfleet_repository_refusals", "dropped"),
+    ("lease", "lost"): ("pgfleet_lease_events", "lost"),
+    ("lease", "handover"): ("pgfleet_lease_events", "handover"),
+    ("lease", "waited"): ("pgfleet_lease_events", "waited"),
+    ("spool", "duplicate"): ("pgfleet_spool_duplicates", ""),
+    ("clock", "skewed"): ("pgfleet_clock_skewed", ""),
+    ("clock", "clamped"): ("pgfleet_clock_clamped", ""),
+}
+_EVENT_FAMILIES: dict[str, tuple[str, str]] = {
+    "pgfleet_repository_refusals": (
+        "Stores the repository refused, by what became of the snapshot: kept (spooled, "
+        "retried: read-only, full, privileges...) or dropped (its own rows refused).",
+        "outcome",
+    ),
+    "pgfleet_lease_events": (
+        "Lease events: a snapshot dropped for a lease another collector took (lost), stored "
+        "under a term since taken over (handover), or spooled while an earlier owner may "
+        "still store (waited).",
+        "event",
+    ),
+    "pgfleet_spool_duplicates": (
+        "Spooled snapshots found already stored (their store committed as it timed out).",
+        "",
+    ),
+    "pgfleet_clock_skewed": (
+        "Snapshots of a server whose clock was more than 60 s off the collector's.",
+        "",
+    ),
+    "pgfleet_clock_clamped": (
+        "Snapshots whose timestamps were moved to the repository's clock (server clock off).",
+        "",
+    ),
+}
+# Process-wide: Stats ("", source, kind) counters.
+_NOTIFICATIONS = ("received", "dropped", "ignored", "malformed", "refused")
+
+
+def _events(counters: Mapping[Key, int], gauges: Mapping[Key, float]) -> Iterator[Metric]:
+    """The collector's event counters: leases, refusals, clocks, commands, discovery."""
+    families: dict[str, CounterMetricFamily] = {}
+    for name, (help_text, label) in _EVENT_FAMILIES.items():
+        families[name] = CounterMetricFamily(
+            name, help_text, labels=["server", label] if label else ["server"]
+        )
+    for (server, source, kind), n in sorted(counters.items()):
+        event = _EVENTS.get((source, kind))
+        if server and event is not None:
+            family, value = event
+            families[family].add_metric([server, value] if value else [server], n)
+    yield from families.values()
+
+    clamp = GaugeMetricFamily(
+        "pgfleet_clock_clamp_seconds",
+        "How far the last clamped snapshot's timestamps were moved (server clock minus "
+        "the repository's).",
+        labels=["server"],
+    )
+    for (server, source, kind), v in sorted(gauges.items()):
+        if server and (source, kind) == ("clock", "clamp_seconds"):
+            clamp.add_metric([server], v)
+    yield clamp
+
+    notifications = CounterMetricFamily(
+        "pgfleet_command_notifications",
+        "Notifications on the command channel: received, dropped (per-sender cap, full "
+        "inbox, left at stop), ignored, malformed or refused (no authorised request).",
+        labels=["outcome"],
+    )
+    for outcome in _NOTIFICATIONS:
+        notifications.add_metric([outcome], counters.get(("", "commands", outcome), 0))
+    yield notifications
+    executed = CounterMetricFamily(
+        "pgfleet_commands_executed", "Authorised commands executed, by command.", labels=["command"]
+    )
+    for (server, source, kind), n in sorted(counters.items()):
+        if not server and source == "commands" and kind not in _NOTIFICATIONS:
+            executed.add_metric([kind], n)
+    yield executed
+
+    yield CounterMetricFamily(
+        "pgfleet_discovery_collisions",
+        "Discovered servers ignored because their alias belongs to a server added by hand or "
+        "by another provider (counted once per collision that starts).",
+        value=counters.get(("", "discovery", "collision"), 0),
+    )
+    yield GaugeMetricFamily(
+        "pgfleet_discovery_colliding",
+        "Discovered servers ignored right now because their alias is taken.",
+        value=gauges.get(("", "discovery", "collisions"), 0.0),
+    )
