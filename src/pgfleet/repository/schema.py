@@ -70,11 +70,12 @@ def upgrade(conn: psycopg.Connection[Any]) -> list[Migration]:
     from pgfleet.repository import sources
 
     with conn.transaction():
-        # Nothing a repository user created elsewhere (public) may stand in
-        # for what the migrations call; restored at commit or rollback.
-        conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")
         # Transaction-level: released by commit or rollback, even if the
         # process dies half-way (the transaction is then rolled back whole).
+        # Qualified, as everything here: nothing a repository user created in
+        # another schema (public) may stand in for it.  The migrations run with
+        # the caller's path (0009 resolves the registry's unqualified names
+        # with it, once) and pin their own where they define functions.
         conn.execute(
             "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgfleet.migrate'))"
         )
