@@ -8,7 +8,14 @@ SELECT pg_catalog.now() AS ts, d.datname, r.rolname, s.toplevel, s.queryid,
        -- password=... anywhere and the password of a URI become <redacted>
        -- here, before the text leaves the server.  The patterns are
        -- dollar-quoted: no standard_conforming_strings changes what they say.
-       CASE WHEN s.query !~* $re$passw|passphrase|secret|conninfo|connection|_command|salt|token|://$re$
+       -- pg_stat_statements replaces the constants of plannable statements with
+       -- $n: a secret can only be left in a literal or a comment, so a text with
+       -- neither ('...', $tag$...$tag$, /* */, --) is kept as it is without a
+       -- regular expression (memchr-cheap: most texts stop here).
+       CASE WHEN (pg_catalog.strpos(s.query, '''') = 0 AND pg_catalog.strpos(s.query, '/*') = 0
+                  AND pg_catalog.strpos(s.query, '--') = 0
+                  AND s.query !~ $re$\$[A-Za-z_]*\$$re$)
+                 OR s.query !~* $re$passw|passphrase|secret|conninfo|connection|_command|salt|token|://$re$
             THEN s.query
             ELSE pg_catalog.regexp_replace(pg_catalog.regexp_replace(pg_catalog.regexp_replace(
                    s.query,
