@@ -31,9 +31,9 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pgfleet.collector import scheduler
 from pgfleet.demo.cluster import Cluster
-from pgfleet.repository import schema, servers
+from pgfleet.repository import schema
+from tests.faults import add_servers, spooled_files
 from tests.fix_clusters import NewCluster, NewDatabase
 from tests.fix_daemon import DaemonFactory, DaemonProcess, wait_until
 from tests.fix_repository import new_repository
@@ -53,24 +53,6 @@ ASKED = 7
 def repo(repo_cluster: Cluster, new_database: NewDatabase) -> str:
     """A fresh repository, on this module's own cluster (see fix_daemon)."""
     return new_repository(repo_cluster, new_database)
-
-
-def add_servers(repo: str, mon: Cluster) -> dict[str, int]:
-    srvids = {}
-    with psycopg.connect(repo, autocommit=True) as conn:
-        for alias in ALIASES:
-            assert scheduler.spread(alias, COALESCE) < COALESCE - 1000, alias
-            server = servers.add(
-                conn,
-                alias,
-                host=mon.host,
-                port=mon.port,
-                username="postgres",
-                frequency=1,
-                coalesce=COALESCE,
-            )
-            srvids[alias] = server.srvid
-    return srvids
 
 
 def stored(repo: str, srvid: int) -> int:
@@ -110,10 +92,6 @@ def outcomes(d: DaemonProcess, alias: str) -> Counter[str]:
         if e.get("server") == alias and msg.startswith("snapshot ") and " " not in msg[9:]:
             out[msg[9:]] += 1
     return out
-
-
-def spooled_files(d: DaemonProcess, srvid: int) -> int:
-    return len(list((d.workdir / "spool").glob(f"*-{srvid}.snap")))
 
 
 def asked(d: DaemonProcess) -> int:
@@ -176,7 +154,7 @@ def run_fault(repo: str, d: DaemonProcess, srvids: dict[str, int], sqlstate: str
 
 def test_read_only(repo: str, repo_cluster: Cluster, daemon: DaemonFactory, mon: Cluster) -> None:
     """Read-only (as for a failover, or to stop it filling up): 25006."""
-    srvids = add_servers(repo, mon)
+    srvids = add_servers(repo, mon, ALIASES, COALESCE)
     d = daemon(repo)
     wait_until(lambda: all(stored(repo, s) >= 2 for s in srvids.values()), 30, "first snapshots")
     try:
@@ -207,7 +185,7 @@ def test_privilege_taken_away(
     repo = psycopg.conninfo.make_conninfo(admin, user=role, password="pw")
     with psycopg.connect(repo, autocommit=True) as conn:
         schema.upgrade(conn)
-    srvids = add_servers(repo, mon)
+    srvids = add_servers(repo, mon, ALIASES, COALESCE)
     d = daemon(repo)
     wait_until(lambda: all(stored(repo, s) >= 2 for s in srvids.values()), 30, "first snapshots")
     table = "pgfleet.pg_stat_database_current"
@@ -289,7 +267,7 @@ def test_disk_full(
             for table in tables:
                 conn.execute(f"ALTER TABLE {table} SET TABLESPACE tiny")
         try:
-            srvids = add_servers(repo, mon)
+            srvids = add_servers(repo, mon, ALIASES, COALESCE)
             d = daemon(repo)
             wait_until(
                 lambda: all(stored(repo, s) >= 2 for s in srvids.values()), 30, "first snapshots"

@@ -24,9 +24,9 @@ from datetime import datetime
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
-from pgfleet.collector import scheduler
 from pgfleet.demo.cluster import Cluster
-from pgfleet.repository import schema, servers
+from pgfleet.repository import schema
+from tests.faults import add_servers, spooled_files
 from tests.fix_clusters import NewCluster
 from tests.fix_daemon import DaemonFactory, DaemonProcess, wait_until
 
@@ -93,30 +93,14 @@ def outcomes(d: DaemonProcess, alias: str) -> Counter[str]:
     return out
 
 
-def spooled_files(d: DaemonProcess, srvid: int | None = None) -> int:
-    pattern = "*.snap" if srvid is None else f"*-{srvid}.snap"
-    return len(list((d.workdir / "spool").glob(pattern)))
-
-
 def test_repository_outage_with_two_collectors(
     new_cluster: NewCluster, daemon: DaemonFactory, mon: Cluster
 ) -> None:
     repo_cluster = new_cluster("shared_repo")
     repo = repo_cluster.create_database("pgfleet")
-    srvids: dict[str, int] = {}
     with psycopg.connect(repo, autocommit=True) as conn:
         schema.upgrade(conn)
-        for alias in ALIASES:
-            assert scheduler.spread(alias, COALESCE) < COALESCE - 1000, alias
-            srvids[alias] = servers.add(
-                conn,
-                alias,
-                host=mon.host,
-                port=mon.port,
-                username="postgres",
-                frequency=1,
-                coalesce=COALESCE,
-            ).srvid
+    srvids = add_servers(repo, mon, ALIASES, COALESCE)
     a = daemon(repo, name="a", collector={"lease_period": PERIOD})
     b = daemon(repo, name="b", collector={"lease_period": PERIOD})
     names = {a.name: a, b.name: b}
