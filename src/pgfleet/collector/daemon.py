@@ -67,6 +67,7 @@ from pgfleet.repository import schema
 from pgfleet.repository.channel import RequestRow
 from pgfleet.repository.servers import Server
 from pgfleet.repository.snapshots import registered_sources
+from pgfleet.snapshot import wire
 from pgfleet.snapshot.model import FailureKind, RegisteredSource
 
 # Settings read once at start: a reload that changes them says so and keeps
@@ -265,8 +266,9 @@ class Daemon:
             app = Endpoint(registry, self._overview, rendered)
             sock = asgi.bind(cfg.exporter.listen, cfg.exporter.port, "the exporter")
             self.log.info("exporter listening", url=f"http://{_hostport(sock)}/metrics")
+            # Nothing is parsed or rendered for the exporter until a scrape asks
+            # (see exporter/latest.py and rendered.py): no warm-up task.
             out.append((self._serving(asgi.serve(app, sock), "exporter"), "exporter"))
-            out.append((self._warm(rendered), "exporter warm-up"))
         if self.serve_web:
             from pgfleet import web
 
@@ -286,15 +288,6 @@ class Daemon:
         except Exception:
             self.log.exception(f"the {what} stopped")
             self.fatal(f"the {what} stopped unexpectedly")
-
-    async def _warm(self, rendered: Rendered) -> None:
-        """Render servers for the exporter soon after their snapshots, not at scrape time."""
-        while True:
-            await asyncio.sleep(1)
-            try:
-                await rendered.warm()
-            except Exception:
-                self.log.exception("exporter warm-up failed")
 
     def _overview(self) -> tuple[str, list[Row]]:
         rows = []
@@ -675,7 +668,7 @@ class Daemon:
                         self.requests.since = since - timedelta(seconds=2)
                     self.log.debug("listening for commands", channel=self.channel)
                     backoff.reset()
-                    async for n in conn.notifies():
+                    async for n in wire.notifications(conn):
                         self._received(n)
             except (RepositoryError, psycopg.Error, TimeoutError) as e:
                 self.log.debug("command channel lost", error=first_line(e))

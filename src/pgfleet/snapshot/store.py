@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,15 +207,15 @@ def _digests(staged: list[Staged]) -> dict[str, tuple[bytes, int]]:
         if size > _COMPARED:
             continue
         st.spool.seek(0)
-        data = st.spool.read(size)
-        h = hashlib.blake2b(digest_size=16)
-        lines = data.splitlines()
-        for line in lines:
-            fields = line.split(b"\t", 2)
-            h.update(fields[2] if len(fields) > 2 else b"")
-            h.update(b"\n")
-        out[st.source.module] = (h.digest(), len(lines))
+        # One pass in C over the rows, not a Python loop over each.
+        data = _TIMESTAMP.sub(rb"\1", st.spool.read(size))
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        out[st.source.module] = (digest, data.count(b"\n"))
     return out
+
+
+# The second field of a row (its timestamp), which _digests leaves out.
+_TIMESTAMP = re.compile(rb"^([^\t\n]*\t)[^\t\n]*", re.MULTILINE)
 
 
 async def _store_script(

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import IO, Any
 
 import psycopg
 from psycopg import pq, sql
 from psycopg.abc import Buffer, PQGen
+from psycopg.generators import notifies as _notifies
 from psycopg.pq.abc import PGconn, PGresult
 from psycopg.waiting import Ready, Wait
 
@@ -50,7 +51,8 @@ def _drain(read_gen: Callable[[], PQGen[Buffer]], out: IO[bytes]) -> PQGen[None]
 async def copy_batch(
     conn: psycopg.AsyncConnection[Any], query: bytes, outs: list[IO[bytes]]
 ) -> tuple[list[float], psycopg.Error | None]:
-    """Run ``query`` (``COPY ... TO STDOUT`` statements) and drain the n-th into ``outs[n]``.
+    """Run ``query`` (``COPY ... TO STDOUT`` statements, or ``SELECT``s of one
+    COPY-text value) and write the n-th's rows into ``outs[n]``.
 
     The statements run in order in one implicit transaction: after an error
     the rest are skipped.  Return the seconds each completed statement took
@@ -101,6 +103,15 @@ def _copy_many(
             if buf:
                 out.write(b"".join(buf))
         elif status == pq.ExecStatus.COMMAND_OK:
+            done += 1
+            marks.append(time.perf_counter())
+        elif status == pq.ExecStatus.TUPLES_OK:
+            # A source's rows aggregated by the server into one COPY-text
+            # value (see fetch.agg_stmt): one call, whatever the row count.
+            value = res.get_value(0, 0) if res.ntuples else None
+            if value is not None:
+                outs[done].write(value)
+                outs[done].write(b"\n")
             done += 1
             marks.append(time.perf_counter())
         elif error is None:
@@ -193,3 +204,22 @@ def text_rows(res: PGresult, encoding: str) -> list[list[str]]:
         [bytes(res.get_value(i, c) or b"").decode(encoding) for c in range(res.nfields)]
         for i in range(res.ntuples)
     ]
+
+
+# Seconds between two wake-ups of a connection waiting for notifications with
+# nothing to read.  psycopg's own notifies() wakes every 0.1 s (to notice a
+# Ctrl-C in blocking code): in an idle daemon, most of its CPU.  asyncio
+# cancels a wait whatever the interval.
+_LISTEN_INTERVAL = 60.0
+
+
+async def notifications(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[psycopg.Notify]:
+    """Every notification the connection receives, as it comes, for ever."""
+    async with conn.lock:
+        enc = conn.info.encoding
+        while True:
+            pgns = await conn.wait(_notifies(conn.pgconn), interval=_LISTEN_INTERVAL)
+            for pgn in pgns:
+                yield psycopg.Notify(
+                    pgn.relname.decode(enc, "replace"), pgn.extra.decode(enc, "replace"), pgn.be_pid
+                )

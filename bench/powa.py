@@ -1,0 +1,499 @@
+"""pgfleet's daemon against PoWA's collector: one server, one workload, one run.
+
+What a user switching from PoWA runs, side by side on the same machine:
+
+- a monitored PostgreSQL 15 (Debian's) with pg_stat_statements,
+  pg_stat_kcache, pg_qualstats and pg_wait_sampling preloaded and installed
+  in ONE database, ``bench`` (as PoWA's documentation tells users to), whose
+  500 tables are written every few seconds by ~2,050 distinct statements,
+  every one of them run between two snapshots (all entries changing);
+- a repository PostgreSQL 15 holding both products' repositories, in two
+  databases: ``powa`` (PoWA 4.1.4, Debian's postgresql-15-powa) and
+  ``pgfleet``;
+- PoWA's collector (powa-collector 1.3.2 from PyPI, in its own venv) in
+  remote mode, then a real ``pgfleet collector`` process (exporter on,
+  /metrics scraped every 15 s as Prometheus would), each snapshotting the
+  server every ``--frequency`` seconds with coalesce ``--coalesce``;
+- a "physical limit" line: the same source queries pgfleet runs, COPYed out
+  of the server and into unlogged tables of the repository, nothing else,
+  on connections kept open.
+
+Each round runs the three, one after the other; the figures are medians of
+the rounds.  Per snapshot: wall median and p95 (PoWA: its take_snapshot,
+timed from inside its own process by a wrapper that changes nothing else;
+pgfleet: fetch + store from its debug log), collector CPU in steady state
+(from /proc, start-up excluded), repository growth raw and after VACUUM
+FULL, and bytes per statement-point of statements history.
+
+Usage: python bench/powa.py [--rounds 3] [--snapshots 12] [--frequency 5]
+                            [--coalesce 5] [--tables 500] [--only pgfleet|powa]
+
+Installs what it needs: Debian's postgresql-15 packages and PoWA as root,
+powa-collector in ~/.cache/pgfleet-bench/powa-venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgfleet.config import CollectorConfig
+from pgfleet.datasources import builtin
+from pgfleet.demo.cluster import Cluster, _free_port
+from pgfleet.repository import schema
+from pgfleet.repository.servers import Server
+from pgfleet.snapshot.fetch import ServerSession, extension_schemas, plan_builtin, qualify
+
+PGFLEET = Path(sys.executable).parent / "pgfleet"
+TICKS = os.sysconf("SC_CLK_TCK")
+EXTENSIONS = ("pg_stat_statements", "pg_stat_kcache", "pg_qualstats", "pg_wait_sampling")
+DEBIAN = ["postgresql-15", "postgresql-15-powa"] + [
+    f"postgresql-15-{e.replace('_', '-')}" for e in ("pg_stat_kcache", "pg_qualstats", "pg_wait_sampling")
+]
+POWA_VENV = Path.home() / ".cache" / "pgfleet-bench" / "powa-venv"
+
+# PoWA's own code, unchanged: its worker's take_snapshot is wrapped to write
+# each snapshot's end time and duration to a file, then the collector runs
+# as its own script does.
+POWA_WRAPPER = """
+import runpy, sys, time
+from powa_collector import powa_worker
+out = open(sys.argv[1], "a", buffering=1)
+take = powa_worker.PowaThread._PowaThread__take_snapshot
+def timed(self):
+    t0 = time.perf_counter()
+    take(self)
+    out.write(f"{time.time()} {time.perf_counter() - t0}\\n")
+powa_worker.PowaThread._PowaThread__take_snapshot = timed
+sys.argv = [sys.argv[2]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def install() -> Path:
+    """Debian's packages (as root) and powa-collector's venv; its python."""
+    missing = [p for p in DEBIAN if subprocess.run(
+        ["dpkg", "-s", p], capture_output=True).returncode != 0]  # fmt: skip
+    if missing:
+        if os.geteuid() != 0:
+            raise SystemExit(f"bench/powa.py needs the Debian packages {' '.join(missing)}")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, env=env,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+    python = POWA_VENV / "bin" / "python"
+    if not (POWA_VENV / "bin" / "powa-collector.py").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(POWA_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "powa-collector==1.3.2",
+                        "psycopg2-binary"], check=True)  # fmt: skip
+    return python
+
+
+# -- The workload
+
+
+def shapes(i: int) -> list[str]:
+    t = f"t{i:03d}"
+    return [
+        f"SELECT v, w FROM {t} WHERE id = %s",
+        f"UPDATE {t} SET v = v + 1, w = md5(w) WHERE id = %s",
+        f"SELECT count(*) FROM {t} WHERE v > %s AND w LIKE 'a%%'",
+        f"INSERT INTO {t} (id, v, w) VALUES (%s, 0, 'x') ON CONFLICT (id) DO UPDATE SET v = {t}.v + 1",
+    ]
+
+
+def build(mon: Cluster, tables: int) -> list[str]:
+    mon.create_database("bench")
+    with mon.connect("bench", autocommit=True) as conn:
+        for e in (*EXTENSIONS, "btree_gist", "powa"):
+            conn.execute(sql.SQL("CREATE EXTENSION {}").format(sql.Identifier(e)))
+        for i in range(tables):
+            t = f"t{i:03d}"
+            conn.execute(f"CREATE TABLE {t} (id int PRIMARY KEY, v int NOT NULL, w text NOT NULL)")
+            conn.execute(f"CREATE INDEX ON {t} (v)")
+            conn.execute(f"INSERT INTO {t} SELECT g, g, md5(g::text) FROM generate_series(1, 200) g")
+        conn.execute("VACUUM ANALYZE")
+        conn.execute("CHECKPOINT")
+        # The set-up's 1,500 DDL statements are not the workload.
+        conn.execute("SELECT pg_stat_statements_reset()")
+    stmts = [s for i in range(tables) for s in shapes(i)]
+    # Joins of neighbouring tables: ~2,050 distinct statements in all.
+    stmts += [
+        f"SELECT count(*) FROM t{i:03d} a JOIN t{i + 1:03d} b USING (id) WHERE a.v < %s"
+        for i in range(0, min(tables - 1, 100), 2)
+    ]
+    return stmts
+
+
+def load(dsn: str, stmts: list[str], every: float, stop: threading.Event) -> None:
+    """Run every statement once per ``every`` seconds, in a pipeline."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            with conn.pipeline():
+                for s in stmts:
+                    conn.execute(s, (random.randint(1, 220),), prepare=False)
+            stop.wait(max(0.0, every - (time.monotonic() - t0)))
+
+
+# -- Measures of one phase
+
+
+def db_size(conn: psycopg.Connection[Any]) -> int:
+    return int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])
+
+
+def compact(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM FULL")
+        return db_size(conn)
+
+
+def powa_points(dsn: str) -> tuple[int, int]:
+    """Bytes of statements history, and statement-points in it (PoWA)."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT pg_total_relation_size('powa_statements_history'),"
+            " (SELECT coalesce(sum(cardinality(records)), 0) FROM powa_statements_history)"
+        ).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def pgfleet_points(dsn: str) -> tuple[int, int]:
+    """Bytes of statements history, and statement-points in it (pgfleet)."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT (SELECT sum(pg_total_relation_size(relid)) FROM"
+            "        pg_partition_tree('pgfleet.pg_stat_statements_history')),"
+            " (SELECT coalesce(sum(cardinality(points)), 0) FROM pgfleet.pg_stat_statements_history)"
+        ).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def scrape_loop(port: int, every: float, stop: threading.Event) -> None:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics",
+        headers={"Accept": "application/openmetrics-text;version=1.0.0", "Accept-Encoding": "gzip"},
+    )
+    while not stop.wait(every):
+        with contextlib.suppress(OSError), urllib.request.urlopen(request, timeout=30) as r:
+            gzip.decompress(r.read()) if r.headers.get("Content-Encoding") == "gzip" else r.read()
+
+
+class Phase:
+    """One collector's run: wall per snapshot, CPU per snapshot, growth."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.walls: list[float] = []
+        self.cpu: float = float("nan")
+        self.raw: float = float("nan")
+        self.compacted: float = float("nan")
+        self.per_point: float = float("nan")
+
+
+def steady(
+    proc: subprocess.Popen[bytes], count: Any, warm: int, measured: int, timeout: float
+) -> tuple[float, int]:
+    """CPU seconds and snapshots between the ``warm``-th and the (warm+measured)-th snapshot."""
+    deadline = time.monotonic() + timeout
+    while count() < warm:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the collector stopped or took no snapshot")
+        time.sleep(0.05)
+    n0, c0 = count(), cpu_seconds(proc.pid)
+    while count() < n0 + measured:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the collector stopped or fell behind")
+        time.sleep(0.05)
+    return cpu_seconds(proc.pid) - c0, count() - n0
+
+
+def run_powa(base: Path, python: Path, repo_dsn: str, args: argparse.Namespace) -> Phase:
+    ph = Phase("PoWA")
+    times = base / "powa-times"
+    times.write_text("")
+    wrapper = base / "powa-wrapper.py"
+    wrapper.write_text(POWA_WRAPPER)
+    (base / "powa-collector.conf").write_text(
+        json.dumps({"repository": {"dsn": repo_dsn}, "use_server_alias": False, "debug": False})
+    )
+    size0 = compact(repo_dsn)
+    bytes0, points0 = powa_points(repo_dsn)
+    script = python.parent / "powa-collector.py"
+    with (base / "powa.log").open("ab") as log:
+        proc = subprocess.Popen([str(python), str(wrapper), str(times), str(script)],
+                                cwd=base, stdout=log, stderr=log)  # fmt: skip
+
+    def count() -> int:
+        return len(times.read_text().splitlines())
+
+    try:
+        warm = 2
+        cpu, n = steady(proc, count, warm, args.snapshots, args.frequency * (args.snapshots + 8) + 60)
+        ph.cpu = cpu / n
+        ph.walls = [float(x.split()[1]) for x in times.read_text().splitlines()[warm : warm + n]]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    total = count()
+    with psycopg.connect(repo_dsn) as conn:
+        ph.raw = (db_size(conn) - size0) / total
+    ph.compacted = (compact(repo_dsn) - size0) / total
+    bytes1, points1 = powa_points(repo_dsn)
+    if points1 > points0:
+        ph.per_point = (bytes1 - bytes0) / (points1 - points0)
+    return ph
+
+
+def run_pgfleet(base: Path, repo_dsn: str, args: argparse.Namespace) -> Phase:
+    ph = Phase("pgfleet")
+    port = _free_port()
+    cfg = base / "pgfleet.toml"
+    cfg.write_text(
+        f"[exporter]\nport = {port}\n"
+        f'[repository]\ndsn = "{repo_dsn}"\n'
+        f'[spool]\ndirectory = "{base / "spool"}"\n'
+        '[logging]\nformat = "json"\nlevel = "debug"\n'
+    )
+    log_path = base / "pgfleet.log"
+    log_path.write_text("")
+    size0 = compact(repo_dsn)
+    bytes0, points0 = pgfleet_points(repo_dsn)
+
+    def events() -> list[dict[str, Any]]:
+        with log_path.open("rb") as f:
+            return [
+                e
+                for e in (json.loads(line) for line in f if line.startswith(b"{"))
+                if e.get("msg", "").startswith("snapshot ") and "store_ms" in e
+            ]
+
+    stop = threading.Event()
+    scraper = threading.Thread(target=scrape_loop, args=(port, 15.0, stop), daemon=True)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([str(PGFLEET), "collector", "-c", str(cfg)], stdout=log, stderr=log)
+    scraper.start()
+    try:
+        warm = 2
+        cpu, n = steady(proc, lambda: len(events()), warm, args.snapshots,
+                        args.frequency * (args.snapshots + 8) + 60)  # fmt: skip
+        ph.cpu = cpu / n
+        done = events()[warm : warm + n]
+        ph.walls = [(e["fetch_ms"] + e["store_ms"]) / 1000 for e in done]
+        bad = [e for e in done if e.get("errors")]
+        if bad:
+            print(f"pgfleet: {len(bad)} snapshots with errors: see {log_path}", file=sys.stderr)
+    finally:
+        stop.set()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    total = len(events())
+    with psycopg.connect(repo_dsn) as conn:
+        ph.raw = (db_size(conn) - size0) / total
+    ph.compacted = (compact(repo_dsn) - size0) / total
+    bytes1, points1 = pgfleet_points(repo_dsn)
+    if points1 > points0:
+        ph.per_point = (bytes1 - bytes0) / (points1 - points0)
+    return ph
+
+
+def physical(mon: Cluster, repo_dsn: str, args: argparse.Namespace) -> Phase:
+    """The same source queries as pgfleet's, COPYed out and into unlogged tables."""
+    ph = Phase("physical")
+    server = Server(srvid=1, alias="mon", host=mon.host, port=mon.port, username="postgres",
+                    dbname="bench")  # fmt: skip
+    cfg = CollectorConfig()
+
+    async def plan() -> list[tuple[str, str, str]]:
+        # (tmp table, database, query) of each source, on each database it runs on
+        session = ServerSession(server, cfg)
+        try:
+            info = await session.info()
+            out = []
+            for ds in builtin().values():
+                query, _ = plan_builtin(ds, info)
+                if query is None:
+                    continue
+                for db in info.databases if ds.per_database else ("bench",):
+                    conn = await session.open(db)
+                    try:
+                        q = qualify(query, await extension_schemas(conn))
+                    finally:
+                        await session.release(conn)
+                    if q is not None:
+                        out.append((ds.tmp_table, db, q))
+            return out
+        finally:
+            await session.close()
+
+    import asyncio
+
+    jobs = asyncio.run(plan())
+    with contextlib.ExitStack() as stack:
+        conns = {db: stack.enter_context(mon.connect(db, autocommit=True)) for _, db, _ in jobs}
+        repo = stack.enter_context(psycopg.connect(repo_dsn, autocommit=True))
+        repo.execute("CREATE SCHEMA IF NOT EXISTS physical")
+        tables = {tmp: "physical." + tmp.rsplit(".", 1)[-1] for tmp, _, _ in jobs}
+        for tmp, table in tables.items():
+            repo.execute(f"CREATE UNLOGGED TABLE IF NOT EXISTS {table} (LIKE {tmp})")
+        for _ in range(args.snapshots):
+            time.sleep(args.frequency)
+            repo.execute("TRUNCATE " + ", ".join(tables.values()))
+            t0 = time.perf_counter()
+            for tmp, db, q in jobs:
+                out = sql.SQL("COPY (SELECT 1::integer AS srvid, * FROM ({}) s) TO STDOUT").format(sql.SQL(q))
+                with conns[db].cursor().copy(out) as src, repo.cursor().copy(
+                    f"COPY {tables[tmp]} FROM STDIN"
+                ) as dst:
+                    for block in src:
+                        dst.write(block)
+            ph.walls.append(time.perf_counter() - t0)
+    return ph
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--snapshots", type=int, default=12, help="snapshots measured per collector and round")
+    ap.add_argument("--frequency", type=int, default=5)
+    ap.add_argument("--coalesce", type=int, default=5)
+    ap.add_argument("--tables", type=int, default=500)
+    ap.add_argument("--only", choices=("powa", "pgfleet"))
+    ap.add_argument("--keep", help="use this directory, and leave it (clusters stopped)")
+    args = ap.parse_args()
+    python = install()
+
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            base = Path(args.keep)
+            base.mkdir(parents=True, exist_ok=True)
+        else:
+            base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pgfleet-powa-")))
+        base.chmod(0o755)
+        preload = ",".join(EXTENSIONS)
+        mon = Cluster.debian(15, base / "mon", name="mon", shared_preload_libraries=preload,
+                             settings={"pg_qualstats.sample_rate": 1, "track_io_timing": "on"})  # fmt: skip
+        repo = Cluster.debian(15, base / "repo", name="repo", shared_preload_libraries=preload,
+                              settings={"shared_buffers": "256MB", "max_wal_size": "4GB"})  # fmt: skip
+        for c in (mon, repo):
+            stack.callback(c.stop, mode="immediate")
+            c.init()
+            c.start()
+        stmts = build(mon, args.tables)
+        powa_dsn = repo.create_database("powa")
+        with psycopg.connect(powa_dsn, autocommit=True) as conn:
+            for e in (*EXTENSIONS, "btree_gist", "powa"):
+                conn.execute(sql.SQL("CREATE EXTENSION {}").format(sql.Identifier(e)))
+            conn.execute(
+                "SELECT powa_register_server(hostname => %s, port => %s, alias => 'mon',"
+                " username => 'postgres', dbname => 'bench', frequency => %s,"
+                " powa_coalesce => %s, extensions => %s)",
+                (mon.host, mon.port, args.frequency, max(5, args.coalesce), list(EXTENSIONS[1:])),
+            )
+        fleet_dsn = repo.create_database("pgfleet")
+        with psycopg.connect(fleet_dsn, autocommit=True) as conn:
+            schema.upgrade(conn)
+            conn.execute(
+                "INSERT INTO pgfleet.servers (alias, host, port, username, dbname, frequency, coalesce)"
+                " VALUES ('mon', %s, %s, 'postgres', 'bench', %s, %s)",
+                (mon.host, mon.port, args.frequency, args.coalesce),
+            )
+        stop = threading.Event()
+        loader = threading.Thread(
+            target=load, args=(mon.dsn("bench"), stmts, min(4.0, args.frequency * 0.8), stop),
+            daemon=True,
+        )
+        loader.start()
+        stack.callback(stop.set)
+        time.sleep(args.frequency)
+        with mon.connect("bench") as conn:
+            entries = conn.execute("SELECT count(*) FROM pg_stat_statements").fetchone()[0]
+        print(f"workload: {args.tables} tables, {len(stmts)} statements, {entries} pg_stat_statements"
+              f" entries; every {args.frequency} s, coalesce {args.coalesce}", flush=True)  # fmt: skip
+
+        results: dict[str, list[Phase]] = {"PoWA": [], "pgfleet": [], "physical": []}
+        for r in range(args.rounds):
+            if args.only != "pgfleet":
+                results["PoWA"].append(run_powa(base, python, powa_dsn, args))
+            if args.only != "powa":
+                results["pgfleet"].append(run_pgfleet(base, fleet_dsn, args))
+            results["physical"].append(physical(mon, fleet_dsn, args))
+            for name, phases in results.items():
+                if phases:
+                    p = phases[-1]
+                    print(f"  round {r + 1} {name}: wall median {statistics.median(p.walls) * 1000:.1f} ms"
+                          f" p95 {percentile(p.walls, 0.95) * 1000:.1f} ms, CPU {p.cpu * 1000:.1f} ms,"
+                          f" raw {p.raw / 1e3:.0f} kB, compacted {p.compacted / 1e3:.0f} kB,"
+                          f" {p.per_point:.0f} B/statement-point", flush=True)  # fmt: skip
+        report(results, args)
+
+
+def med(phases: list[Phase], f: Any) -> float:
+    return statistics.median(f(p) for p in phases) if phases else float("nan")
+
+
+def report(results: dict[str, list[Phase]], args: argparse.Namespace) -> None:
+    def line(p: list[Phase]) -> dict[str, float]:
+        return {
+            "wall": med(p, lambda x: statistics.median(x.walls)) * 1000,
+            "p95": med(p, lambda x: percentile(x.walls, 0.95)) * 1000,
+            "cpu": med(p, lambda x: x.cpu) * 1000,
+            "raw": med(p, lambda x: x.raw) / 1e3,
+            "compacted": med(p, lambda x: x.compacted) / 1e3,
+            "point": med(p, lambda x: x.per_point),
+        }
+
+    powa, fleet, phys = (line(results[k]) for k in ("PoWA", "pgfleet", "physical"))
+    ratio = {k: fleet[k] / powa[k] if powa[k] else float("nan") for k in fleet}
+    ok = ratio["wall"] <= 0.5 and fleet["wall"] <= 2 * phys["wall"] and ratio["cpu"] <= 0.5
+    print(
+        f"powa: {len(results['pgfleet'])} rounds x {args.snapshots} snapshots @ {args.frequency} s,"
+        f" coalesce {args.coalesce}; per snapshot, PoWA | pgfleet | ratio:"
+        f" wall median {powa['wall']:.1f} | {fleet['wall']:.1f} ms | {ratio['wall']:.2f},"
+        f" p95 {powa['p95']:.1f} | {fleet['p95']:.1f} ms | {ratio['p95']:.2f};"
+        f" CPU {powa['cpu']:.1f} | {fleet['cpu']:.1f} ms | {ratio['cpu']:.2f};"
+        f" repository raw {powa['raw']:.0f} | {fleet['raw']:.0f} kB | {ratio['raw']:.2f},"
+        f" compacted {powa['compacted']:.0f} | {fleet['compacted']:.0f} kB | {ratio['compacted']:.2f};"
+        f" statements history {powa['point']:.0f} | {fleet['point']:.0f} B/point;"
+        f" physical limit {phys['wall']:.1f} ms (pgfleet {fleet['wall'] / phys['wall']:.2f}x);"
+        f" bars {'met' if ok else 'MISSED'}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
