@@ -48,7 +48,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +65,8 @@ PGFLEET = Path(sys.executable).parent / "pgfleet"
 TICKS = os.sysconf("SC_CLK_TCK")
 EXTENSIONS = ("pg_stat_statements", "pg_stat_kcache", "pg_qualstats", "pg_wait_sampling")
 DEBIAN = ["postgresql-15", "postgresql-15-powa"] + [
-    f"postgresql-15-{e.replace('_', '-')}" for e in ("pg_stat_kcache", "pg_qualstats", "pg_wait_sampling")
+    f"postgresql-15-{e.replace('_', '-')}"
+    for e in ("pg_stat_kcache", "pg_qualstats", "pg_wait_sampling")
 ]
 POWA_VENV = Path.home() / ".cache" / "pgfleet-bench" / "powa-venv"
 
@@ -100,19 +100,26 @@ def percentile(values: list[float], q: float) -> float:
 
 def install() -> Path:
     """Debian's packages (as root) and powa-collector's venv; its python."""
-    missing = [p for p in DEBIAN if subprocess.run(
-        ["dpkg", "-s", p], capture_output=True).returncode != 0]  # fmt: skip
+    missing = [
+        p for p in DEBIAN if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0
+    ]
     if missing:
         if os.geteuid() != 0:
             raise SystemExit(f"bench/powa.py needs the Debian packages {' '.join(missing)}")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, env=env,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", *missing],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
     python = POWA_VENV / "bin" / "python"
     if not (POWA_VENV / "bin" / "powa-collector.py").exists():
         subprocess.run([sys.executable, "-m", "venv", str(POWA_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "powa-collector==1.3.2",
-                        "psycopg2-binary"], check=True)  # fmt: skip
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "powa-collector==1.3.2", "psycopg2-binary"],
+            check=True,
+        )
     return python
 
 
@@ -125,7 +132,8 @@ def shapes(i: int) -> list[str]:
         f"SELECT v, w FROM {t} WHERE id = %s",
         f"UPDATE {t} SET v = v + 1, w = md5(w) WHERE id = %s",
         f"SELECT count(*) FROM {t} WHERE v > %s AND w LIKE 'a%%'",
-        f"INSERT INTO {t} (id, v, w) VALUES (%s, 0, 'x') ON CONFLICT (id) DO UPDATE SET v = {t}.v + 1",
+        f"INSERT INTO {t} (id, v, w) VALUES (%s, 0, 'x')"
+        f" ON CONFLICT (id) DO UPDATE SET v = {t}.v + 1",
     ]
 
 
@@ -138,7 +146,9 @@ def build(mon: Cluster, tables: int) -> list[str]:
             t = f"t{i:03d}"
             conn.execute(f"CREATE TABLE {t} (id int PRIMARY KEY, v int NOT NULL, w text NOT NULL)")
             conn.execute(f"CREATE INDEX ON {t} (v)")
-            conn.execute(f"INSERT INTO {t} SELECT g, g, md5(g::text) FROM generate_series(1, 200) g")
+            conn.execute(
+                f"INSERT INTO {t} SELECT g, g, md5(g::text) FROM generate_series(1, 200) g"
+            )
         conn.execute("VACUUM ANALYZE")
         conn.execute("CHECKPOINT")
         # The set-up's 1,500 DDL statements are not the workload.
@@ -166,8 +176,14 @@ def load(dsn: str, stmts: list[str], every: float, stop: threading.Event) -> Non
 # -- Measures of one phase
 
 
+def one(conn: psycopg.Connection[Any], query: str) -> tuple[Any, ...]:
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
 def db_size(conn: psycopg.Connection[Any]) -> int:
-    return int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])
+    return int(one(conn, "SELECT pg_database_size(current_database())")[0])
 
 
 def compact(dsn: str) -> int:
@@ -179,21 +195,24 @@ def compact(dsn: str) -> int:
 def powa_points(dsn: str) -> tuple[int, int]:
     """Bytes of statements history, and statement-points in it (PoWA)."""
     with psycopg.connect(dsn) as conn:
-        row = conn.execute(
+        row = one(
+            conn,
             "SELECT pg_total_relation_size('powa_statements_history'),"
-            " (SELECT coalesce(sum(cardinality(records)), 0) FROM powa_statements_history)"
-        ).fetchone()
+            " (SELECT coalesce(sum(cardinality(records)), 0) FROM powa_statements_history)",
+        )
     return int(row[0]), int(row[1])
 
 
 def pgfleet_points(dsn: str) -> tuple[int, int]:
     """Bytes of statements history, and statement-points in it (pgfleet)."""
     with psycopg.connect(dsn) as conn:
-        row = conn.execute(
+        row = one(
+            conn,
             "SELECT (SELECT sum(pg_total_relation_size(relid)) FROM"
             "        pg_partition_tree('pgfleet.pg_stat_statements_history')),"
-            " (SELECT coalesce(sum(cardinality(points)), 0) FROM pgfleet.pg_stat_statements_history)"
-        ).fetchone()
+            " (SELECT coalesce(sum(cardinality(points)), 0)"
+            "    FROM pgfleet.pg_stat_statements_history)",
+        )
     return int(row[0]), int(row[1])
 
 
@@ -249,15 +268,18 @@ def run_powa(base: Path, python: Path, repo_dsn: str, args: argparse.Namespace) 
     bytes0, points0 = powa_points(repo_dsn)
     script = python.parent / "powa-collector.py"
     with (base / "powa.log").open("ab") as log:
-        proc = subprocess.Popen([str(python), str(wrapper), str(times), str(script)],
-                                cwd=base, stdout=log, stderr=log)  # fmt: skip
+        proc = subprocess.Popen(
+            [str(python), str(wrapper), str(times), str(script)], cwd=base, stdout=log, stderr=log
+        )
 
     def count() -> int:
         return len(times.read_text().splitlines())
 
     try:
         warm = 2
-        cpu, n = steady(proc, count, warm, args.snapshots, args.frequency * (args.snapshots + 8) + 60)
+        cpu, n = steady(
+            proc, count, warm, args.snapshots, args.frequency * (args.snapshots + 8) + 60
+        )
         ph.cpu = cpu / n
         ph.walls = [float(x.split()[1]) for x in times.read_text().splitlines()[warm : warm + n]]
     finally:
@@ -306,8 +328,13 @@ def run_pgfleet(base: Path, repo_dsn: str, args: argparse.Namespace) -> Phase:
     scraper.start()
     try:
         warm = 2
-        cpu, n = steady(proc, lambda: len(events()), warm, args.snapshots,
-                        args.frequency * (args.snapshots + 8) + 60)  # fmt: skip
+        cpu, n = steady(
+            proc,
+            lambda: len(events()),
+            warm,
+            args.snapshots,
+            args.frequency * (args.snapshots + 8) + 60,
+        )
         ph.cpu = cpu / n
         done = events()[warm : warm + n]
         ph.walls = [(e["fetch_ms"] + e["store_ms"]) / 1000 for e in done]
@@ -334,8 +361,9 @@ def run_pgfleet(base: Path, repo_dsn: str, args: argparse.Namespace) -> Phase:
 def physical(mon: Cluster, repo_dsn: str, args: argparse.Namespace) -> Phase:
     """The same source queries as pgfleet's, COPYed out and into unlogged tables."""
     ph = Phase("physical")
-    server = Server(srvid=1, alias="mon", host=mon.host, port=mon.port, username="postgres",
-                    dbname="bench")  # fmt: skip
+    server = Server(
+        srvid=1, alias="mon", host=mon.host, port=mon.port, username="postgres", dbname="bench"
+    )
     cfg = CollectorConfig()
 
     async def plan() -> list[tuple[str, str, str]]:
@@ -375,10 +403,13 @@ def physical(mon: Cluster, repo_dsn: str, args: argparse.Namespace) -> Phase:
             repo.execute("TRUNCATE " + ", ".join(tables.values()))
             t0 = time.perf_counter()
             for tmp, db, q in jobs:
-                out = sql.SQL("COPY (SELECT 1::integer AS srvid, * FROM ({}) s) TO STDOUT").format(sql.SQL(q))
-                with conns[db].cursor().copy(out) as src, repo.cursor().copy(
-                    f"COPY {tables[tmp]} FROM STDIN"
-                ) as dst:
+                out = sql.SQL("COPY (SELECT 1::integer AS srvid, * FROM ({}) s) TO STDOUT").format(
+                    sql.SQL(q)
+                )
+                with (
+                    conns[db].cursor().copy(out) as src,
+                    repo.cursor().copy(f"COPY {tables[tmp]} FROM STDIN") as dst,
+                ):
                     for block in src:
                         dst.write(block)
             ph.walls.append(time.perf_counter() - t0)
@@ -388,7 +419,9 @@ def physical(mon: Cluster, repo_dsn: str, args: argparse.Namespace) -> Phase:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--snapshots", type=int, default=12, help="snapshots measured per collector and round")
+    ap.add_argument(
+        "--snapshots", type=int, default=12, help="snapshots measured per collector and round"
+    )
     ap.add_argument("--frequency", type=int, default=5)
     ap.add_argument("--coalesce", type=int, default=5)
     ap.add_argument("--tables", type=int, default=500)
@@ -405,10 +438,20 @@ def main() -> None:
             base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pgfleet-powa-")))
         base.chmod(0o755)
         preload = ",".join(EXTENSIONS)
-        mon = Cluster.debian(15, base / "mon", name="mon", shared_preload_libraries=preload,
-                             settings={"pg_qualstats.sample_rate": 1, "track_io_timing": "on"})  # fmt: skip
-        repo = Cluster.debian(15, base / "repo", name="repo", shared_preload_libraries=preload,
-                              settings={"shared_buffers": "256MB", "max_wal_size": "4GB"})  # fmt: skip
+        mon = Cluster.debian(
+            15,
+            base / "mon",
+            name="mon",
+            shared_preload_libraries=preload,
+            settings={"pg_qualstats.sample_rate": 1, "track_io_timing": "on"},
+        )
+        repo = Cluster.debian(
+            15,
+            base / "repo",
+            name="repo",
+            shared_preload_libraries=preload,
+            settings={"shared_buffers": "256MB", "max_wal_size": "4GB"},
+        )
         for c in (mon, repo):
             stack.callback(c.stop, mode="immediate")
             c.init()
@@ -428,22 +471,27 @@ def main() -> None:
         with psycopg.connect(fleet_dsn, autocommit=True) as conn:
             schema.upgrade(conn)
             conn.execute(
-                "INSERT INTO pgfleet.servers (alias, host, port, username, dbname, frequency, coalesce)"
+                "INSERT INTO pgfleet.servers"
+                " (alias, host, port, username, dbname, frequency, coalesce)"
                 " VALUES ('mon', %s, %s, 'postgres', 'bench', %s, %s)",
                 (mon.host, mon.port, args.frequency, args.coalesce),
             )
         stop = threading.Event()
         loader = threading.Thread(
-            target=load, args=(mon.dsn("bench"), stmts, min(4.0, args.frequency * 0.8), stop),
+            target=load,
+            args=(mon.dsn("bench"), stmts, min(4.0, args.frequency * 0.8), stop),
             daemon=True,
         )
         loader.start()
         stack.callback(stop.set)
         time.sleep(args.frequency)
         with mon.connect("bench") as conn:
-            entries = conn.execute("SELECT count(*) FROM pg_stat_statements").fetchone()[0]
-        print(f"workload: {args.tables} tables, {len(stmts)} statements, {entries} pg_stat_statements"
-              f" entries; every {args.frequency} s, coalesce {args.coalesce}", flush=True)  # fmt: skip
+            entries = one(conn, "SELECT count(*) FROM pg_stat_statements")[0]
+        print(
+            f"workload: {args.tables} tables, {len(stmts)} statements, {entries} pg_stat_statements"
+            f" entries; every {args.frequency} s, coalesce {args.coalesce}",
+            flush=True,
+        )
 
         results: dict[str, list[Phase]] = {"PoWA": [], "pgfleet": [], "physical": []}
         for r in range(args.rounds):
@@ -455,10 +503,15 @@ def main() -> None:
             for name, phases in results.items():
                 if phases:
                     p = phases[-1]
-                    print(f"  round {r + 1} {name}: wall median {statistics.median(p.walls) * 1000:.1f} ms"
-                          f" p95 {percentile(p.walls, 0.95) * 1000:.1f} ms, CPU {p.cpu * 1000:.1f} ms,"
-                          f" raw {p.raw / 1e3:.0f} kB, compacted {p.compacted / 1e3:.0f} kB,"
-                          f" {p.per_point:.0f} B/statement-point", flush=True)  # fmt: skip
+                    print(
+                        f"  round {r + 1} {name}: wall median"
+                        f" {statistics.median(p.walls) * 1000:.1f} ms"
+                        f" p95 {percentile(p.walls, 0.95) * 1000:.1f} ms,"
+                        f" CPU {p.cpu * 1000:.1f} ms,"
+                        f" raw {p.raw / 1e3:.0f} kB, compacted {p.compacted / 1e3:.0f} kB,"
+                        f" {p.per_point:.0f} B/statement-point",
+                        flush=True,
+                    )
         report(results, args)
 
 
@@ -487,7 +540,8 @@ def report(results: dict[str, list[Phase]], args: argparse.Namespace) -> None:
         f" p95 {powa['p95']:.1f} | {fleet['p95']:.1f} ms | {ratio['p95']:.2f};"
         f" CPU {powa['cpu']:.1f} | {fleet['cpu']:.1f} ms | {ratio['cpu']:.2f};"
         f" repository raw {powa['raw']:.0f} | {fleet['raw']:.0f} kB | {ratio['raw']:.2f},"
-        f" compacted {powa['compacted']:.0f} | {fleet['compacted']:.0f} kB | {ratio['compacted']:.2f};"
+        f" compacted {powa['compacted']:.0f} | {fleet['compacted']:.0f} kB"
+        f" | {ratio['compacted']:.2f};"
         f" statements history {powa['point']:.0f} | {fleet['point']:.0f} B/point;"
         f" physical limit {phys['wall']:.1f} ms (pgfleet {fleet['wall'] / phys['wall']:.2f}x);"
         f" bars {'met' if ok else 'MISSED'}",

@@ -1,4 +1,9 @@
-"""Remote snapshot cost with ~2,000 distinct pg_stat_statements entries.
+"""Remote snapshot cost with ~2,000 distinct pg_stat_statements entries: the one-shot path.
+
+This times ``pgfleet snapshot SERVER`` in-process (or, with
+PGFLEET_BENCH_STREAM=0, the daemon's fetch() and store() called in-process):
+not the daemon as users run it, whose real cost, side by side with PoWA's
+collector, is bench/powa.py's.
 
 Two embedded PostgreSQL 18 clusters: a monitored server with 2,000 distinct
 statements, and a repository, both vacuumed, analyzed and checkpointed
@@ -233,8 +238,14 @@ def main() -> None:
                 f"(fetch {fetch:.1f} + store {store:.1f}), "
                 f"cpu {cpu:.1f} ms, {size / 1024:.1f} kB/snapshot"
             )
+        path = (
+            "daemon's fetch then store"
+            if os.environ.get("PGFLEET_BENCH_STREAM", "1") == "0"
+            else "one-shot `pgfleet snapshot`, streamed"
+        )
         print(
-            f"snapshot ({len(queries)} statements, coalesce {args.coalesce}): "
+            f"snapshot ({len(queries)} statements, coalesce {args.coalesce}; {path} path,"
+            " in-process; the daemon's real cost: bench/powa.py): "
             + "; ".join(figures),
             flush=True,
         )
