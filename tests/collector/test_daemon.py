@@ -319,8 +319,8 @@ def test_hung_query_is_cancelled_on_the_server(
     repo: str, run_cli: RunCli, daemon: DaemonFactory, new_cluster: NewCluster, mon: Cluster
 ) -> None:
     """A source blocked by a lock times out server-side; other servers keep their pace."""
-    locked = new_cluster("locked")
-    locked.execute("CREATE TABLE busy (id int)")
+    locked = new_cluster("locked", shared_preload_libraries=["pg_stat_statements"])
+    locked.create_extension("pg_stat_statements")
     add(run_cli, "locked", locked, "--frequency", "1")
     add(run_cli, "free", mon, "--frequency", "1")
     d = daemon(repo, collector={"statement_timeout": 1})
@@ -331,8 +331,9 @@ def test_hung_query_is_cancelled_on_the_server(
     )
     holder = psycopg.connect(locked.dsn(), autocommit=False)
     try:
-        # pg_stat_user_tables reads pg_table_size(), which waits for this.
-        holder.execute("LOCK TABLE busy IN ACCESS EXCLUSIVE MODE")
+        # The pg_stat_statements source reads this view, which waits (the
+        # view is over a function: no catalog is locked with it).
+        holder.execute("LOCK TABLE public.pg_stat_statements IN ACCESS EXCLUSIVE MODE")
         free_before = snapshots(repo, "free")
         t0 = time.monotonic()
         sid = srvid(repo, "locked")
@@ -340,7 +341,7 @@ def test_hung_query_is_cancelled_on_the_server(
             lambda: (
                 scalar_int(
                     repo,
-                    "SELECT count(*) FROM pgfleet.snapshot_errors WHERE srvid = %s AND source = 'pg_stat_user_tables'",
+                    "SELECT count(*) FROM pgfleet.snapshot_errors WHERE srvid = %s AND source = 'pg_stat_statements'",
                     (sid,),
                 )
                 >= 2
@@ -350,7 +351,7 @@ def test_hung_query_is_cancelled_on_the_server(
         )
         message = scalar(
             repo,
-            "SELECT message FROM pgfleet.snapshot_errors WHERE srvid = %s AND source = 'pg_stat_user_tables' LIMIT 1",
+            "SELECT message FROM pgfleet.snapshot_errors WHERE srvid = %s AND source = 'pg_stat_statements' LIMIT 1",
             (sid,),
         )
         assert "timeout" in str(message) or "timed out" in str(message)

@@ -36,6 +36,10 @@ KEYWORD_TYPES = frozenset((
 ))  # fmt: skip
 
 
+# FROM or JOIN and the name after it; LATERAL and a subquery read no relation.
+RELATION = r"\b(?:FROM|JOIN)\s+(?:LATERAL\s+)?(?!LATERAL\b)([\w.@:]+)"
+
+
 def _code(text: str) -> str:
     """The SQL without comments and string constants (single- or dollar-quoted)."""
     text = re.sub(r"--[^\n]*", " ", text)
@@ -58,7 +62,7 @@ def test_functions_relations_and_types_are_qualified(name: str) -> None:
             problems.append(f"function {m[1]}()")
     # A relation read: FROM or JOIN and a name, unless it is a CTE's.
     ctes = _ctes(code)
-    for m in re.finditer(r"\b(?:FROM|JOIN)\s+([\w.@:]+)", code, re.I):
+    for m in re.finditer(RELATION, code, re.I):
         target = m[1]
         if "." not in target and target.lower() not in ctes:
             problems.append(f"relation {target}")
@@ -75,7 +79,13 @@ def test_the_check_sees_what_it_should() -> None:
         "WITH q AS (SELECT 1) SELECT now(), pg_catalog.now(), x::text, x::bigint,"
         " count(*) OVER (PARTITION BY a) -- from ignored(\n"
         "  FROM pg_stat_activity a JOIN q ON true CROSS JOIN @extschema:e@.f() k"
+        "  LEFT JOIN LATERAL (SELECT 1 FROM pg_index) i ON true JOIN LATERAL g(a) ON true"
         " WHERE s ~ $re$x(y)$re$ AND t = 'z('"
     )
-    assert re.findall(r"(?<![.\w@])([A-Za-z_]\w*)\s*\(", code) == ["AS", "now", "count", "OVER"]
+    assert re.findall(r"(?<![.\w@])([A-Za-z_]\w*)\s*\(", code) == [
+        "AS", "now", "count", "OVER", "LATERAL", "g",
+    ]  # fmt: skip
     assert _ctes(code) == {"q"}
+    assert re.findall(RELATION, code, re.I) == [
+        "pg_stat_activity", "q", "@extschema:e@.f", "pg_index", "g",
+    ]  # fmt: skip

@@ -1,6 +1,11 @@
-"""pg_stat_user_indexes joined with pg_statio_user_indexes, per database.
+"""pg_stat_user_indexes and pg_statio_user_indexes, per database.
 
-``size`` is ``pg_relation_size()`` of the index: one stat() per segment file.
+The columns are the views', but read straight from pg_class, pg_namespace and
+pg_index with the pg_stat_get_* functions the views call, in one pass.
+
+``size`` is the index's ``relpages`` times the block size: as of the last
+VACUUM, ANALYZE, CREATE INDEX or REINDEX.  No index is opened, so no lock is
+taken (``pg_relation_size()`` locked each index in turn and stat()ed its files).
 """
 
 from __future__ import annotations

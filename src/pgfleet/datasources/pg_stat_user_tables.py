@@ -1,8 +1,15 @@
-"""pg_stat_user_tables joined with pg_statio_user_tables, per database.
+"""pg_stat_user_tables and pg_statio_user_tables, per database.
 
-``size`` is ``pg_table_size()`` (heap, TOAST, free space and visibility
-maps): one stat() per segment file of each table on every snapshot, cheap
-but not free on databases with tens of thousands of tables.
+The columns are the views', but read straight from pg_class, pg_namespace and
+pg_index with the pg_stat_get_* functions the views call: one pass over the
+catalog rather than two views that each aggregate over pg_index, joined.
+
+``size`` is ``relpages`` of the table and of its TOAST table, times the block
+size: as of the last VACUUM, ANALYZE or CREATE INDEX of the table (0 until the
+first), leaving out the free space and visibility maps and the TOAST index
+that ``pg_table_size()`` counts.  No relation is opened, so no lock is taken:
+``pg_table_size()`` locked every table in turn, queued behind any pending
+ALTER TABLE, and stat()ed every file of every table.
 """
 
 from __future__ import annotations
