@@ -248,9 +248,13 @@ def _agg_template(module: str) -> str:
     ds = builtin()[module]
     fields = [_field("ts", "timestamptz")] + [_field(c.name, c.type) for c in ds.columns]
     row = sql.SQL(" || E'\\t' || ").join(fields)
-    return sql.SQL(
-        "SELECT pg_catalog.string_agg({{srvid}} || E'\\t' || {}, E'\\n') FROM ({{query}}) s"
-    ).format(row).as_string(None)
+    return (
+        sql.SQL(
+            "SELECT pg_catalog.string_agg({{srvid}} || E'\\t' || {}, E'\\n') FROM ({{query}}) s"
+        )
+        .format(row)
+        .as_string(None)
+    )
 
 
 def agg_stmt(srvid: int, ds: Datasource, query: str) -> sql.Composed:
@@ -472,18 +476,26 @@ async def fetch(
         mine = jobs.get(src.module)
         if mine is None:
             continue  # a source run alone that failed
-        if all(j.absent for j in mine):
+        ran = any(not j.absent and not j.unreachable for j in mine)
+        if not ran and (mine[0].roaming or all(j.absent for j in mine)):
+            # Nowhere to run: not a server without rows (stored empty, its
+            # entries would vanish).  A database that could not be reached
+            # is the per-database sources' failure to report.
             ds = known[src.module]
-            result.skipped.append(
-                (src.module, f"extension {ds.extension} is not installed in any database")
-            )
+            unreached = sum(1 for j in mine if j.unreachable)
+            why = f"extension {ds.extension} is not installed in any database"
+            if unreached:
+                why += f" reached ({unreached} could not be)"
+            result.skipped.append((src.module, why))
             for job in mine:
                 job.spool.close()
             continue
         # Approximate: the server sends a batch's results as its buffer fills.
         result.phases["fetch " + src.module] = sum(j.seconds for j in mine)
         for job in mine:
-            if job.unreachable:
+            # A roaming source lost nothing in a database it could not reach:
+            # it ran in another.
+            if job.unreachable and not job.roaming:
                 result.fail(src.module, FailureKind.CONNECT, job.unreachable)
         failed = next((j.failed for j in mine if j.failed), None)
         if failed is not None:
@@ -512,7 +524,7 @@ async def _run_lane(
     try:
         conn = await session.open(db)
     except ServerError as e:
-        if any(not j.per_database for j in lane):
+        if any(not j.per_database and not j.roaming for j in lane):
             raise
         for job in lane:
             job.unreachable = str(e)
