@@ -85,8 +85,8 @@ async def store(
     rows = result.rows
     failures = len(result.failures)
     cached = (repo.info.host, repo.info.port, repo.info.dbname, srvid)
-    digests = _digests(staged)
     before = _stored.get(cached)
+    digests = _digests(staged, before.busy() if before else set())
     unchanged = {
         m
         for m, d in digests.items()
@@ -151,6 +151,11 @@ async def store(
     result.rows += sum(digests[m][1] for m in stored.skipped)
     result.unchanged = [m for m in result.stored if m in stored.skipped]
     stored.digests = {m: d for m, d in digests.items() if m not in failed}
+    previous = before.changes if before else {}
+    stored.changes = {
+        m: 0 if m in stored.skipped else previous.get(m, 0) + (m in digests)
+        for m in previous.keys() | digests.keys()
+    }
     _stored[cached] = stored
     now = time.perf_counter()
     ph["store"] = now - t
@@ -178,10 +183,20 @@ class _Stored:
 
     snapshots: int
     digests: dict[str, tuple[bytes, int]] = field(default_factory=dict)
+    # Per module, the snapshots in a row its rows were found changed.
+    changes: dict[str, int] = field(default_factory=dict)
     # The modules this snapshot left out as unchanged.
     skipped: set[str] = field(default_factory=set)
     # Seconds its rows' timestamps were moved by, to the repository's clock.
     shift: float = 0.0
+
+    def busy(self) -> set[str]:
+        """Modules not worth a digest this time: changed at each of their
+        last few snapshots (a busy server's tables, indexes, predicates).
+        Looked at again every few snapshots, in case they quieten down."""
+        if self.snapshots % _RECHECK == 0:
+            return set()
+        return {m for m, n in self.changes.items() if n >= _BUSY}
 
 
 # Per repository (host, port, dbname) and srvid.
@@ -190,7 +205,16 @@ _stored: dict[tuple[str, int, str, int], _Stored] = {}
 _COMPARED = 256 * 1024
 
 
-def _digests(staged: list[Staged]) -> dict[str, tuple[bytes, int]]:
+# A source whose rows changed this many snapshots in a row is digested only
+# every _RECHECK-th snapshot: a digest is a pass over every row, worth it
+# only if the rows may be the same.
+_BUSY = 3
+_RECHECK = 8
+
+
+def _digests(
+    staged: list[Staged], skip: frozenset[str] | set[str] = frozenset()
+) -> dict[str, tuple[bytes, int]]:
     """A digest of the rows of each built-in source that could be unchanged.
 
     The timestamp (the second field of every row, after srvid) is left out;
@@ -201,21 +225,23 @@ def _digests(staged: list[Staged]) -> dict[str, tuple[bytes, int]]:
     out: dict[str, tuple[bytes, int]] = {}
     for st in staged:
         ds = None if st.source.added_manually else known.get(st.source.module)
-        if ds is None or ds.names("delta") or st.spool.closed:
+        if ds is None or ds.names("delta") or st.spool.closed or st.source.module in skip:
             continue
         size = st.spool.tell()
         if size > _COMPARED:
             continue
         st.spool.seek(0)
         # One pass in C over the rows, not a Python loop over each.
-        data = _TIMESTAMP.sub(rb"\1", st.spool.read(size))
+        data = _TIMESTAMP.sub(b"", st.spool.read(size))
         digest = hashlib.blake2b(data, digest_size=16).digest()
         out[st.source.module] = (digest, data.count(b"\n"))
     return out
 
 
-# The second field of a row (its timestamp), which _digests leaves out.
-_TIMESTAMP = re.compile(rb"^([^\t\n]*\t)[^\t\n]*", re.MULTILINE)
+# A row's first two fields, srvid (the same in every row) and its timestamp,
+# which _digests leaves out.  A plain replacement, not a template: re expands
+# a template in Python for every row.
+_TIMESTAMP = re.compile(rb"^[^\t\n]*\t[^\t\n]*", re.MULTILINE)
 
 
 async def _store_script(
