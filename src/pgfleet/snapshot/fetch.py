@@ -477,7 +477,8 @@ async def fetch(
         if mine is None:
             continue  # a source run alone that failed
         ran = any(not j.absent and not j.unreachable for j in mine)
-        if not ran and (mine[0].roaming or all(j.absent for j in mine)):
+        # (No job at all: a roaming source on a server with no other database.)
+        if not ran and (not mine or mine[0].roaming or all(j.absent for j in mine)):
             # Nowhere to run: not a server without rows (stored empty, its
             # entries would vanish).  A database that could not be reached
             # is the per-database sources' failure to report.
