@@ -8,15 +8,16 @@ history; then scrapes are timed as the daemon's endpoint builds them
 (``Endpoint.body``: each server rendered by prometheus_client once per
 snapshot, laid out per family at scrape time):
 
-- warm: the daemon's usual case, every server rendered since its snapshot
-  (its background warm-up runs each second);
+- warm: no server snapshotted since the last scrape (each server is parsed
+  and rendered at the first scrape after its snapshot, then kept);
 - 25% new: a quarter of the servers snapshotted since the last scrape and
   not rendered yet (a 60 s snapshot frequency under a 15 s scrape);
 - all new: every server changed, the first scrape of a format;
 - and, for comparison, ``generate_latest()`` of the whole fleet at once.
 
 Prints one line: series and body size per scrape, those medians, gzip time,
-the CPU ``Latest.update`` takes per snapshot, and the memory the fleet's
+the CPU ``Latest.update`` takes per snapshot (a copy of the bytes the exporter
+reads: the parse happens at the next scrape), and the memory the fleet's
 latest values take.
 
 Usage: python bench/scrape.py [--servers N] [--tables N] [--max-statements N] [--max-tables N]

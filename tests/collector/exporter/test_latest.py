@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import shutil
 import subprocess
@@ -18,7 +19,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from pgfleet.collector.exporter.latest import Latest, copy_text, copy_time
+from pgfleet.datasources import builtin
 from pgfleet.demo.cluster import Cluster
+from pgfleet.snapshot.model import RegisteredSource, ServerInfo, Staged
 from tests.collector.exporter import registry, snapshot
 from tests.fix_clusters import NewCluster, NewDatabase
 from tests.fix_repository import one_row
@@ -202,6 +205,8 @@ def test_units_are_seconds_and_bytes(pg18: Cluster, new_database: NewDatabase) -
         # No autovacuum: its maps would grow the table behind our back.
         conn.execute("CREATE TABLE big (id int, pad text) WITH (autovacuum_enabled = off)")
         conn.execute("INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g")
+        # The size reported is relpages, which ANALYZE sets to the heap's pages.
+        conn.execute("ANALYZE big")
         conn.execute("SELECT pg_sleep(0.05) AS exporter_units_marker")
         # A sort too big for work_mem spills to a temporary file.
         conn.execute("SET work_mem = '64kB'")
@@ -219,7 +224,7 @@ def test_units_are_seconds_and_bytes(pg18: Cluster, new_database: NewDatabase) -
             "SELECT total_exec_time, total_plan_time FROM pg_stat_statements WHERE queryid = %s",
             (int(qid),),
         )
-        (size,) = one_row(conn, "SELECT pg_table_size('big')")
+        (size,) = one_row(conn, "SELECT pg_relation_size('big')")
         (temp_bytes,) = one_row(conn, temp)
     stmt = {"server": "s", "dbname": dbname, "user": "postgres", "queryid": qid}
     exec_s = reg.get_sample_value("pgfleet_statement_exec_seconds_total", stmt)
@@ -317,3 +322,104 @@ def test_odd_names_survive_the_text_format(pg18: Cluster, new_database: NewDatab
         [PROMTOOL, "check", "metrics"], input=body.encode(), capture_output=True, timeout=60
     )
     assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
+
+
+# -- Made-up spools: when the work is done, and what the top keeps ---------------
+
+INFO = ServerInfo(180000, False, frozenset(), ("db",))
+
+
+def spool(module: str, rows: list[dict[str, str]]) -> Staged:
+    """``module``'s rows as fetch() leaves them: COPY text, unnamed columns NULL."""
+    ds = builtin()[module]
+    data = b"".join(
+        b"\t".join(
+            [b"1", b"2026-12-01 00:00:00+00"] + [r.get(c.name, "\\N").encode() for c in ds.columns]
+        )
+        + b"\n"
+        for r in rows
+    )
+    buf = io.BytesIO(data)
+    buf.seek(0, io.SEEK_END)
+    source = RegisteredSource(ds.module, ds.src_function, ds.cleanup, False, ds.priority)
+    return Staged(source, buf)
+
+
+def table(name: str, **values: int) -> dict[str, str]:
+    return {"datname": "db", "schemaname": "public", "relname": name} | {
+        k: str(v) for k, v in values.items()
+    }
+
+
+def test_snapshots_are_parsed_when_a_scrape_asks() -> None:
+    latest = Latest()
+    generations = []
+    for n in (1, 2, 3):
+        latest.update("s", float(n), INFO, [spool("pg_stat_user_tables", [table("t", seq_scan=n)])])
+        generations.append(latest.generations()["s"])
+    assert len(set(generations)) == 3
+    stats = latest.get_stats()
+    assert stats["updates"] == 3 and stats["skipped"] == 2 and "parsed" not in stats
+    assert stats["pending_bytes"] > 0
+
+    labels = {"server": "s", "dbname": "db", "schema": "public", "table": "t"}
+    assert registry(latest).get_sample_value("pgfleet_table_seq_scans_total", labels) == 3
+    stats = latest.get_stats()
+    assert stats["parsed"] == 1 and stats["pending_bytes"] == 0
+    # Looking changes nothing: the renderer has nothing new to render.
+    assert latest.generations()["s"] == generations[-1]
+    assert registry(latest).get_sample_value("pgfleet_table_seq_scans_total", labels) == 3
+    assert latest.get_stats()["parsed"] == 1
+
+
+def test_pending_snapshots_are_bounded() -> None:
+    latest = Latest(max_pending=0)
+    latest.update("s", 1.0, INFO, [spool("pg_stat_user_tables", [table("t", seq_scan=1)])])
+    stats = latest.get_stats()
+    assert stats["parsed"] == 1 and stats["pending_bytes"] == 0
+
+
+def test_forget_drops_a_pending_snapshot() -> None:
+    latest = Latest()
+    latest.update("s", 1.0, INFO, [spool("pg_stat_user_tables", [table("t", seq_scan=1)])])
+    latest.forget("s")
+    assert latest.generations() == {} and latest.servers() == []
+    assert latest.get_stats()["pending_bytes"] == 0
+
+
+def test_the_top_keeps_the_most_active_and_ties_go_to_the_later_row() -> None:
+    latest = Latest(max_statements=2, max_tables=2)
+    tables = [table(f"t{i}", seq_scan=1, seq_tup_read=0) for i in range(5)]
+    statements = [
+        # Nested statements, busier than the top-level ones, are left out; a
+        # NULL plan time counts 0.
+        {
+            "datname": "db",
+            "rolname": "u",
+            "queryid": str(i),
+            "toplevel": "t" if i in (3, 7, 20) else "f",
+            "total_exec_time": str(1000 - i),
+            "total_plan_time": "\\N" if i == 7 else "1",
+            "query": f"SELECT {i}",
+        }
+        for i in range(30)
+    ]
+    latest.update(
+        "s",
+        1.0,
+        INFO,
+        [spool("pg_stat_user_tables", tables), spool("pg_stat_statements", statements)],
+    )
+    body = generate_latest(registry(latest)).decode()
+    shown = [
+        (s.name, s.labels.get("table") or s.labels["queryid"])
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+        if s.name in ("pgfleet_table_seq_scans_total", "pgfleet_statement_info")
+    ]
+    assert shown == [
+        ("pgfleet_table_seq_scans_total", "t4"),
+        ("pgfleet_table_seq_scans_total", "t3"),
+        ("pgfleet_statement_info", "3"),
+        ("pgfleet_statement_info", "7"),
+    ]

@@ -4,8 +4,11 @@ would have said of the whole fleet at once, in both formats."""
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import time
-from collections.abc import Iterator
+from array import array
+from collections.abc import Callable, Iterator
 
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -13,10 +16,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import CollectorRegistry
+from prometheus_client.registry import Collector, CollectorRegistry
 
-from pgfleet.collector.exporter.latest import Latest
+from pgfleet.collector.exporter.fleet import families
+from pgfleet.collector.exporter.latest import Latest, Row, ServerView
 from pgfleet.collector.exporter.rendered import Rendered, split
+from pgfleet.collector.exporter.views import VIEWS
 from pgfleet.demo.cluster import Cluster
 from tests.collector.exporter import registry, snapshot
 from tests.fix_clusters import NewDatabase
@@ -82,14 +87,137 @@ def test_laid_out_like_one_render_of_the_fleet(
         helps = [line for line in pieces.splitlines() if line.startswith(b"# HELP ")]
         assert len(helps) == len(set(helps))
 
-    # A new snapshot of one server re-renders that one alone, in the background.
-    view = {v.alias: v for v in latest.servers()}
+    # A new snapshot of one server re-renders that one alone, at the next
+    # scrape in each format, and nothing is rendered until one comes.
+    renders = rendered.get_stats()["renders"]
     snapshot(latest, "two", pg15.dsn(), taken_at=time.time() + 60)
-    assert asyncio.run(rendered.warm()) == 2  # both formats in use
-    assert asyncio.run(rendered.warm()) == 0
-    assert {v.alias for v in latest.servers() if v is view[v.alias]} == {"one", "three"}
+    assert rendered.get_stats()["renders"] == renders
+    for accept in ("", OPENMETRICS):
+        encoder, content_type = choose_encoder(accept)
+        asyncio.run(rendered.pieces(content_type, encoder))
+        asyncio.run(rendered.pieces(content_type, encoder))
+    assert rendered.get_stats()["renders"] == renders + 2
     # A forgotten server leaves the next scrape.
     latest.forget("three")
     encoder, content_type = choose_encoder("")
     text = b"".join(asyncio.run(rendered.pieces(content_type, encoder))).decode()
     assert 'server="three"' not in text and 'server="one"' in text
+
+
+# -- Lines kept per series: what prometheus_client says, byte for byte ----------
+
+
+class Views:
+    """Views made up here, as Latest gives them to Rendered."""
+
+    def __init__(self) -> None:
+        self.views: dict[str, tuple[int, ServerView]] = {}
+        self.generation = 0
+
+    def put(self, view: ServerView) -> None:
+        self.generation += 1
+        self.views[view.alias] = (self.generation, view)
+
+    def generations(self) -> dict[str, int]:
+        return {alias: self.views[alias][0] for alias in sorted(self.views)}
+
+    def view(self, alias: str) -> tuple[int, ServerView] | None:
+        return self.views.get(alias)
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        return families([v for _, v in (self.views[a] for a in sorted(self.views))])
+
+
+AWKWARD_VALUES = (0.0, -0.0, 1.0, 0.1, 1234567.0, 12345678.0, 1e21, 3e-7, math.inf, math.nan)
+
+
+def made_up(alias: str, seed: int, *, entries: int = 4) -> ServerView:
+    """A view with an entry or more in every view, awkward values and labels."""
+    rnd = random.Random(seed)
+    names = ("a", 'we"ird\\n', "é \\\\ x", "line\nbreak", "")
+    rows = []
+    for v in VIEWS:
+        out = []
+        for e in range(entries if v.labels else 1):
+            # The same entries from one seed to the next, but their values and
+            # (now and then) their info text.
+            labels = tuple(names[(e + i) % len(names)] + str(e) for i in range(len(v.labels)))
+            n = len(v.series)
+            values = array("d", (rnd.choice(AWKWARD_VALUES) * rnd.choice((1, 7)) for _ in range(n)))
+            info = f'SELECT "{e}" \\ ${seed // 4}' if v.info is not None and e % 3 else None
+            out.append(Row(labels, values, None, None, info, 0.0))
+        rows.append(out)
+    return ServerView(alias, 0.0, 180000 + seed, bool(seed % 2), tuple(rows))
+
+
+def whole(encoder: Callable[[Collector], bytes], views: Views) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(views)
+    return encoder(registry)
+
+
+def test_kept_lines_say_what_prometheus_client_says() -> None:
+    views = Views()
+    rendered = Rendered(views)
+    for accept in ("", OPENMETRICS):
+        encoder, content_type = choose_encoder(accept)
+        eof = b"# EOF\n" if accept else b""
+        for seed in range(12):
+            # One server: the pieces are the whole render, byte for byte.  Its
+            # entries come, go and come back; values and infos change.
+            views.put(made_up('s"1\\', seed, entries=2 + seed % 3))
+            pieces = b"".join(asyncio.run(rendered.pieces(content_type, encoder)))
+            assert pieces + eof == whole(encoder, views)
+    assert rendered.get_stats()["renders"] == 24
+    # prometheus_client rendered each series once per format, or again when
+    # its info text changed: far fewer than the series laid out.
+    series = sum(
+        len(r) * (len(v.series) + 1)
+        for v, r in zip(VIEWS, made_up("", 0, entries=4).rows, strict=True)
+    )
+    assert rendered.get_stats()["series"] < 2 * 2 * series
+
+    # Several servers: the same samples, each family together.
+    for seed in range(3):
+        views.put(made_up(f"s{seed}", seed + 100))
+    for accept in ("", OPENMETRICS):
+        encoder, content_type = choose_encoder(accept)
+        pieces = b"".join(asyncio.run(rendered.pieces(content_type, encoder)))
+        text = whole(encoder, views)
+        assert samples(pieces + (b"# EOF\n" if accept else b"")) == samples(text)
+        assert len(pieces) + (6 if accept else 0) == len(text)
+
+
+def test_an_encoder_writing_otherwise_gets_whole_renders() -> None:
+    def terse(registry: Collector) -> bytes:
+        # Integers without their ".0": not floatToGoString's way.
+        return generate_latest(registry).replace(b".0\n", b"\n")
+
+    views = Views()
+    rendered = Rendered(views)
+    for seed in range(3):
+        views.put(made_up("s", seed))
+        pieces = b"".join(asyncio.run(rendered.pieces("terse", terse)))
+        assert pieces == whole(terse, views)
+    assert rendered.get_stats().get("series", 0) == 0
+
+
+def test_nothing_rendered_until_a_scrape_and_unchanged_servers_not_again() -> None:
+    views = Views()
+    rendered = Rendered(views)
+    encoder, content_type = choose_encoder("")
+    for i in range(5):
+        views.put(made_up(f"s{i}", i))
+    asyncio.run(rendered.pieces(content_type, encoder))
+    assert rendered.get_stats()["renders"] == 5
+    views.put(made_up("s2", 50))
+    views.put(made_up("s2", 51))  # two snapshots, one render
+    asyncio.run(rendered.pieces(content_type, encoder))
+    assert rendered.get_stats()["renders"] == 6
+    del views.views["s3"]  # left the fleet
+    text = b"".join(asyncio.run(rendered.pieces(content_type, encoder)))
+    assert rendered.get_stats()["renders"] == 6
+    assert b'server="s3"' not in text and b'server="s4"' in text

@@ -4,8 +4,8 @@ A plain ASGI callable rather than a routed framework app: there are two
 paths, and everything else must be refused the same way.  ``/metrics`` is
 built by prometheus_client from the daemon's memory only (no query at
 scrape time): the collector's health from its registry, the fleet's
-statistics from :class:`~pgfleet.collector.exporter.rendered.Rendered` (rendered per
-server, by prometheus_client too, once per snapshot).  The format follows
+statistics from :class:`~pgfleet.collector.exporter.rendered.Rendered` (parsed and
+rendered per server at the scrape that first finds it changed).  The format follows
 the scraper's Accept header (OpenMetrics when asked, text 0.0.4 otherwise).
 Bodies larger than one chunk go out with ``Transfer-Encoding: chunked``
 (uvicorn does so for a response without a length), gzip-compressed when

@@ -1,15 +1,25 @@
 """Each server's latest statistics, kept in memory for the exporter.
 
 The collector calls :meth:`Latest.update` with every snapshot it fetched,
-before the spools go to the repository; :class:`~pgfleet.collector.exporter.fleet.
-FleetCollector` reads :meth:`Latest.servers` at scrape time.  Only what
+before the spools go to the repository; the exporter reads
+:meth:`Latest.view` (or :meth:`Latest.servers`) at scrape time.  Only what
 :data:`~pgfleet.collector.exporter.views.VIEWS` exports is parsed and kept.
+
+Work is done only when someone looks: ``update`` keeps the bytes of the
+sources the exporter reads, as they are, and the snapshot is parsed when a
+scrape first asks for the server.  A snapshot followed by another before any
+scrape is never parsed at all (a server snapshotted every 5 s and scraped
+every 15 s is parsed once in three).  The bytes waiting so are bounded by
+``max_pending``: past it, ``update`` parses at once, as if asked.  Every
+change of what a server shows bumps its generation (:meth:`Latest.generations`),
+so that the renderer knows what changed without parsing anything.
 
 Counters are exported *monotonic*: an entry's value is the sum of its
 non-negative increments since it was first seen, its first value counting
-whole.  When a raw counter goes backwards, or the entry's epoch column
-(``stats_reset``, pg_stat_statements' ``stats_since``) changes, the increment
-is the new raw value.  Until an entry's first reset the exported value is the
+whole, over the snapshots parsed (those a scrape asked for).  When a raw
+counter goes backwards, or the entry's epoch column (``stats_reset``,
+pg_stat_statements' ``stats_since``) changes, the increment is the new raw
+value.  Until an entry's first reset the exported value is the
 raw one, exactly.  A reset therefore never shows up as a drop, and
 ``rate()``/``increase()`` see through it.
 
@@ -24,21 +34,30 @@ from __future__ import annotations
 
 import functools
 import heapq
+import itertools
 import math
+import operator
 import re
 import sys
 import threading
 from array import array
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from pgfleet.collector.exporter.views import VIEWS, View
 from pgfleet.datasources import builtin
+from pgfleet.log import EventLogger
 from pgfleet.snapshot.model import ServerInfo, Staged
+
+log = EventLogger("exporter")
 
 # Seconds an entry no longer exported keeps its counter state.
 RETAIN = 3600.0
+# Bytes of snapshots kept unparsed until a scrape asks for them, fleet-wide:
+# some 50 servers' worth of 2,000 pg_stat_statements entries.
+PENDING_BYTES = 32 << 20
 
 NAN = math.nan
 _NULL = b"\\N"
@@ -141,9 +160,22 @@ class _Compiled:
     info: tuple[int, int] | None  # column, characters kept
     # Label columns do not identify a row: rows sharing them merge.
     merge: bool
+    # A split row's label fields, and its value fields, as tuples.
+    key: Callable[[list[bytes]], tuple[bytes, ...]]
+    raw_values: Callable[[list[bytes]], tuple[bytes, ...]]
 
     def parse(self, f: list[bytes]) -> list[float]:
         return [p(f[i]) * scale for i, scale, p in self.values]
+
+
+def _getter(columns: Sequence[int]) -> Callable[[list[bytes]], tuple[bytes, ...]]:
+    """The fields at ``columns`` of a split row, as a tuple (itemgetter's, at any length)."""
+    if not columns:
+        return lambda f: ()
+    if len(columns) == 1:
+        (i,) = columns
+        return lambda f: (f[i],)
+    return operator.itemgetter(*columns)
 
 
 def _compile(index: int, view: View) -> _Compiled:
@@ -177,6 +209,8 @@ def _compile(index: int, view: View) -> _Compiled:
         rank=tuple(pos[c] for c in view.rank),
         info=info,
         merge=not set(ds.names("key")) <= identified,
+        key=_getter(labels),
+        raw_values=_getter([pos[s.column] for s in view.series]),
     )
 
 
@@ -203,39 +237,61 @@ def _filter(cv: _Compiled, fields: list[list[bytes]]) -> list[list[bytes]]:
     return [f for f in fields if (f[i] == value) is equal]
 
 
+def _ranks(cv: _Compiled, lines: list[bytes]) -> list[float]:
+    """Each line's rank: the sum of its rank columns, NULL counting 0."""
+    ncols = cv.ncols
+    # Split off the end of the line only: the query text stays in one piece.
+    cut = ncols - min(cv.rank)
+    offsets = [i - ncols for i in cv.rank]
+    if len(offsets) == 2:  # pg_stat_statements and indexes: the hot loop, unrolled
+        a, b = offsets
+        try:
+            out = []
+            for line in lines:
+                f = line.rsplit(b"\t", cut)
+                out.append(float(f[a]) + float(f[b]))
+            return out
+        except ValueError:  # a NULL: the general case below
+            pass
+    fields = _getter(offsets)
+    out = []
+    for line in lines:
+        r = 0.0
+        for v in fields(line.rsplit(b"\t", cut)):
+            if v != _NULL:
+                r += float(v)
+        out.append(r)
+    return out
+
+
 def _top(cv: _Compiled, lines: list[bytes], cap: int) -> list[list[bytes]]:
     """The ``cap`` most active rows that pass the view's filter, split, most active first.
 
     pg_stat_statements has thousands of rows of some 30 columns, a query text
     among them, and we keep a hundred: rank every row on its rank columns
-    alone, split off the end of the line, and split whole only the winners.
+    alone, and split whole only the winners.  Ties go to the later row.
     """
-    ncols = cv.ncols
-    cut = ncols - min(cv.rank)
-    offsets = [i - ncols for i in cv.rank]
-    ranked = []
-    for n, line in enumerate(lines):
-        parts = line.rsplit(b"\t", cut)
-        r = 0.0
-        for o in offsets:
-            v = parts[o]
-            if v != _NULL:
-                r += float(v)
-        ranked.append((r, n))
-    ranked.sort(reverse=True)
-    out: list[list[bytes]] = []
     if cap <= 0:
-        return out
-    for _, n in ranked:
-        f = lines[n].split(b"\t")
-        if cv.where is not None:
-            i, value, equal = cv.where
-            if (f[i] == value) is not equal:
-                continue
-        out.append(f)
-        if len(out) == cap:
-            break
-    return out
+        return []
+    ranks = _ranks(cv, lines)
+    # Highest rank first and, among equals, the later row first: nlargest
+    # keeps the order of equals, so it is given the rows from the last.
+    rows = range(len(lines) - 1, -1, -1)
+    want = cap
+    while True:
+        out: list[list[bytes]] = []
+        for n in heapq.nlargest(want, rows, key=ranks.__getitem__):
+            f = lines[n].split(b"\t")
+            if cv.where is not None:
+                i, value, equal = cv.where
+                if (f[i] == value) is not equal:
+                    continue
+            out.append(f)
+            if len(out) == cap:
+                return out
+        if want >= len(lines):
+            return out
+        want *= 4  # the filter left out too many: look further down
 
 
 def _read(st: Staged) -> bytes:
@@ -270,16 +326,44 @@ def _info(field: bytes, chars: int) -> str:
     return " ".join(s.split())[:chars]
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """A snapshot not parsed yet: what ``update`` was given, as bytes."""
+
+    generation: int
+    taken_at: float
+    info: ServerInfo
+    spools: dict[str, bytes]  # per module the exporter reads
+    caps: dict[str, int]  # at the time of the update
+    size: int
+
+
 class Latest:
     """Per server alias, the latest values of the built-in sources."""
 
-    def __init__(self, *, max_statements: int = 20, max_tables: int = 20) -> None:
+    def __init__(
+        self,
+        *,
+        max_statements: int = 20,
+        max_tables: int = 20,
+        max_pending: int = PENDING_BYTES,
+    ) -> None:
         self._caps = {"statements": max_statements, "tables": max_tables}
-        self._servers: dict[str, ServerView] = {}
+        self.max_pending = max_pending
+        # Per server: the generation of its view, and the view.
+        self._servers: dict[str, tuple[int, ServerView]] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._pending_bytes = 0
         # Per server, per view: the rows exported, and those retired that
         # still have counter state worth keeping.
         self._kept: dict[str, list[dict[tuple[str, ...], Row]]] = {}
+        self._generation = itertools.count(1)
+        self._stats: Counter[str] = Counter()
+        # Guards the dictionaries above; held briefly, never while parsing.
         self._lock = threading.Lock()
+        # Held while parsing, so that a server's snapshots are parsed in
+        # order, and ``forget``/``configure`` wait for a parse under way.
+        self._parsing = threading.Lock()
 
     @property
     def max_statements(self) -> int:
@@ -292,31 +376,56 @@ class Latest:
     def configure(self, *, max_statements: int, max_tables: int) -> None:
         """Change the caps; lowering one applies at once, raising one at the next snapshot."""
         caps = {"statements": max_statements, "tables": max_tables}
-        with self._lock:
+        with self._parsing, self._lock:
             self._caps = caps
-            for alias, srv in self._servers.items():
+            for alias, (_, srv) in self._servers.items():
                 rows = tuple(
                     r[: caps[v.cap]] if v.cap is not None else r
                     for v, r in zip(VIEWS, srv.rows, strict=True)
                 )
-                self._servers[alias] = ServerView(
-                    srv.alias, srv.taken_at, srv.version_num, srv.in_recovery, rows
+                self._servers[alias] = (
+                    next(self._generation),
+                    ServerView(srv.alias, srv.taken_at, srv.version_num, srv.in_recovery, rows),
                 )
 
     def forget(self, alias: str) -> None:
         """The server left the fleet: its series vanish from the next scrape."""
-        with self._lock:
+        with self._parsing, self._lock:
             self._servers.pop(alias, None)
             self._kept.pop(alias, None)
+            pending = self._pending.pop(alias, None)
+            if pending is not None:
+                self._pending_bytes -= pending.size
 
-    def servers(self) -> list[ServerView]:
-        """Every server's latest view, by alias.
+    def generations(self) -> dict[str, int]:
+        """Every server's generation, by alias: it changes whenever its view does.
+
+        Nothing is parsed: a pending snapshot has its generation already.
+        """
+        with self._lock:
+            out = {alias: gen for alias, (gen, _) in self._servers.items()}
+            out |= {alias: p.generation for alias, p in self._pending.items()}
+        return {alias: out[alias] for alias in sorted(out)}
+
+    def view(self, alias: str) -> tuple[int, ServerView] | None:
+        """The server's latest view and its generation, parsing its latest snapshot if need be.
 
         Views and their rows are never modified once published (updates and
         reloads publish new ones), so the caller may read them in any thread.
         """
+        self._parse(alias)
         with self._lock:
-            return [self._servers[a] for a in sorted(self._servers)]
+            return self._servers.get(alias)
+
+    def servers(self) -> list[ServerView]:
+        """Every server's latest view, by alias (see :meth:`view`)."""
+        views = (self.view(alias) for alias in self.generations())
+        return [v[1] for v in views if v is not None]
+
+    def get_stats(self) -> dict[str, int]:
+        """Snapshots given, parsed, and skipped (superseded before any scrape asked)."""
+        with self._lock:
+            return {**self._stats, "pending_bytes": self._pending_bytes}
 
     def update(
         self, alias: str, taken_at: float, info: ServerInfo, staged: Sequence[Staged]
@@ -324,36 +433,83 @@ class Latest:
         """Take a snapshot's values: called right after the fetch, before the store."""
         sources = _sources()
         known = builtin()
+        spools = {
+            st.source.module: _read(st)
+            for st in staged
+            if st.source.module in sources
+            and not st.source.added_manually
+            and st.source.module in known
+        }
+        size = sum(map(len, spools.values()))
         with self._lock:
-            caps = dict(self._caps)
-            kept = self._kept.get(alias) or [{} for _ in VIEWS]
-        rows: list[list[Row]] = [[] for _ in VIEWS]
-        new_kept: list[dict[tuple[str, ...], Row]] = [{} for _ in VIEWS]
-        for st in staged:
-            src = st.source
-            compiled = sources.get(src.module)
-            if compiled is None or src.added_manually or src.module not in known:
-                continue
-            lines = _lines(_read(st))
-            split: list[list[bytes]] | None = None
-            for cv in compiled:
-                if cv.view.cap is not None:
-                    fields = _top(cv, lines, caps[cv.view.cap])
-                else:
-                    if split is None:
-                        split = [line.split(b"\t") for line in lines]
-                    fields = _filter(cv, split)
-                rows[cv.index] = _rows(cv, fields, kept[cv.index], taken_at)
-        for cv in (c for cs in sources.values() for c in cs):
-            new = {r.labels: r for r in rows[cv.index]}
-            if cv.ncounters:
-                cap = caps[cv.view.cap] if cv.view.cap is not None else None
-                _retire(kept[cv.index], new, taken_at, cap)
-            new_kept[cv.index] = new
-        view = ServerView(alias, taken_at, info.version_num, info.in_recovery, tuple(rows))
-        with self._lock:
-            self._servers[alias] = view
-            self._kept[alias] = new_kept
+            pending = _Pending(
+                next(self._generation), taken_at, info, spools, dict(self._caps), size
+            )
+            old = self._pending.pop(alias, None)
+            if old is not None:
+                self._pending_bytes -= old.size
+                self._stats["skipped"] += 1
+            self._pending[alias] = pending
+            self._pending_bytes += size
+            self._stats["updates"] += 1
+            over = self._pending_bytes > self.max_pending
+        if over:
+            self._parse(alias)
+
+    def _parse(self, alias: str) -> None:
+        """Parse the server's pending snapshot, if it has one, and publish its view."""
+        with self._parsing:
+            with self._lock:
+                pending = self._pending.pop(alias, None)
+                if pending is None:
+                    return
+                self._pending_bytes -= pending.size
+                # Lowering a cap applies at once, raising one at the next snapshot.
+                caps = {k: min(v, self._caps[k]) for k, v in pending.caps.items()}
+                kept = self._kept.get(alias) or [{} for _ in VIEWS]
+            try:
+                view, new_kept = _parse(alias, pending, caps, kept)
+            except Exception:
+                # The exporter's loss, not the snapshot's: the previous view stays.
+                log.exception("latest values not parsed for the exporter", server=alias)
+                return
+            with self._lock:
+                self._servers[alias] = (pending.generation, view)
+                self._kept[alias] = new_kept
+                self._stats["parsed"] += 1
+
+
+def _parse(
+    alias: str,
+    pending: _Pending,
+    caps: dict[str, int],
+    kept: list[dict[tuple[str, ...], Row]],
+) -> tuple[ServerView, list[dict[tuple[str, ...], Row]]]:
+    """A snapshot's view, and the counter state to keep, given the state kept so far."""
+    sources = _sources()
+    taken_at = pending.taken_at
+    rows: list[list[Row]] = [[] for _ in VIEWS]
+    new_kept: list[dict[tuple[str, ...], Row]] = [{} for _ in VIEWS]
+    for module, data in pending.spools.items():
+        lines = _lines(data)
+        split: list[list[bytes]] | None = None
+        for cv in sources[module]:
+            if cv.view.cap is not None:
+                fields = _top(cv, lines, caps[cv.view.cap])
+            else:
+                if split is None:
+                    split = [line.split(b"\t") for line in lines]
+                fields = _filter(cv, split)
+            rows[cv.index] = _rows(cv, fields, kept[cv.index], taken_at)
+    for cv in (c for cs in sources.values() for c in cs):
+        new = {r.labels: r for r in rows[cv.index]}
+        if cv.ncounters:
+            cap = caps[cv.view.cap] if cv.view.cap is not None else None
+            _retire(kept[cv.index], new, taken_at, cap)
+        new_kept[cv.index] = new
+    info = pending.info
+    view = ServerView(alias, taken_at, info.version_num, info.in_recovery, tuple(rows))
+    return view, new_kept
 
 
 def _retire(
@@ -370,9 +526,19 @@ def _retire(
         new[r.labels] = r
 
 
+# Label values already decoded: database, schema, table and role names
+# repeat on many rows, snapshots and servers.  Emptied when it grows large.
+_LABELS: dict[bytes, str] = {}
+_LABELS_MAX = 1 << 16
+
+
 def _label(field: bytes) -> str:
-    # Database, schema and role names repeat on many rows and servers.
-    return sys.intern(copy_text(field))
+    got = _LABELS.get(field)
+    if got is None:
+        if len(_LABELS) >= _LABELS_MAX:
+            _LABELS.clear()
+        got = _LABELS[field] = sys.intern(copy_text(field))
+    return got
 
 
 def _rows(
@@ -385,13 +551,12 @@ def _rows(
     epoch_i = cv.epoch
     sparse = cv.view.sparse
     entries: dict[tuple[bytes, ...], tuple[list[float], bytes | None, list[bytes]]] = {}
+    key_of = cv.key
+    nothing = _NOTHING.issuperset
+    raw_values = cv.raw_values
     for f in fields:
-        key = tuple(f[i] for i in cv.labels)
-        if (
-            sparse
-            and all(f[i] in _NOTHING for i, _, _ in cv.values)
-            and tuple(_label(b) for b in key) not in kept
-        ):
+        key = key_of(f)
+        if sparse and nothing(raw_values(f)) and tuple(map(_label, key)) not in kept:
             continue  # the common case of a sparse view: spare the parsing
         vals = cv.parse(f)
         epoch = f[epoch_i] if epoch_i is not None else None
@@ -404,7 +569,7 @@ def _rows(
                 entries[key] = (seen[0], epoch, seen[2])
     out = []
     for key, (vals, epoch, f) in entries.items():
-        labels = tuple(_label(b) for b in key)
+        labels = tuple(map(_label, key))
         prev = kept.get(labels)
         info = None
         if cv.info is not None:

@@ -1,42 +1,79 @@
 """The fleet's families, rendered one server at a time and kept until it changes.
 
-prometheus_client formats some 7 µs of CPU per series; a fleet of hundreds
-of servers has hundreds of thousands, so formatting all of them on every
-scrape takes seconds.  Yet a server's values change once per snapshot
-(minutes), while Prometheus scrapes every few seconds.  So each server's
-families are rendered by prometheus_client itself -- a registry holding
-that server alone, through the very encoder the scraper negotiated --
-and the text is kept, cut at each family, until the server's next
-snapshot.  A scrape then lays the kept pieces out family by family (the
-formats want each family's samples together, after one HELP and TYPE):
-nothing of the format is written here, only put in order.
+prometheus_client formats some 10 µs of CPU per series, most of it escaping
+label values; a fleet of hundreds of servers has hundreds of thousands of
+series, so formatting all of them on every scrape takes seconds.  Yet a
+server's values change once per snapshot, and its label values hardly ever.
+So each server's families are kept, cut at each family, until the server's
+generation changes (see :class:`~pgfleet.collector.exporter.latest.Latest`).
 
-Servers are rendered for the formats scraped recently, by :meth:`warm`
-in the background, right after their snapshots; a scrape renders only
-what changed since then.  Rendering runs on the event loop one server at
-a time, yielding between servers: a first scrape renders the whole fleet,
-which must not hold up the workers for seconds.  (A thread does worse:
-rendering is pure Python, and the workers' many short steps then wait for
-the GIL at every turn -- measured, the fleet's p99 lag went from 2 s to 8.)
+A scrape renders only the servers whose generation changed since the last
+scrape in its format: nothing is parsed or rendered for a snapshot no scrape
+asks for.  The first time a series shows, prometheus_client renders it (a
+registry holding that server alone, through the very encoder the scraper
+negotiated, its value set to 0.0); afterwards its line is what
+prometheus_client wrote up to the value -- its prefix -- then the value
+formatted by prometheus_client's own ``floatToGoString``.  The prefixes are
+not kept apart from the text: the next render cuts them out of the server's
+kept families again, knowing which line is which series (:func:`_recover`).
+That a line is its prefix then its value is checked once per format with
+awkward values (:func:`_exact`); a format for which it is not gets whole
+servers rendered by prometheus_client each time.  The scrape then lays the
+kept pieces out family by family (the formats want each family's samples
+together, after one HELP and TYPE): nothing of the format is written here,
+only cut and put in order.
+
+Rendering runs on the event loop one server at a time, yielding between
+servers: a first scrape renders the whole fleet, which must not hold up the
+workers for seconds.  (A thread does worse: rendering is pure Python, and
+the workers' many short steps then wait for the GIL at every turn --
+measured, the fleet's p99 lag went from 2 s to 8.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from array import array
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from prometheus_client.core import Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
-from pgfleet.collector.exporter.fleet import families
-from pgfleet.collector.exporter.latest import Latest, ServerView
+from pgfleet.collector.exporter.fleet import PLANS, families
+from pgfleet.collector.exporter.latest import Row, ServerView
+from pgfleet.log import EventLogger
+
+log = EventLogger("exporter")
 
 Encoder = Callable[[Collector], bytes]
 EOF_LINE = b"# EOF\n"  # OpenMetrics' last line
-# A format not scraped for this long is no longer rendered in advance.
+# A format not scraped for this long is forgotten, with what it kept.
 UNUSED = 600.0
+
+# One rendered family: its name as the format writes it, header lines, sample lines.
+Piece = tuple[bytes, bytes, bytes]
+# Where an entry's families are kept: (view index, labels); the server's own
+# families (version, recovery) under (-1, ()).
+_Key = tuple[int, tuple[str, ...]]
+_SERVER: _Key = (-1, ())
+# Values whose formatting is checked: integers, fractions, where Go and Python
+# switch to exponents, negative, tiny, huge.
+_AWKWARD = (0.0, 1.0, 0.1, 1.5, -2.0, 123456.0, 1234567.0, 12345678.0, 1e21, 3e-7,
+            2.0**53, 2.0**63, 9007199254740993.0, 0.001, 1e-05)  # fmt: skip
+
+
+class Views(Protocol):
+    """Where the servers' views come from: :class:`~pgfleet.collector.exporter.latest.Latest`."""
+
+    def generations(self) -> dict[str, int]: ...
+
+    def view(self, alias: str) -> tuple[int, ServerView] | None: ...
 
 
 class _One:
@@ -52,7 +89,7 @@ class _One:
         return families([self.view])
 
 
-def split(text: bytes) -> list[tuple[bytes, bytes, bytes]]:
+def split(text: bytes) -> list[Piece]:
     """Rendered text as (family name, header lines, sample lines) per family."""
     out = []
     # A sample line never holds a newline (label values escape theirs), so
@@ -72,66 +109,368 @@ def split(text: bytes) -> list[tuple[bytes, bytes, bytes]]:
     return out
 
 
+def _render(encoder: Encoder, view: ServerView) -> list[Piece]:
+    """One server's families, rendered alone by prometheus_client, cut at each family."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_One(view))
+    return split(encoder(registry))
+
+
+class _Probe:
+    """A gauge with awkward values, to see how an encoder writes them."""
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily("pgfleet_probe", "Probe.", labels=("l",))
+        for i, v in enumerate(_AWKWARD):
+            g.add_metric((f'a "b" \\ c\n{i}',), v)
+        yield g
+
+
+def _value(v: float) -> bytes:
+    """A sample's value and the end of its line, as prometheus_client writes them."""
+    text: str = floatToGoString(v)  # type: ignore[no-untyped-call]
+    return text.encode() + b"\n"
+
+
+def _exact(encoder: Encoder) -> bool:
+    """Whether a sample line of ``encoder`` is its text up to the value, then the value."""
+    try:
+        ((_, _, samples),) = split(encoder(_Probe()))
+        lines = samples.splitlines(keepends=True)
+        return len(lines) == len(_AWKWARD) and all(
+            line.endswith(b" " + _value(v)) for line, v in zip(lines, _AWKWARD, strict=True)
+        )
+    except ValueError:
+        return False
+
+
+class _Mismatch(Exception):
+    """prometheus_client did not write what the prefixes assume: render whole."""
+
+
+@dataclass
+class _Lines:
+    """What prometheus_client wrote for one entry's series, but their values."""
+
+    # Per value, in View.series order; None where no sample showed it yet.
+    prefixes: tuple[bytes | None, ...]
+    info: bytes | None  # the entry's info line, whole (its value is always 1)
+    info_text: str | None
+
+
+# Per view, its entries in the order laid out: (labels, a bit per value that
+# has a sample, info text).  Enough to find each series' line again.
+_Layout = tuple[tuple[tuple[tuple[str, ...], int, str | None], ...], ...]
+
+
+@dataclass
+class _Server:
+    generation: int
+    pieces: list[Piece]
+    # The prefixes are not kept apart from the pieces, which hold them
+    # already: they are cut out again at the next render (see _recover).
+    layout: _Layout
+    # Those of series without a sample now (a NULL), not in the pieces.
+    hidden: dict[_Key, tuple[bytes | None, ...]]
+    # Entries laid out before, not now, that may come back.
+    spare: dict[_Key, _Lines]
+
+
 @dataclass
 class _Format:
     encoder: Encoder
     used: float
-    # alias -> (the view rendered, its families)
-    servers: dict[str, tuple[ServerView, list[tuple[bytes, bytes, bytes]]]]
+    exact: bool
+    servers: dict[str, _Server] = field(default_factory=dict)
+    # Per family, by (view index, family index): (name, header lines).
+    headers: dict[tuple[int, int], tuple[bytes, bytes]] = field(default_factory=dict)
 
 
 class Rendered:
-    def __init__(self, latest: Latest) -> None:
+    """Every server's families, kept per format scraped, rendered again when they change."""
+
+    def __init__(self, latest: Views) -> None:
         self.latest = latest
         self._formats: dict[str, _Format] = {}
+        self._stats: Counter[str] = Counter()
 
-    async def _render(self, fmt: _Format, views: list[ServerView]) -> None:
-        for view in views:
-            fmt.servers[view.alias] = (view, _render(fmt.encoder, view))
-            await asyncio.sleep(0)  # one server at a time: let the workers run
-
-    def _stale(self, fmt: _Format, views: list[ServerView]) -> list[ServerView]:
-        alive = {v.alias for v in views}
-        for alias in [a for a in fmt.servers if a not in alive]:
-            del fmt.servers[alias]  # left the fleet
-        return [v for v in views if (fmt.servers.get(v.alias) or (None,))[0] is not v]
+    def get_stats(self) -> dict[str, int]:
+        """Servers rendered, and series first rendered by prometheus_client."""
+        return dict(self._stats)
 
     async def pieces(self, content_type: str, encoder: Encoder) -> list[bytes]:
         """Every server's families in `content_type`, laid out family by family."""
-        fmt = self._formats.get(content_type)
-        if fmt is None:
-            fmt = self._formats[content_type] = _Format(encoder, 0.0, {})
-        fmt.used = time.monotonic()
-        views = self.latest.servers()
-        await self._render(fmt, self._stale(fmt, views))
-        by_family: dict[bytes, list[bytes]] = {}
-        for view in views:
-            kept = fmt.servers.get(view.alias)
-            if kept is None:
-                continue  # left the fleet while we rendered
-            for name, header, samples in kept[1]:
-                got = by_family.get(name)
-                if got is None:
-                    by_family[name] = [header, samples]
-                else:
-                    got.append(samples)
-        return [piece for pieces in by_family.values() for piece in pieces]
-
-    async def warm(self) -> int:
-        """Render the servers that changed, for the formats in use; how many renders."""
         now = time.monotonic()
         for ct in [ct for ct, f in self._formats.items() if now - f.used > UNUSED]:
             del self._formats[ct]
-        done = 0
-        for fmt in list(self._formats.values()):
-            stale = self._stale(fmt, self.latest.servers())
-            await self._render(fmt, stale)
-            done += len(stale)
-        return done
+        fmt = self._formats.get(content_type)
+        if fmt is None:
+            fmt = self._formats[content_type] = _Format(encoder, now, _exact(encoder))
+        fmt.used = now
+        generations = self.latest.generations()
+        for alias in [a for a in fmt.servers if a not in generations]:
+            del fmt.servers[alias]  # left the fleet
+        for alias, generation in generations.items():
+            kept = fmt.servers.get(alias)
+            if kept is not None and kept.generation == generation:
+                continue
+            got = self.latest.view(alias)  # parsed here if need be
+            if got is None:
+                fmt.servers.pop(alias, None)  # left the fleet since
+                continue
+            fmt.servers[alias] = self._render(fmt, got[0], got[1], kept)
+            self._stats["renders"] += 1
+            await asyncio.sleep(0)  # one server at a time: let the workers run
+        by_family: dict[bytes, list[bytes]] = {}
+        for alias in generations:
+            server = fmt.servers.get(alias)
+            if server is None:
+                continue  # left the fleet while we rendered
+            for name, header, samples in server.pieces:
+                got_family = by_family.get(name)
+                if got_family is None:
+                    by_family[name] = [header, samples]
+                else:
+                    got_family.append(samples)
+        return [piece for pieces in by_family.values() for piece in pieces]
+
+    def _render(
+        self, fmt: _Format, generation: int, view: ServerView, old: _Server | None
+    ) -> _Server:
+        if fmt.exact:
+            try:
+                try:
+                    lines = _recover(old) if old is not None and old.layout else {}
+                except (StopIteration, ValueError) as e:  # pieces not as laid out
+                    raise _Mismatch(str(e)) from e
+                shown = self._lines(fmt, view, lines)
+                pieces, layout, hidden = _compose(fmt, view, shown)
+                # Entries no longer shown often come back (the top moves,
+                # backends change state): keep the prefixes of a few.
+                spare: dict[_Key, _Lines] = {}
+                room = len(shown) // 4 + 16
+                for key, got in lines.items():
+                    if len(spare) >= room:
+                        break
+                    if key not in shown:
+                        spare[key] = got
+                return _Server(generation, pieces, layout, hidden, spare)
+            except _Mismatch as e:
+                log.warning("rendering whole servers from now on", reason=str(e))
+                fmt.exact = False
+        return _Server(generation, _render(fmt.encoder, view), (), {}, {})
+
+    def _lines(self, fmt: _Format, view: ServerView, old: dict[_Key, _Lines]) -> dict[_Key, _Lines]:
+        """The prefixes of every series of ``view``: known ones, and the others rendered."""
+        lines: dict[_Key, _Lines] = {}
+        new: list[list[Row]] = [[] for _ in view.rows]
+        for vi, rows in enumerate(view.rows):
+            for row in rows:
+                key = (vi, row.labels)
+                got = old.get(key)
+                if (
+                    got is None
+                    or got.info_text != row.info
+                    or (None in got.prefixes and _unknown(got.prefixes, row.values))
+                ):
+                    new[vi].append(row)
+                else:
+                    lines[key] = got
+        server = old.get(_SERVER)
+        if server is not None and not any(new):
+            lines[_SERVER] = server
+            return lines
+        # Render the others with every value 0.0, so that every series shows.
+        zeros = tuple(
+            [Row(r.labels, array("d", bytes(8 * len(r.values))), None, None, r.info, 0.0)
+             for r in rows]
+            for rows in new
+        )  # fmt: skip
+        probe = ServerView(view.alias, 0.0, 0, False, zeros)
+        pieces = iter(_render(fmt.encoder, probe))
+        self._stats["series"] += _take(fmt, pieces, lines, probe)
+        if next(pieces, None) is not None:
+            raise _Mismatch("more families than expected")
+        return lines
 
 
-def _render(encoder: Encoder, view: ServerView) -> list[tuple[bytes, bytes, bytes]]:
-    """One server's families, rendered alone, cut at each family."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_One(view))
-    return split(encoder(registry))
+def _unknown(prefixes: tuple[bytes | None, ...], values: array[float]) -> bool:
+    """Whether a value to show has no prefix known."""
+    return any(p is None and v == v for p, v in zip(prefixes, values, strict=True))
+
+
+def _cut(line: bytes) -> bytes:
+    """A sample line up to its value (which holds no space; _exact checked)."""
+    return line[: line.rindex(b" ") + 1]
+
+
+@functools.cache
+def _targets(vi: int) -> list[list[int]]:
+    """Per family of view ``vi``, the indexes of the values it shows."""
+    plan = PLANS[vi]
+    return [
+        [t for t, (fi, _, _) in enumerate(plan.targets) if fi == f]
+        for f in range(len(plan.families))
+    ]
+
+
+def _recover(old: _Server) -> dict[_Key, _Lines]:
+    """The prefixes of what ``old``'s pieces show, cut out of them; then its spare ones."""
+    pieces = iter(old.pieces)
+    out: dict[_Key, _Lines] = {}
+    server = tuple(_cut(next(pieces)[2]) for _ in range(2))
+    out[_SERVER] = _Lines(server, None, None)
+    for vi, entries in enumerate(old.layout):
+        if not entries:
+            continue
+        masks = [mask for _, mask, _ in entries]
+        prefixes: list[list[bytes | None]] = [[None] * len(PLANS[vi].targets) for _ in entries]
+        for ts in _targets(vi):
+            if len(ts) == 1:  # most families: one value each
+                (t,) = ts
+                shown = [p for p, mask in zip(prefixes, masks, strict=True) if mask >> t & 1]
+                if shown:
+                    for p, line in zip(shown, next(pieces)[2].split(b"\n"), strict=False):
+                        p[t] = line[: line.rindex(b" ") + 1]
+                continue
+            bits = sum(1 << t for t in ts)
+            if not any(mask & bits for mask in masks):
+                continue  # no sample: the family was left out
+            lines = iter(next(pieces)[2].split(b"\n"))
+            for p, mask in zip(prefixes, masks, strict=True):
+                for t in ts:
+                    if mask >> t & 1:
+                        p[t] = _cut(next(lines))
+        infos: list[bytes | None] = [None] * len(entries)
+        if any(text is not None for _, _, text in entries):
+            lines = iter(next(pieces)[2].split(b"\n"))
+            for i, (_, _, text) in enumerate(entries):
+                if text is not None:
+                    infos[i] = next(lines) + b"\n"
+        for (labels, _, text), p, info in zip(entries, prefixes, infos, strict=True):
+            hidden = old.hidden.get((vi, labels))
+            if hidden is not None:
+                p = [q if q is not None else h for q, h in zip(p, hidden, strict=True)]
+            out[(vi, labels)] = _Lines(tuple(p), info, text)
+    for key, got in old.spare.items():
+        out.setdefault(key, got)
+    return out
+
+
+def _prefixes(samples: bytes, count: int) -> list[bytes]:
+    """The sample lines of a family rendered with 0.0 for value, cut before the value."""
+    lines = samples.split(b"\n")
+    if len(lines) != count + 1 or lines[-1]:
+        raise _Mismatch("unexpected sample lines")
+    zero = b" " + _value(0.0)[:-1]
+    out = []
+    for line in lines[:-1]:
+        if not line.endswith(zero):
+            raise _Mismatch("a sample line does not end with its value")
+        out.append(line[: len(line) - len(zero) + 1])
+    return out
+
+
+def _take(
+    fmt: _Format, pieces: Iterator[Piece], lines: dict[_Key, _Lines], probe: ServerView
+) -> int:
+    """Read the probe's families into ``lines`` (and their headers); how many series."""
+
+    def family(key: tuple[int, int]) -> bytes:
+        piece = next(pieces, None)
+        if piece is None:
+            raise _Mismatch("fewer families than expected")
+        name, header, samples = piece
+        fmt.headers[key] = (name, header)
+        return samples
+
+    # The server's own families: one sample each.
+    server = [p for k in (0, 1) for p in _prefixes(family((-1, k)), 1)]
+    lines[_SERVER] = _Lines(tuple(server), None, None)
+    count = 2
+    for vi, rows in enumerate(probe.rows):
+        if not rows:
+            continue
+        plan = PLANS[vi]
+        prefixes: list[list[bytes]] = [[b""] * len(plan.targets) for _ in rows]
+        for fi, ts in enumerate(_targets(vi)):
+            got = iter(_prefixes(family((vi, fi)), len(rows) * len(ts)))
+            for p in prefixes:
+                for t in ts:
+                    p[t] = next(got)
+            count += len(rows) * len(ts)
+        infos: list[bytes | None] = [None] * len(rows)
+        with_info = [i for i, r in enumerate(rows) if r.info is not None]
+        if plan.info is not None and with_info:
+            samples = family((vi, len(plan.families)))
+            got_info = samples.split(b"\n")
+            if len(got_info) != len(with_info) + 1 or got_info[-1]:
+                raise _Mismatch("unexpected info lines")
+            for i, line in zip(with_info, got_info, strict=False):
+                infos[i] = line + b"\n"
+            count += len(with_info)
+        for row, p, info in zip(rows, prefixes, infos, strict=True):
+            lines[(vi, row.labels)] = _Lines(tuple(p), info, row.info)
+    return count
+
+
+def _compose(
+    fmt: _Format, view: ServerView, lines: dict[_Key, _Lines]
+) -> tuple[list[Piece], _Layout, dict[_Key, tuple[bytes | None, ...]]]:
+    """``view``'s families, as prometheus_client would render them, from the prefixes."""
+    # Many values repeat (0, sizes, settings): each is formatted once.  Keyed
+    # so that 0.0 and -0.0, equal as floats, are told apart.
+    memo: dict[float | str, bytes] = {}
+    headers = fmt.headers
+    out: list[Piece] = []
+    layout: list[tuple[tuple[tuple[str, ...], int, str | None], ...]] = []
+    hidden: dict[_Key, tuple[bytes | None, ...]] = {}
+    server = lines[_SERVER].prefixes
+    for k, fact in enumerate((view.version_num, view.in_recovery)):
+        name, header = headers[(-1, k)]
+        prefix = server[k]
+        assert prefix is not None
+        out.append((name, header, prefix + _value(float(fact))))
+    for vi, rows in enumerate(view.rows):
+        if not rows:
+            layout.append(())
+            continue
+        entries: list[tuple[tuple[str, ...], int, str | None]] = []
+        plan = PLANS[vi]
+        fis = [target[0] for target in plan.targets]
+        every = (1 << len(fis)) - 1
+        samples: list[list[bytes]] = [[] for _ in plan.families]
+        appends = [s.append for s in samples]
+        infos: list[bytes] = []
+        # Hot loop: one line per series of a changed server.
+        for row in rows:
+            kept = lines[(vi, row.labels)]
+            mask = 0
+            bit = 1
+            for fi, prefix, v in zip(fis, kept.prefixes, row.values, strict=True):
+                if v == v:  # NaN: NULL in the source, no sample
+                    key = v if v else repr(v)
+                    line = memo.get(key)
+                    if line is None:
+                        line = memo[key] = _value(v)
+                    appends[fi](prefix + line)  # type: ignore[operator]  # known: _lines
+                    mask |= bit
+                bit <<= 1
+            if kept.info is not None:
+                infos.append(kept.info)
+            entries.append((row.labels, mask, row.info))
+            if mask != every:
+                # A NULL now: keep what is known of that series for later.
+                shade = tuple(None if mask >> t & 1 else p for t, p in enumerate(kept.prefixes))
+                if any(shade):
+                    hidden[(vi, row.labels)] = shade
+        layout.append(tuple(entries))
+        for fi, got in enumerate(samples):
+            if got:
+                out.append((*headers[(vi, fi)], b"".join(got)))
+        if infos:
+            out.append((*headers[(vi, len(plan.families))], b"".join(infos)))
+    return out, tuple(layout), hidden
