@@ -48,6 +48,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,32 @@ class Phase:
         self.compacted: float = float("nan")
         self.per_point: float = float("nan")
 
+    def growth(
+        self,
+        dsn: str,
+        size0: int,
+        snapshots: int,
+        before: tuple[int, int],
+        points: Callable[[str], tuple[int, int]],
+    ) -> None:
+        """Repository growth per snapshot since ``size0`` (compacted then), raw and
+        compacted; bytes per statement-point of the history written meanwhile
+        (``points``: its bytes and points), compacted."""
+        with psycopg.connect(dsn) as conn:
+            self.raw = (db_size(conn) - size0) / snapshots
+        self.compacted = (compact(dsn) - size0) / snapshots
+        after = points(dsn)
+        if after[1] > before[1]:
+            self.per_point = (after[0] - before[0]) / (after[1] - before[1])
+
+
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
 
 def steady(
     proc: subprocess.Popen[bytes], count: Any, warm: int, measured: int, timeout: float
@@ -283,18 +310,8 @@ def run_powa(base: Path, python: Path, repo_dsn: str, args: argparse.Namespace) 
         ph.cpu = cpu / n
         ph.walls = [float(x.split()[1]) for x in times.read_text().splitlines()[warm : warm + n]]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    total = count()
-    with psycopg.connect(repo_dsn) as conn:
-        ph.raw = (db_size(conn) - size0) / total
-    ph.compacted = (compact(repo_dsn) - size0) / total
-    bytes1, points1 = powa_points(repo_dsn)
-    if points1 > points0:
-        ph.per_point = (bytes1 - bytes0) / (points1 - points0)
+        terminate(proc)
+    ph.growth(repo_dsn, size0, count(), (bytes0, points0), powa_points)
     return ph
 
 
@@ -343,18 +360,8 @@ def run_pgfleet(base: Path, repo_dsn: str, args: argparse.Namespace) -> Phase:
             print(f"pgfleet: {len(bad)} snapshots with errors: see {log_path}", file=sys.stderr)
     finally:
         stop.set()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    total = len(events())
-    with psycopg.connect(repo_dsn) as conn:
-        ph.raw = (db_size(conn) - size0) / total
-    ph.compacted = (compact(repo_dsn) - size0) / total
-    bytes1, points1 = pgfleet_points(repo_dsn)
-    if points1 > points0:
-        ph.per_point = (bytes1 - bytes0) / (points1 - points0)
+        terminate(proc)
+    ph.growth(repo_dsn, size0, len(events()), (bytes0, points0), pgfleet_points)
     return ph
 
 

@@ -83,6 +83,33 @@ def _open_to_others(basetemp: Path, path: Path) -> None:
             d.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
 
 
+def require_pg15(extensions: list[str]) -> None:
+    """Skip the test unless Debian's PostgreSQL 15 and these extensions are installed."""
+    if not (PG15_BIN / "postgres").exists():
+        pytest.skip(f"PostgreSQL 15 is not installed ({PG15_BIN}): run `make venv` as root")
+    libdir = PG15_BIN.parent / "lib"
+    if missing := [ext for ext in extensions if not (libdir / f"{ext}.so").exists()]:
+        pytest.skip(f"PostgreSQL 15 lacks {', '.join(missing)}: run `make venv` as root")
+
+
+def start_pg15(
+    datadir: Path, extensions: list[str], settings: dict[str, str | int] | None = None
+) -> Cluster:
+    """Debian's PostgreSQL 15 started in ``datadir``, the extensions pgfleet
+    reads preloaded (skip the test if it or ``extensions`` are not installed)."""
+    require_pg15(extensions)
+    cluster = Cluster.debian(
+        15,
+        datadir,
+        shared_preload_libraries=PG15_PRELOAD,
+        # pg_qualstats samples 1/max_connections of the queries by default:
+        # tests want to see theirs.
+        settings={"pg_qualstats.sample_rate": 1, **(settings or {})},
+        name=datadir.name,
+    )
+    return _start(cluster, f"Debian's PostgreSQL 15 ({datadir.name})")
+
+
 def _start(cluster: Cluster, what: str) -> Cluster:
     """Init and start `cluster`, or fail its fixture with one clear message."""
     _started.append(cluster)
@@ -134,22 +161,9 @@ def pg18(clusters_dir: Path) -> Iterator[Cluster]:
 @pytest.fixture(scope="session")
 def pg15(clusters_dir: Path) -> Iterator[Cluster]:
     """Debian's PostgreSQL 15, with all the extensions pgfleet reads in every new database."""
-    if not (PG15_BIN / "postgres").exists():
-        pytest.skip(f"PostgreSQL 15 is not installed ({PG15_BIN}): run `make venv` as root")
-    libdir = PG15_BIN.parent / "lib"
-    if missing := [ext for ext in PG15_EXTENSIONS if not (libdir / f"{ext}.so").exists()]:
-        pytest.skip(f"PostgreSQL 15 lacks {', '.join(missing)}: run `make venv` as root")
-
-    cluster = Cluster.debian(
-        15,
-        clusters_dir / "pg15",
-        shared_preload_libraries=PG15_PRELOAD,
-        # pg_qualstats samples 1/max_connections of the queries by default:
-        # tests want to see theirs.
-        settings={"pg_qualstats.sample_rate": 1, "max_connections": MAX_CONNECTIONS},
-        name="pg15",
+    cluster = start_pg15(
+        clusters_dir / "pg15", PG15_EXTENSIONS, {"max_connections": MAX_CONNECTIONS}
     )
-    _start(cluster, "Debian's PostgreSQL 15")
     for dbname in ("postgres", "template1"):
         for ext in PG15_EXTENSIONS:
             cluster.create_extension(ext, dbname)

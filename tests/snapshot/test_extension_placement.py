@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from pgfleet.demo.cluster import Cluster
-from tests.fix_clusters import PG15_BIN, PG15_PRELOAD, _start, _teardown
+from tests.fix_clusters import PG15_PRELOAD, _teardown, start_pg15
 from tests.fix_repository import CliResult, RunCli, add_server, scalar, scalar_int
 
 APP = "app"  # the only database holding the extensions
@@ -46,20 +46,7 @@ _WORKLOAD = (
 @pytest.fixture(scope="module")
 def placed(clusters_dir: Path) -> Iterator[Cluster]:
     """PostgreSQL 15, the four preloaded extensions created in ``app`` only."""
-    if not (PG15_BIN / "postgres").exists():
-        pytest.skip(f"PostgreSQL 15 is not installed ({PG15_BIN}): run `make venv` as root")
-    libdir = PG15_BIN.parent / "lib"
-    if missing := [ext for ext in PG15_PRELOAD if not (libdir / f"{ext}.so").exists()]:
-        pytest.skip(f"PostgreSQL 15 lacks {', '.join(missing)}: run `make venv` as root")
-    cluster = Cluster.debian(
-        15,
-        clusters_dir / "placement",
-        shared_preload_libraries=PG15_PRELOAD,
-        # Every query's predicates are sampled (1/max_connections by default).
-        settings={"pg_qualstats.sample_rate": 1},
-        name="placement",
-    )
-    _start(cluster, "Debian's PostgreSQL 15 (extension placement)")
+    cluster = start_pg15(clusters_dir / "placement", PG15_PRELOAD)
     cluster.execute(f"CREATE ROLE {MONITOR} LOGIN PASSWORD '{PASSWORD}' IN ROLE pg_monitor")
     for dbname in DATABASES:
         if dbname != "postgres":
