@@ -247,12 +247,14 @@ def _agg_template(module: str) -> str:
     """A built-in source's rows as one COPY-text value, made by the server (see agg_stmt)."""
     ds = builtin()[module]
     fields = [_field("ts", "timestamptz")] + [_field(c.name, c.type) for c in ds.columns]
-    row = sql.SQL(" || E'\\t' || ").join(fields)
+    # concat_ws builds each row in one allocation (|| makes one per column);
+    # no field is NULL, which it would skip.
     return (
         sql.SQL(
-            "SELECT pg_catalog.string_agg({{srvid}} || E'\\t' || {}, E'\\n') FROM ({{query}}) s"
+            "SELECT pg_catalog.string_agg(pg_catalog.concat_ws(E'\\t', {{srvid}}, {}), E'\\n')"
+            " FROM ({{query}}) s"
         )
-        .format(row)
+        .format(sql.SQL(", ").join(fields))
         .as_string(None)
     )
 
