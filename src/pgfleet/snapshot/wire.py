@@ -8,7 +8,8 @@ STDOUT`` results are drained into spools (:func:`copy_batch`), or whose
 one ``conn.wait()``, handing control to the event loop only when libpq has
 to wait for the network.  That halves the collector's CPU per snapshot.
 
-It relies on ``conn.lock``, ``conn.wait``, ``conn.pgconn`` and
+It relies on ``conn.lock``, ``conn.wait``, ``conn.pgconn``,
+``conn._notifies_backlog``, ``psycopg.generators.notifies`` and
 ``Copy._read_gen``: a psycopg upgrade must run the tests.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import IO, Any
 
@@ -214,12 +216,23 @@ _LISTEN_INTERVAL = 60.0
 
 
 async def notifications(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[psycopg.Notify]:
-    """Every notification the connection receives, as it comes, for ever."""
+    """Every notification the connection receives, as it comes, for ever:
+    psycopg's ``notifies()`` but for its wake-up interval."""
     async with conn.lock:
         enc = conn.info.encoding
-        while True:
-            pgns = await conn.wait(_notifies(conn.pgconn), interval=_LISTEN_INTERVAL)
-            for pgn in pgns:
-                yield psycopg.Notify(
-                    pgn.relname.decode(enc, "replace"), pgn.extra.decode(enc, "replace"), pgn.be_pid
-                )
+        # What arrived while a query ran (the LISTEN itself) waits in
+        # psycopg's backlog, which is off while we read, as notifies() does.
+        backlog, conn._notifies_backlog = conn._notifies_backlog, None
+        try:
+            while backlog:
+                yield backlog.popleft()
+            while True:
+                pgns = await conn.wait(_notifies(conn.pgconn), interval=_LISTEN_INTERVAL)
+                for pgn in pgns:
+                    yield psycopg.Notify(
+                        pgn.relname.decode(enc, "replace"),
+                        pgn.extra.decode(enc, "replace"),
+                        pgn.be_pid,
+                    )
+        finally:
+            conn._notifies_backlog = backlog if backlog is not None else deque()
