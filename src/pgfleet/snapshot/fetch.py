@@ -361,6 +361,8 @@ async def fetch(
     jobs: dict[str, list[_Job]] = {}  # per source module, in database order
     alone: list[RegisteredSource] = []
     order: list[RegisteredSource] = []
+    # Server-wide sources whose extension is not in the main database.
+    roaming: set[str] = set()
     for src in sources:
         if src.tmp_table is None:
             result.fail(src.module, FailureKind.QUERY, "registered without a query_source function")
@@ -374,14 +376,15 @@ async def fetch(
             if not src.query_cleanup:
                 # An extension lives in the databases it was created in:
                 # PoWA's users, for one, have them in one database only.
-                roaming = (
+                roams = (
                     ds.extension is not None
                     and not ds.per_database
                     and ds.extension not in info.extensions
                 )
                 if ds.per_database:
                     dbs = info.databases
-                elif roaming:
+                elif roams:
+                    roaming.add(src.module)
                     dbs = tuple(db for db in info.databases if db != main)
                 else:
                     dbs = (main,)
@@ -390,7 +393,7 @@ async def fetch(
                     and stream.source is None
                     and ds.streamed
                     and not ds.per_database
-                    and not roaming
+                    and not roams
                 )
                 jobs[src.module] = [
                     _Job(
@@ -401,7 +404,7 @@ async def fetch(
                         stream.open(src) if stream is not None and streams else new_spool(),
                         ds.per_database,
                         streamed=streams,
-                        roaming=roaming,
+                        roaming=roams,
                     )
                     for db in dbs
                 ]
@@ -479,8 +482,8 @@ async def fetch(
         if mine is None:
             continue  # a source run alone that failed
         ran = any(not j.absent and not j.unreachable for j in mine)
-        # (No job at all: a roaming source on a server with no other database.)
-        if not ran and (not mine or mine[0].roaming or all(j.absent for j in mine)):
+        # (all() of no job: a roaming source on a server with no other database.)
+        if not ran and (src.module in roaming or all(j.absent for j in mine)):
             # Nowhere to run: not a server without rows (stored empty, its
             # entries would vanish).  A database that could not be reached
             # is the per-database sources' failure to report.
@@ -546,7 +549,7 @@ async def _run_jobs(
 ) -> None:
     srvid = session.server.srvid
     pending = lane
-    if any(needs_schemas(j.query) or j.roaming for j in lane):
+    if any(needs_schemas(j.query) or j.ds.extension for j in lane):
         try:
             schemas = await extension_schemas(conn)
         except psycopg.Error as e:
@@ -555,11 +558,8 @@ async def _run_jobs(
             schemas = {}
         pending = []
         for job in lane:
-            if job.roaming and job.ds.extension not in schemas:
-                job.absent = True
-                continue
             resolved = qualify(job.query, schemas)
-            if resolved is None:
+            if resolved is None or (job.ds.extension and job.ds.extension not in schemas):
                 # An extension's source in a database without the extension:
                 # nothing to collect there, and nothing wrong either.
                 job.absent = True
