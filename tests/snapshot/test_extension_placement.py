@@ -6,9 +6,9 @@ installed and nowhere else, and a database without it is not an error.
 
 The monitored server is Debian's PostgreSQL 15 with pg_stat_statements,
 pg_qualstats, pg_stat_kcache and pg_wait_sampling preloaded, and three
-databases (``postgres``, ``app``, ``reports``), the four extensions created in
-``app`` only: the session's ``pg15`` cannot serve, as it has them in every
-database.  Both ``app`` and ``reports`` run queries with ``WHERE`` predicates,
+databases (``postgres``, ``app``, and ``reports``, whose real name holds quotes,
+a backslash and a tab), the four extensions created in ``app`` only: the
+session's ``pg15`` cannot serve, as it has them in every database.  Both ``app`` and ``reports`` run queries with ``WHERE`` predicates,
 so that pg_qualstats, whose hooks are cluster-wide, samples predicates of a
 database without the extension too.  Snapshots are taken with ``pgfleet
 snapshot``, as a ``pg_monitor`` role.
@@ -28,7 +28,10 @@ from tests.fix_clusters import PG15_PRELOAD, _teardown, start_pg15
 from tests.fix_repository import CliResult, RunCli, add_server, scalar, scalar_int
 
 APP = "app"  # the only database holding the extensions
-DATABASES = ("postgres", APP, "reports")
+# Another database, its name as hostile as a name gets: quotes, a backslash,
+# a space, a tab.
+OTHER = "re\"ports '\\x\t2"
+DATABASES = ("postgres", APP, OTHER)
 EXTENSION_SOURCES = tuple(PG15_PRELOAD)  # each source is named after its extension
 CLUSTER_WIDE = ("pg_stat_statements", "pg_stat_kcache", "pg_wait_sampling")
 MONITOR, PASSWORD = "monitor", "m0nitor"
@@ -65,7 +68,7 @@ def placed(clusters_dir: Path) -> Iterator[Cluster]:
 
 def _workload(cluster: Cluster) -> None:
     """The same predicates in ``app`` (extensions) and ``reports`` (none)."""
-    for dbname in (APP, "reports"):
+    for dbname in (APP, OTHER):
         with cluster.connect(dbname) as conn:
             for _ in range(3):
                 for query in _WORKLOAD:
@@ -135,7 +138,8 @@ def _reports_quals_were_sampled(cluster: Cluster) -> None:
     memory too (seen from ``app``), so leaving them out is the source's doing."""
     rows = cluster.execute(
         "SELECT count(*) FROM pg_qualstats() q JOIN pg_database d ON d.oid = q.dbid"
-        " WHERE d.datname = 'reports'",
+        " WHERE d.datname = %s",
+        (OTHER,),
         dbname=APP,
     )
     assert rows[0][0] > 0
@@ -187,7 +191,7 @@ def test_extensions_in_the_main_database_only(
 
     # The cluster-wide sources see every database's statements from app.
     for table in ("pg_stat_statements_last", "pg_stat_kcache_last"):
-        assert {APP, "reports"} <= set(_datnames(repo, table, srvid)), table
+        assert {APP, OTHER} <= set(_datnames(repo, table, srvid)), table
     assert (
         scalar_int(
             repo,
@@ -238,7 +242,7 @@ def test_cluster_wide_source_runs_where_its_extension_is(
     _no_errors(repo, srvid, res, result)
     assert set(CLUSTER_WIDE) <= set(result["stored"]), result["skipped"]
     for table in ("pg_stat_statements_last", "pg_stat_kcache_last"):
-        assert {APP, "reports"} <= set(_datnames(repo, table, srvid)), table
+        assert {APP, OTHER} <= set(_datnames(repo, table, srvid)), table
     assert (
         scalar_int(
             repo, "SELECT count(*) FROM pgfleet.pg_wait_sampling_last WHERE srvid = %s", (srvid,)
