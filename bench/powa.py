@@ -35,6 +35,7 @@ powa-collector in ~/.cache/pgfleet-bench/powa-venv.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import gzip
 import json
@@ -378,24 +379,25 @@ def physical(mon: Cluster, repo_dsn: str, args: argparse.Namespace) -> Phase:
         session = ServerSession(server, cfg)
         try:
             info = await session.info()
-            out = []
-            for ds in builtin().values():
-                query, _ = plan_builtin(ds, info)
-                if query is None:
-                    continue
-                for db in info.databases if ds.per_database else ("bench",):
-                    conn = await session.open(db)
-                    try:
-                        q = qualify(query, await extension_schemas(conn))
-                    finally:
-                        await session.release(conn)
-                    if q is not None:
-                        out.append((ds.tmp_table, db, q))
-            return out
+            schemas = {}
+            for db in info.databases:
+                conn = await session.open(db)
+                try:
+                    schemas[db] = await extension_schemas(conn)
+                finally:
+                    await session.release(conn)
         finally:
             await session.close()
-
-    import asyncio
+        out = []
+        for ds in builtin().values():
+            query, _ = plan_builtin(ds, info)
+            if query is None:
+                continue
+            for db in info.databases if ds.per_database else ("bench",):
+                q = qualify(query, schemas[db])
+                if q is not None:
+                    out.append((ds.tmp_table, db, q))
+        return out
 
     jobs = asyncio.run(plan())
     with contextlib.ExitStack() as stack:
