@@ -187,17 +187,13 @@ def test_aggregate_then_purge_drops_partitions(
             )[0]
             > 0
         )
-        # An old day of data, as if collected 20 days ago.
+        # An old day of data, as if collected 20 days ago and aggregated then.
         conn.execute(
-            "SELECT pgfleet.metric_partition('pg_stat_database', "
-            "(now() - interval '20 days')::date)"
-        )
-        conn.execute(
-            """INSERT INTO pgfleet.pg_stat_database_history (srvid, datname, ts_start, ts_end, points)
-                        VALUES (%s, 'old', now() - interval '20 days', now() - interval '20 days',
-                                '{}')""",
+            """INSERT INTO pgfleet.pg_stat_database_current (srvid, ts, datname, xact_commit)
+                        VALUES (%s, now() - interval '20 days', 'old', 1)""",
             (srvid,),
         )
+        conn.execute("SELECT pgfleet.metric_aggregate('pg_stat_database', %s)", (srvid,))
         old_part = one_row(
             conn,
             """

@@ -21,6 +21,52 @@ AS $function$
       JOIN pg_attribute a ON a.attrelid = _tmp AND a.attname = c AND NOT a.attisdropped;
 $function$;
 
+-- last (re)defined by 0012_compact_history.sql
+CREATE OR REPLACE FUNCTION pgfleet._dec(_expr text, _type regtype)
+ RETURNS text
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT CASE WHEN _type IN ('smallint', 'integer', 'bigint', 'real', 'double precision',
+                               'numeric', 'boolean', 'timestamptz', 'timestamp', 'date',
+                               'interval', 'oid', 'pg_lsn', 'xid', 'inet', 'cidr', 'uuid')
+                THEN format('(%s)::%s', _expr, pgfleet._qualtype(_type))
+                ELSE format($e$(CASE WHEN (%1$s) OPERATOR(pg_catalog.=) '%%00' THEN ''
+                                     ELSE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
+                                              %1$s, '%%2C', ','), '%%3B', ';'), '%%25', '%%') END)::%2$s$e$,
+                            _expr, pgfleet._qualtype(_type)) END
+$function$;
+
+-- last (re)defined by 0012_compact_history.sql
+CREATE OR REPLACE FUNCTION pgfleet._enc(_expr text, _type regtype)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT CASE WHEN _type IN ('smallint', 'integer', 'bigint', 'real', 'double precision',
+                               'numeric', 'boolean', 'timestamptz', 'timestamp', 'date',
+                               'interval', 'oid', 'pg_lsn', 'xid', 'inet', 'cidr', 'uuid')
+                THEN format('(%s)::text', _expr)
+                ELSE format($e$(CASE WHEN (%1$s)::text OPERATOR(pg_catalog.=) '' THEN '%%00'
+                                     ELSE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
+                                              (%1$s)::text, '%%', '%%25'), ',', '%%2C'), ';', '%%3B') END)$e$,
+                            _expr) END
+$function$;
+
+-- last (re)defined by 0012_compact_history.sql
+CREATE OR REPLACE FUNCTION pgfleet._enc_col(_col text, _type regtype)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT format($e$CASE WHEN pg_catalog.count(p.%1$I) = 0 THEN ''
+                          ELSE pg_catalog.string_agg(coalesce(%2$s, ''), ',' ORDER BY p.ts) END$e$,
+                  _col, pgfleet._enc(format('p.%I', _col), _type))
+$function$;
+
 -- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet._list(_cols text[], _fmt text DEFAULT '%I'::text, _sep text DEFAULT ', '::text)
  RETURNS text
@@ -30,6 +76,17 @@ CREATE OR REPLACE FUNCTION pgfleet._list(_cols text[], _fmt text DEFAULT '%I'::t
 AS $function$
     SELECT coalesce(string_agg(format(_fmt, c), _sep ORDER BY o), '')
       FROM unnest(_cols) WITH ORDINALITY AS u(c, o);
+$function$;
+
+-- last (re)defined by 0012_compact_history.sql
+CREATE OR REPLACE FUNCTION pgfleet._qualtype(_type regtype)
+ RETURNS text
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT format('%I.%I', n.nspname, t.typname)
+      FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.oid = _type
 $function$;
 
 -- last (re)defined by 0009_search_path.sql
@@ -78,7 +135,7 @@ AS $function$
     DELETE FROM pgfleet.collectors WHERE name = _owner;
 $function$;
 
--- last (re)defined by 0009_search_path.sql
+-- last (re)defined by 0012_compact_history.sql
 CREATE OR REPLACE FUNCTION pgfleet.create_metric_source(_module text, _src_function text, _keys text[], _counters text[], _deltas text[], _gauges text[], _onces text[], _epoch text DEFAULT NULL::text, _scope text DEFAULT NULL::text, _priority integer DEFAULT 10, _query_cleanup text DEFAULT NULL::text, _added_manually boolean DEFAULT true)
  RETURNS void
  LANGUAGE plpgsql
@@ -125,17 +182,12 @@ BEGIN
     EXECUTE format('CREATE TABLE IF NOT EXISTS %s_current (srvid integer NOT NULL, ts timestamptz NOT NULL%s)',
                    base, CASE WHEN _keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, _keys) END);
     EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s_current (srvid, ts)', _module || '_current_srvid_ts', base);
-    -- One array of composite points per history row rather than one array
-    -- per column: a window in which an entry changed once or twice would
-    -- otherwise pay an array header per column, which costs more than the
-    -- values themselves.
+    -- The point type lists the value columns in the order the history
+    -- writes them: a column added later is appended.
     IF to_regtype(base || '_point') IS NULL THEN
         EXECUTE format('CREATE TYPE %s_point AS (ts timestamptz)', base);
     END IF;
-    EXECUTE format('CREATE TABLE IF NOT EXISTS %1$s_history (srvid integer NOT NULL%2$s, ts_start timestamptz NOT NULL, ts_end timestamptz NOT NULL, points %1$s_point[] NOT NULL) PARTITION BY RANGE (ts_start)',
-                   base, CASE WHEN _keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, _keys) END);
-    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s_history (srvid%s, ts_start)',
-                   _module || '_history_key', base, pgfleet._list(_keys, ', %I', ''));
+    PERFORM pgfleet.metric_storage(_module);
 
     -- Value columns, added one by one so a source gaining a column later
     -- upgrades in place.
@@ -178,6 +230,7 @@ BEGIN
                       AS $w$DELETE FROM pgfleet.functions WHERE module = %L; SELECT true$w$$f$,
                    base, _module);
     PERFORM pgfleet.metric_series(_module);
+    PERFORM pgfleet.metric_extend(_module);
 
     INSERT INTO pgfleet.functions AS f
            (module, operation, function_name, query_source, query_cleanup, added_manually, priority)
@@ -376,43 +429,160 @@ BEGIN
 END;
 $function$;
 
--- last (re)defined by 0009_search_path.sql
+-- last (re)defined by 0012_compact_history.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_aggregate(_module text, _srvid integer)
  RETURNS void
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
+ SET "DateStyle" TO 'ISO, YMD'
+ SET "IntervalStyle" TO 'postgres'
+ SET extra_float_digits TO '1'
 AS $function$
 DECLARE
     m pgfleet.metric_sources;
-    base text;
-    d date;
-    vals text[];
+    base text := 'pgfleet.' || quote_ident(_module);
+    w_start timestamptz;
+    w_ts timestamptz[];
+    nrows bigint;
+    npoints bigint;
+    last_ts timestamptz;
 BEGIN
     SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
-    base := 'pgfleet.' || quote_ident(_module);
-    -- The point type's own attribute order, which a source that gained a
-    -- column later no longer shares with its column lists.
-    vals := ARRAY(SELECT a.attname::text FROM pg_attribute a
-                   WHERE a.attrelid = (SELECT typrelid FROM pg_type WHERE oid = (base || '_point')::regtype)
-                     AND a.attnum > 1 AND NOT a.attisdropped ORDER BY a.attnum);
-    FOR d IN EXECUTE format($q$SELECT DISTINCT (min(ts) AT TIME ZONE 'UTC')::date
-                                 FROM %s_current WHERE srvid = $1 GROUP BY srvid %s$q$,
-                            base, pgfleet._list(m.keys, ', %I', ''))
-             USING _srvid
+    EXECUTE format('SELECT min(ts), array_agg(DISTINCT ts ORDER BY ts) FROM %s_current WHERE srvid = $1', base)
+       INTO w_start, w_ts USING _srvid;
+    IF w_start IS NULL THEN
+        RETURN;
+    END IF;
+    -- A window is named by its start.  Two windows of a server cannot start
+    -- at the same time unless a snapshot older than the last window arrived
+    -- after it (a collector's spool drained late): that one starts a
+    -- microsecond earlier, which still precedes each of its points.
     LOOP
-        PERFORM pgfleet.metric_partition(_module, d);
+        EXECUTE format('INSERT INTO %s_windows (srvid, ts_start, ts) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING', base)
+          USING _srvid, w_start, w_ts;
+        EXIT WHEN FOUND;
+        w_start := w_start - interval '1 microsecond';
     END LOOP;
+    PERFORM pgfleet.metric_partition(_module, (w_start AT TIME ZONE 'UTC')::date);
+    EXECUTE format('INSERT INTO %1$s_keys (srvid %2$s) SELECT DISTINCT srvid %2$s FROM %1$s_current c'
+                   ' WHERE srvid = $1 ON CONFLICT DO NOTHING', base, pgfleet._list(m.keys, ', %I', ''))
+      USING _srvid;
     EXECUTE format($q$
-        WITH moved AS (DELETE FROM %1$s_current WHERE srvid = $1 RETURNING *)
-        INSERT INTO %1$s_history (srvid %2$s, ts_start, ts_end, points)
-        SELECT $1 %2$s, min(ts), max(ts), array_agg(ROW(ts %3$s)::%1$s_point ORDER BY ts)
-          FROM moved GROUP BY srvid %2$s$q$,
-        base, pgfleet._list(m.keys, ', %I', ''), pgfleet._list(vals, ', %I', ''))
-    USING _srvid;
+        WITH moved AS (DELETE FROM %1$s_current WHERE srvid = $1 RETURNING *),
+             pts AS (SELECT moved.*, $2::timestamptz AS w_start, $3::timestamptz[] AS w_ts FROM moved),
+             ins AS (INSERT INTO %1$s_history (keyid, ts_start, ts_end, srvid, at, t, v) %2$s
+                     RETURNING length(at::text) - length(replace(at::text, '1', '')) AS n, ts_end)
+        SELECT count(*), sum(n), max(ts_end) FROM ins$q$,
+        base, pgfleet.metric_pack_sql(_module, 'pts'))
+      INTO nrows, npoints, last_ts USING _srvid, w_start, w_ts;
+    INSERT INTO pgfleet.history_usage AS u (srvid, module, day, rows, points, first_ts, last_ts)
+    VALUES (_srvid, _module, (w_start AT TIME ZONE 'UTC')::date, nrows, coalesce(npoints, 0), w_start,
+            coalesce(last_ts, w_start))
+    ON CONFLICT (srvid, module, day) DO UPDATE
+       SET rows = u.rows + excluded.rows, points = u.points + excluded.points,
+           first_ts = least(u.first_ts, excluded.first_ts), last_ts = greatest(u.last_ts, excluded.last_ts);
 END;
 $function$;
 
--- last (re)defined by 0009_search_path.sql
+-- last (re)defined by 0012_compact_history.sql
+CREATE OR REPLACE FUNCTION pgfleet.metric_columns(_module text, OUT cols text[], OUT types regtype[])
+ RETURNS record
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}'),
+           coalesce(array_agg(a.atttypid::regtype ORDER BY a.attnum), '{}')
+      FROM pg_attribute a
+     WHERE a.attrelid = (SELECT typrelid FROM pg_type
+                          WHERE oid = to_regtype('pgfleet.' || quote_ident(_module || '_point')))
+       AND a.attnum > 1 AND NOT a.attisdropped
+$function$;
+
+-- last (re)defined by 0012_compact_history.sql
+CREATE OR REPLACE FUNCTION pgfleet.metric_convert(_module text, _limit integer DEFAULT 5000)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+ SET "DateStyle" TO 'ISO, YMD'
+ SET "IntervalStyle" TO 'postgres'
+ SET extra_float_digits TO '1'
+ SET client_min_messages TO 'warning'
+AS $function$
+DECLARE
+    m pgfleet.metric_sources;
+    base text := 'pgfleet.' || quote_ident(_module);
+    old regclass := to_regclass('pgfleet.' || quote_ident(_module || '_history_v1'));
+    part regclass;
+    srv integer;
+    upto timestamptz;
+    mc record;
+    n bigint := 0;
+    r record;
+BEGIN
+    SELECT * INTO m FROM pgfleet.metric_sources WHERE module = _module;
+    IF old IS NULL OR m.module IS NULL THEN
+        RETURN 0;
+    END IF;
+    SELECT * INTO mc FROM pgfleet.metric_columns(_module);
+    FOR part IN
+        SELECT c.oid::regclass FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = old
+         ORDER BY (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \(''([^'']+)''\)'))[1]::timestamptz
+    LOOP
+        EXECUTE format('SELECT srvid FROM %s LIMIT 1', part) INTO srv;
+        IF srv IS NULL THEN
+            EXECUTE format('DROP TABLE %s', part);
+            CONTINUE;
+        END IF;
+        EXECUTE format('SELECT ts_start FROM %s WHERE srvid = $1 ORDER BY ts_start OFFSET $2 LIMIT 1', part)
+           INTO upto USING srv, greatest(_limit, 1) - 1;
+        upto := coalesce(upto, 'infinity');
+        EXECUTE format('INSERT INTO %1$s_keys (srvid %2$s) SELECT DISTINCT srvid %2$s FROM %3$s'
+                       ' WHERE srvid = $1 AND ts_start <= $2 ON CONFLICT DO NOTHING',
+                       base, pgfleet._list(m.keys, ', %I', ''), part)
+          USING srv, upto;
+        -- The partitions of the windows about to be written: a window starts
+        -- at its first row's start, inside this old partition's day.
+        FOR r IN EXECUTE format('SELECT DISTINCT (ts_start AT TIME ZONE ''UTC'')::date AS d FROM %s WHERE srvid = $1 AND ts_start <= $2', part)
+                 USING srv, upto
+        LOOP
+            PERFORM pgfleet.metric_partition(_module, r.d);
+        END LOOP;
+        EXECUTE format($q$
+            WITH moved AS (DELETE FROM %1$s WHERE srvid = $1 AND ts_start <= $2 RETURNING *),
+                 edges AS (SELECT mv.*, max(ts_end) OVER (ORDER BY ts_start, ts_end ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before
+                             FROM moved mv),
+                 grouped AS (SELECT e.*, count(*) FILTER (WHERE e.before IS NULL OR e.ts_start > e.before)
+                                         OVER (ORDER BY e.ts_start, e.ts_end ROWS UNBOUNDED PRECEDING) AS g
+                               FROM edges e),
+                 flat AS (SELECT g.srvid, g.g %2$s, pt.* FROM grouped g, unnest(g.points) pt),
+                 win AS (SELECT g, min(ts) AS w_start, array_agg(DISTINCT ts ORDER BY ts) AS w_ts FROM flat GROUP BY g),
+                 wins AS (INSERT INTO %3$s_windows (srvid, ts_start, ts) SELECT $1, w_start, w_ts FROM win),
+                 pts AS (SELECT f.*, w.w_start, w.w_ts FROM flat f JOIN win w USING (g)),
+                 ins AS (INSERT INTO %3$s_history (keyid, ts_start, ts_end, srvid, at, t, v) %4$s
+                         RETURNING length(at::text) - length(replace(at::text, '1', '')) AS n, ts_start, ts_end),
+                 usage AS (INSERT INTO pgfleet.history_usage AS u (srvid, module, day, rows, points, first_ts, last_ts)
+                           SELECT $1, $3, (ts_start AT TIME ZONE 'UTC')::date, count(*), sum(n), min(ts_start), max(ts_end)
+                             FROM ins GROUP BY 3
+                           ON CONFLICT (srvid, module, day) DO UPDATE
+                              SET rows = u.rows + excluded.rows, points = u.points + excluded.points,
+                                  first_ts = least(u.first_ts, excluded.first_ts),
+                                  last_ts = greatest(u.last_ts, excluded.last_ts))
+            SELECT count(*) FROM moved$q$,
+            part, pgfleet._list(m.keys, ', g.%I', ''), base, pgfleet.metric_pack_sql(_module, 'pts'))
+          INTO n USING srv, upto, _module;
+        RETURN n;
+    END LOOP;
+    -- Nothing left: the old form goes, and the readers stop reading it.
+    EXECUTE format('DROP TABLE %s', old);
+    PERFORM pgfleet.metric_series(_module);
+    PERFORM pgfleet.metric_extend(_module);
+    RETURN 0;
+END;
+$function$;
+
+-- last (re)defined by 0012_compact_history.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_extend(_module text)
  RETURNS void
  LANGUAGE plpgsql
@@ -423,136 +593,88 @@ DECLARE
     m pgfleet.metric_sources;
     r pgfleet.metric_rollups;
     base text := 'pgfleet.' || quote_ident(_module);
-    hist regclass := to_regclass('pgfleet.' || quote_ident(_module || '_history'));
-    pt regtype := to_regtype('pgfleet.' || quote_ident(_module || '_point'));
-    cols text[];     -- the point type's attributes after ts, in order
+    keys_ regclass := to_regclass('pgfleet.' || quote_ident(_module || '_keys'));
+    mc record;
+    cols text[];
     types text[];
-    summed text[];   -- counters and deltas among them
-    agg_row text;
+    summed text[];
     keydefs text;
     valdefs text;
+    totals text;
+    points text;
+    unnests text;
+    pnames text;
+    v1 text := '';
     i integer;
 BEGIN
     SELECT * INTO m FROM pgfleet.metric_sources WHERE module = _module;
-    IF m.module IS NULL OR hist IS NULL OR pt IS NULL THEN
+    IF m.module IS NULL OR keys_ IS NULL THEN
         RETURN;
     END IF;
-    SELECT array_agg(a.attname::text ORDER BY a.attnum),
-           array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum)
-      INTO cols, types
-      FROM pg_attribute a
-     WHERE a.attrelid = (SELECT typrelid FROM pg_type WHERE oid = pt)
-       AND a.attnum > 1 AND NOT a.attisdropped;
-    cols := coalesce(cols, '{}');
-    types := coalesce(types, '{}');
+    SELECT * INTO mc FROM pgfleet.metric_columns(_module);
+    cols := mc.cols;
+    types := ARRAY(SELECT format_type(t, NULL) FROM unnest(mc.types) t);
     summed := ARRAY(SELECT c FROM unnest(cols) c WHERE c = ANY (m.counters || m.deltas));
+    -- The old generated columns' functions (0004), if a source still has them.
+    EXECUTE format('DROP FUNCTION IF EXISTS %1$s_total(%1$s_point[]), %1$s_chunks(%1$s_point[]), %1$s_chunk_ts(%1$s_point[]) CASCADE', base);
 
-    -- The window total: sums of counters and deltas (NULL for zero, as in
-    -- the points), gauges as at the window's last point.  Chunks are the
-    -- same per 10 consecutive points, with the ts of their first point
-    -- alongside: a range that cuts a window reads its whole chunks and
-    -- unnests the points of the one chunk it cuts.
-    agg_row := 'max(p.ts)';
-    FOR i IN 1 .. coalesce(array_length(cols, 1), 0) LOOP
-        IF cols[i] = ANY (summed) THEN
-            agg_row := agg_row || format(', nullif(sum(p.%I), 0)::%s', cols[i], types[i]);
-        ELSE
-            agg_row := agg_row || format(', (_points[%%1$s]).%I', cols[i]);
-        END IF;
-    END LOOP;
-    EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$s_total(_points %1$s_point[])
-                      RETURNS %1$s_point LANGUAGE sql IMMUTABLE PARALLEL SAFE
-                      SET search_path = pg_catalog, pg_temp AS
-                      $t$SELECT ROW(%2$s)::%1$s_point FROM unnest(_points) p$t$$f$,
-                   base, format(agg_row, 'cardinality(_points)'));
-    EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$s_chunks(_points %1$s_point[])
-                      RETURNS %1$s_point[] LANGUAGE sql IMMUTABLE PARALLEL SAFE
-                      SET search_path = pg_catalog, pg_temp AS
-                      $t$SELECT array_agg(c ORDER BY g) FROM (
-                             SELECT (p.ordinality - 1) / 10 AS g, ROW(%2$s)::%1$s_point AS c
-                               FROM unnest(_points) WITH ORDINALITY p GROUP BY 1) s$t$$f$,
-                   base, format(agg_row, 'max(p.ordinality)'));
-    EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$s_chunk_ts(_points %1$s_point[])
-                      RETURNS timestamptz[] LANGUAGE sql IMMUTABLE PARALLEL SAFE
-                      SET search_path = pg_catalog, pg_temp AS
-                      $t$SELECT array_agg(p.ts ORDER BY p.ordinality)
-                           FROM unnest(_points) WITH ORDINALITY p
-                          WHERE (p.ordinality - 1) %% 10 = 0$t$$f$, base);
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute
-                    WHERE attrelid = hist AND attname = 'total' AND NOT attisdropped) THEN
-        -- One rewrite computes them for the rows already there.  The total
-        -- stays in the row (MAIN) rather than in TOAST, where the points go.
-        EXECUTE format('ALTER TABLE %1$s_history'
-                       ' ADD COLUMN total %1$s_point %2$s GENERATED ALWAYS AS (%1$s_total(points)) STORED,'
-                       ' ADD COLUMN chunks %1$s_point[] GENERATED ALWAYS AS (%1$s_chunks(points)) STORED,'
-                       ' ADD COLUMN chunk_ts timestamptz[] GENERATED ALWAYS AS (%1$s_chunk_ts(points)) STORED',
-                       base, CASE WHEN current_setting('server_version_num')::int >= 160000
-                                  THEN 'STORAGE MAIN' ELSE '' END);
-        EXECUTE format('ALTER TABLE %s_history ALTER COLUMN total SET STORAGE MAIN', base);
-    END IF;
-
-    -- <module>_sums: the same columns as <module>_series without ts: one row
-    -- per fully covered window, per whole chunk and per point of a cut chunk
-    -- of the windows at the range's edges, and per not-yet-aggregated row.
-    -- A plain SQL function, inlined by the planner: no SET clause, every
-    -- name in it schema-qualified.  ROWS FROM (unnest(a), unnest(b)) is what
-    -- unnest(a, b) stands for.
-    keydefs := pgfleet._coldefs(hist, m.keys);
+    keydefs := pgfleet._coldefs(keys_, m.keys);
     valdefs := (SELECT string_agg(format('%I %s', c, t), ', ' ORDER BY o)
                   FROM unnest(cols, types) WITH ORDINALITY AS u(c, t, o));
+    totals := (SELECT string_agg(pgfleet._dec(format($x$NULLIF(pg_catalog.split_part(h.t, ';', %s), '')$x$, j), mc.types[j]), ', ' ORDER BY j)
+                 FROM generate_subscripts(cols, 1) j);
+    points := (SELECT string_agg(pgfleet._dec(format('p.c%s', j), mc.types[j]), ', ' ORDER BY j)
+                 FROM generate_subscripts(cols, 1) j);
+    unnests := concat_ws(', ', $x$pg_catalog.unnest(pg_catalog.array_positions(pg_catalog.string_to_array((h.at)::pg_catalog.text, NULL), '1'))$x$,
+                         (SELECT string_agg(format($x$pg_catalog.unnest(pg_catalog.string_to_array(d.c[%s], ',', ''))$x$, j), ', ' ORDER BY j)
+                            FROM generate_subscripts(cols, 1) j));
+    pnames := (SELECT string_agg(format(', c%s', j), '' ORDER BY j) FROM generate_subscripts(cols, 1) j);
+    IF to_regclass(base || '_history_v1') IS NOT NULL THEN
+        v1 := format($s$
+                            UNION ALL
+                            SELECT %2$s %3$s
+                              FROM %1$s_history_v1 h, pg_catalog.unnest(h.points) AS p
+                             WHERE h.srvid OPERATOR(pg_catalog.=) _srvid
+                               AND h.ts_start OPERATOR(pg_catalog.<=) _to
+                               AND h.ts_end OPERATOR(pg_catalog.>=) _from
+                               AND p.ts OPERATOR(pg_catalog.>=) _from AND p.ts OPERATOR(pg_catalog.<=) _to$s$,
+                     base, pgfleet._list(m.keys, 'h.%I, ', ''), pgfleet._list(cols, 'p.%I'));
+    END IF;
     EXECUTE format('DROP FUNCTION IF EXISTS %s_sums(integer, timestamptz, timestamptz)', base);
     IF cols <> '{}' THEN
         EXECUTE format($f$CREATE FUNCTION %1$s_sums(_srvid integer, _from timestamptz, _to timestamptz)
                           RETURNS TABLE (%2$s)
                           LANGUAGE sql STABLE AS $s$
                             SELECT %3$s %4$s
-                              FROM %1$s_history h
-                             WHERE h.srvid OPERATOR(pg_catalog.=) _srvid
+                              FROM %1$s_keys k
+                              JOIN %1$s_history h ON h.srvid OPERATOR(pg_catalog.=) k.srvid AND h.keyid OPERATOR(pg_catalog.=) k.keyid
+                             WHERE k.srvid OPERATOR(pg_catalog.=) _srvid AND h.srvid OPERATOR(pg_catalog.=) _srvid
                                AND h.ts_start OPERATOR(pg_catalog.>=) _from
                                AND h.ts_end OPERATOR(pg_catalog.<=) _to
+                               AND h.t IS NOT NULL
                             UNION ALL
                             SELECT %3$s %5$s
-                              FROM %1$s_history h,
-                                   ROWS FROM (pg_catalog.unnest(h.chunk_ts), pg_catalog.unnest(h.chunks))
-                                     AS c(first_ts, ts, %8$s)
-                             WHERE h.srvid OPERATOR(pg_catalog.=) _srvid
+                              FROM %1$s_keys k
+                              JOIN %1$s_history h ON h.srvid OPERATOR(pg_catalog.=) k.srvid AND h.keyid OPERATOR(pg_catalog.=) k.keyid
+                              JOIN %1$s_windows w ON w.srvid OPERATOR(pg_catalog.=) h.srvid AND w.ts_start OPERATOR(pg_catalog.=) h.ts_start
+                              CROSS JOIN LATERAL (SELECT pg_catalog.string_to_array(h.v, ';') AS c OFFSET 0) d
+                              CROSS JOIN LATERAL ROWS FROM (%6$s) AS p(pos%7$s)
+                             WHERE k.srvid OPERATOR(pg_catalog.=) _srvid AND h.srvid OPERATOR(pg_catalog.=) _srvid
                                AND h.ts_start OPERATOR(pg_catalog.<=) _to
                                AND h.ts_end OPERATOR(pg_catalog.>=) _from
-                               AND (h.ts_start OPERATOR(pg_catalog.<) _from
+                               AND (h.t IS NULL OR h.ts_start OPERATOR(pg_catalog.<) _from
                                     OR h.ts_end OPERATOR(pg_catalog.>) _to)
-                               AND c.first_ts OPERATOR(pg_catalog.>=) _from
-                               AND c.ts OPERATOR(pg_catalog.<=) _to
+                               AND w.ts[p.pos] OPERATOR(pg_catalog.>=) _from
+                               AND w.ts[p.pos] OPERATOR(pg_catalog.<=) _to%8$s
                             UNION ALL
-                            SELECT %3$s %6$s
-                              FROM %1$s_history h,
-                                   ROWS FROM (pg_catalog.unnest(h.chunk_ts), pg_catalog.unnest(h.chunks))
-                                     WITH ORDINALITY AS c(first_ts, ts, %8$s, o),
-                                   pg_catalog.unnest(h.points[((c.o OPERATOR(pg_catalog.-) 1)
-                                                                 OPERATOR(pg_catalog.*) 10)
-                                                                OPERATOR(pg_catalog.+) 1
-                                                              : c.o OPERATOR(pg_catalog.*) 10]) AS p
-                             WHERE h.srvid OPERATOR(pg_catalog.=) _srvid
-                               AND h.ts_start OPERATOR(pg_catalog.<=) _to
-                               AND h.ts_end OPERATOR(pg_catalog.>=) _from
-                               AND (h.ts_start OPERATOR(pg_catalog.<) _from
-                                    OR h.ts_end OPERATOR(pg_catalog.>) _to)
-                               AND c.ts OPERATOR(pg_catalog.>=) _from
-                               AND c.first_ts OPERATOR(pg_catalog.<=) _to
-                               AND (c.first_ts OPERATOR(pg_catalog.<) _from
-                                    OR c.ts OPERATOR(pg_catalog.>) _to)
-                               AND p.ts OPERATOR(pg_catalog.>=) _from
-                               AND p.ts OPERATOR(pg_catalog.<=) _to
-                            UNION ALL
-                            SELECT %7$s FROM %1$s_current c
+                            SELECT %9$s FROM %1$s_current c
                              WHERE c.srvid OPERATOR(pg_catalog.=) _srvid
                                AND c.ts OPERATOR(pg_catalog.>=) _from
                                AND c.ts OPERATOR(pg_catalog.<=) _to
                           $s$$f$,
                        base, concat_ws(', ', nullif(keydefs, ''), valdefs),
-                       pgfleet._list(m.keys, 'h.%I, ', ''), pgfleet._list(cols, '(h.total).%I'),
-                       pgfleet._list(cols, 'c.%I'), pgfleet._list(cols, 'p.%I'),
-                       pgfleet._list(m.keys, 'c.%I, ', '') || pgfleet._list(cols, 'c.%I'),
-                       pgfleet._list(cols, '%I'));
+                       pgfleet._list(m.keys, 'k.%I, ', ''), totals, points, unnests, pnames, v1,
+                       pgfleet._list(m.keys, 'c.%I, ', '') || pgfleet._list(cols, 'c.%I'));
     END IF;
 
     SELECT * INTO r FROM pgfleet.metric_rollups WHERE module = _module;
@@ -561,7 +683,7 @@ BEGIN
     END IF;
     EXECUTE format('CREATE TABLE IF NOT EXISTS %s_rollup (srvid integer NOT NULL'
                    ' REFERENCES pgfleet.servers ON DELETE CASCADE%s, ts timestamptz NOT NULL)',
-                   base, CASE WHEN r.keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(hist, r.keys) END);
+                   base, CASE WHEN r.keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(keys_, r.keys) END);
     EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s_rollup (srvid, ts)', _module || '_rollup_srvid_ts', base);
     FOR i IN 1 .. coalesce(array_length(cols, 1), 0) LOOP
         IF cols[i] = ANY (summed || r.gauges) THEN
@@ -569,7 +691,6 @@ BEGIN
                            CASE WHEN types[i] IN ('integer', 'smallint') THEN 'bigint' ELSE types[i] END);
         END IF;
     END LOOP;
-    -- The rollups are written by the snapshot function (0005), not a trigger.
     PERFORM pgfleet.metric_inline_rollup(_module);
 END;
 $function$;
@@ -586,7 +707,7 @@ BEGIN
 END;
 $function$;
 
--- last (re)defined by 0009_search_path.sql
+-- last (re)defined by 0012_compact_history.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_forget(_module text, _srvid integer)
  RETURNS void
  LANGUAGE plpgsql
@@ -596,13 +717,13 @@ DECLARE
     base text := 'pgfleet.' || quote_ident(_module);
     t text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['_last', '_current', '_history'] LOOP
-        EXECUTE format('DELETE FROM %s%s WHERE srvid = $1', base, t) USING _srvid;
+    FOREACH t IN ARRAY ARRAY['_last', '_current', '_history', '_history_v1', '_windows', '_keys', '_once'] LOOP
+        IF to_regclass(base || t) IS NOT NULL THEN
+            EXECUTE format('DELETE FROM %s%s WHERE srvid = $1', base, t) USING _srvid;
+        END IF;
     END LOOP;
-    IF to_regclass(base || '_once') IS NOT NULL THEN
-        EXECUTE format('DELETE FROM %s_once WHERE srvid = $1', base) USING _srvid;
-    END IF;
     DELETE FROM pgfleet.metric_state WHERE srvid = _srvid AND module = _module;
+    DELETE FROM pgfleet.history_usage WHERE srvid = _srvid AND module = _module;
 END;
 $function$;
 
@@ -629,7 +750,45 @@ BEGIN
 END;
 $function$;
 
--- last (re)defined by 0009_search_path.sql
+-- last (re)defined by 0012_compact_history.sql
+CREATE OR REPLACE FUNCTION pgfleet.metric_pack_sql(_module text, _src text)
+ RETURNS text
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    m pgfleet.metric_sources;
+    base text := 'pgfleet.' || quote_ident(_module);
+    mc record;
+    tot text[] := '{}';
+    i integer;
+BEGIN
+    SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
+    SELECT * INTO mc FROM pgfleet.metric_columns(_module);
+    FOR i IN 1 .. coalesce(array_length(mc.cols, 1), 0) LOOP
+        tot := tot || format('coalesce(%s, '''')',
+            CASE WHEN mc.cols[i] = ANY (m.counters || m.deltas)
+                 THEN pgfleet._enc(format('nullif(sum(p.%I), 0)::%s', mc.cols[i], format_type(mc.types[i], NULL)), mc.types[i])
+                 ELSE pgfleet._enc(format('(array_agg(p.%I ORDER BY p.ts DESC))[1]', mc.cols[i]), mc.types[i]) END);
+    END LOOP;
+    RETURN format($q$
+        SELECT k.keyid, p.w_start, max(p.ts), min(p.srvid),
+               bit_or((lpad('1', array_position(p.w_ts, p.ts), '0')
+                       || repeat('0', cardinality(p.w_ts) - array_position(p.w_ts, p.ts)))::varbit),
+               CASE WHEN count(*) > 5 THEN rtrim(concat_ws(';', %1$s), ';') END,
+               rtrim(concat_ws(';', %2$s), ';')
+          FROM %3$s p JOIN %4$s_keys k ON k.srvid = p.srvid %5$s
+         GROUP BY k.keyid, p.w_start$q$,
+        CASE WHEN tot = '{}' THEN '''''' ELSE array_to_string(tot, ', ') END,
+        CASE WHEN mc.cols = '{}' THEN ''''''
+             ELSE (SELECT string_agg(pgfleet._enc_col(c, t), ', ' ORDER BY o)
+                     FROM unnest(mc.cols, mc.types) WITH ORDINALITY AS u(c, t, o)) END,
+        _src, base, pgfleet._list(m.keys, ' AND k.%1$I = p.%1$I', ''));
+END;
+$function$;
+
+-- last (re)defined by 0012_compact_history.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_partition(_module text, _day date)
  RETURNS void
  LANGUAGE plpgsql
@@ -639,19 +798,20 @@ DECLARE
     part text := format('%s_history_%s', _module, to_char(_day, 'YYYYMMDD'));
 BEGIN
     IF to_regclass('pgfleet.' || quote_ident(part)) IS NULL THEN
-        -- Bounds in UTC, whatever the session's TimeZone.
-        -- toast_tuple_target at its minimum: compress the points of a row
-        -- as soon as it is 128 bytes, not 2 kB (deltas are mostly zeros and
-        -- compress well).
+        -- Bounds in UTC, whatever the session's TimeZone.  toast_tuple_target
+        -- at its minimum: v is compressed as soon as a row is 128 bytes.
         EXECUTE format('CREATE TABLE pgfleet.%I PARTITION OF pgfleet.%I FOR VALUES FROM (%L) TO (%L) WITH (toast_tuple_target = 128)',
                        part, _module || '_history',
                        (_day::timestamp AT TIME ZONE 'UTC'),
                        ((_day + 1)::timestamp AT TIME ZONE 'UTC'));
+        IF EXISTS (SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
+            EXECUTE format('ALTER TABLE pgfleet.%I ALTER COLUMN v SET COMPRESSION lz4, ALTER COLUMN t SET COMPRESSION lz4', part);
+        END IF;
     END IF;
 END;
 $function$;
 
--- last (re)defined by 0009_search_path.sql
+-- last (re)defined by 0012_compact_history.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_purge(_module text, _srvid integer)
  RETURNS void
  LANGUAGE plpgsql
@@ -664,40 +824,59 @@ DECLARE
     oldest_kept timestamptz;
     part record;
     still_used boolean;
+    hist text;
 BEGIN
     SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
     base := 'pgfleet.' || quote_ident(_module);
     SELECT now() - retention INTO cutoff FROM pgfleet.servers WHERE srvid = _srvid;
     SELECT now() - max(retention) INTO oldest_kept FROM pgfleet.servers;
 
-    EXECUTE format('DELETE FROM %s_history WHERE srvid = $1 AND ts_start < $2 AND ts_end < $2', base)
-    USING _srvid, cutoff;
-
-    FOR part IN
-        SELECT c.oid::regclass AS rel,
-               (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \(''([^'']+)''\)'))[1]::timestamptz AS upper
-          FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-         WHERE i.inhparent = (base || '_history')::regclass
-    LOOP
-        CONTINUE WHEN part.upper >= oldest_kept;
-        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE ts_end >= $1)', part.rel)
-        INTO still_used USING oldest_kept;
-        IF NOT still_used THEN
-            EXECUTE format('DROP TABLE %s', part.rel);
-        END IF;
+    FOREACH hist IN ARRAY ARRAY['_history', '_history_v1'] LOOP
+        CONTINUE WHEN to_regclass(base || hist) IS NULL;
+        EXECUTE format('DELETE FROM %s%s WHERE srvid = $1 AND ts_start < $2 AND ts_end < $2', base, hist)
+        USING _srvid, cutoff;
+        FOR part IN
+            SELECT c.oid::regclass AS rel,
+                   (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \(''([^'']+)''\)'))[1]::timestamptz AS upper
+              FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = (base || hist)::regclass
+        LOOP
+            CONTINUE WHEN part.upper >= oldest_kept;
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE ts_end >= $1)', part.rel)
+            INTO still_used USING oldest_kept;
+            IF NOT still_used THEN
+                EXECUTE format('DROP TABLE %s', part.rel);
+            END IF;
+        END LOOP;
     END LOOP;
+    EXECUTE format('DELETE FROM %s_windows WHERE srvid = $1 AND ts[cardinality(ts)] < $2', base)
+    USING _srvid, cutoff;
+    DELETE FROM pgfleet.history_usage WHERE srvid = _srvid AND module = _module AND last_ts < cutoff;
 
+    -- A key is kept while its entry is live, waits in <m>_current or has
+    -- history; a once-row likewise.
+    EXECUTE format($q$
+        DELETE FROM %1$s_keys k
+         WHERE k.srvid = $1
+           AND NOT EXISTS (SELECT 1 FROM %1$s_history h WHERE h.srvid = k.srvid AND h.keyid = k.keyid)
+           AND NOT EXISTS (SELECT 1 FROM %1$s_last l WHERE l.srvid = k.srvid %2$s)
+           AND NOT EXISTS (SELECT 1 FROM %1$s_current c WHERE c.srvid = k.srvid %3$s)$q$,
+        base, pgfleet._list(m.keys, ' AND l.%1$I = k.%1$I', ''),
+        pgfleet._list(m.keys, ' AND c.%1$I = k.%1$I', ''))
+    USING _srvid;
     IF m.onces <> '{}' THEN
-        -- A once-row is kept while its entry is live or still has history.
         EXECUTE format($q$
             DELETE FROM %1$s_once o
              WHERE o.srvid = $1 AND o.first_seen < $2
                AND NOT EXISTS (SELECT 1 FROM %1$s_last l WHERE l.srvid = o.srvid %2$s)
-               AND NOT EXISTS (SELECT 1 FROM %1$s_history h WHERE h.srvid = o.srvid %3$s)
-               AND NOT EXISTS (SELECT 1 FROM %1$s_current c WHERE c.srvid = o.srvid %4$s)$q$,
+               AND NOT EXISTS (SELECT 1 FROM %1$s_keys k WHERE k.srvid = o.srvid %3$s)
+               AND NOT EXISTS (SELECT 1 FROM %1$s_current c WHERE c.srvid = o.srvid %4$s)%5$s$q$,
             base, pgfleet._list(m.keys, ' AND l.%1$I = o.%1$I', ''),
-            pgfleet._list(m.keys, ' AND h.%1$I = o.%1$I', ''),
-            pgfleet._list(m.keys, ' AND c.%1$I = o.%1$I', ''))
+            pgfleet._list(m.keys, ' AND k.%1$I = o.%1$I', ''),
+            pgfleet._list(m.keys, ' AND c.%1$I = o.%1$I', ''),
+            CASE WHEN to_regclass(base || '_history_v1') IS NULL THEN ''
+                 ELSE format(' AND NOT EXISTS (SELECT 1 FROM %1$s_history_v1 h WHERE h.srvid = o.srvid %2$s)',
+                             base, pgfleet._list(m.keys, ' AND h.%1$I = o.%1$I', '')) END)
         USING _srvid, cutoff;
     END IF;
 END;
@@ -733,7 +912,7 @@ BEGIN
 END;
 $function$;
 
--- last (re)defined by 0009_search_path.sql
+-- last (re)defined by 0012_compact_history.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_series(_module text)
  RETURNS void
  LANGUAGE plpgsql
@@ -744,31 +923,62 @@ DECLARE
     base text := 'pgfleet.' || quote_ident(_module);
     tmp regclass;
     values_ text[];
+    mc record;
+    decoded text;
+    v1 text := '';
 BEGIN
     SELECT * INTO m FROM pgfleet.metric_sources WHERE module = _module;
     tmp := to_regclass(m.src_function || '_tmp');
-    IF m.module IS NULL OR tmp IS NULL THEN
+    IF m.module IS NULL OR tmp IS NULL OR to_regclass(base || '_keys') IS NULL THEN
         RETURN;
     END IF;
     values_ := m.counters || m.deltas || m.gauges;
-    EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$s_series(_srvid integer, _from timestamptz, _to timestamptz)
-                      RETURNS TABLE (ts timestamptz%2$s%3$s)
-                      LANGUAGE sql STABLE AS $s$
-                        SELECT p.ts%4$s%5$s
-                          FROM %1$s_history h, pg_catalog.unnest(h.points) AS p
+    SELECT * INTO mc FROM pgfleet.metric_columns(_module);
+    -- The columns in the order the function returns them, decoded from v's.
+    SELECT string_agg(', ' || CASE WHEN o.i IS NULL THEN format('NULL::%s', pgfleet._qualtype(a.atttypid))
+                                   ELSE pgfleet._dec(format('p.c%s', o.i), mc.types[o.i]) END, '' ORDER BY x.n)
+      INTO decoded
+      FROM unnest(values_) WITH ORDINALITY AS x(c, n)
+      JOIN pg_attribute a ON a.attrelid = tmp AND a.attname = x.c
+      LEFT JOIN LATERAL (SELECT array_position(mc.cols, x.c) AS i) o ON true;
+    IF to_regclass(base || '_history_v1') IS NOT NULL THEN
+        v1 := format($s$
+                        UNION ALL
+                        SELECT p.ts%2$s%3$s
+                          FROM %1$s_history_v1 h, pg_catalog.unnest(h.points) AS p
                          WHERE h.srvid OPERATOR(pg_catalog.=) _srvid
                            AND h.ts_start OPERATOR(pg_catalog.<=) _to
                            AND h.ts_end OPERATOR(pg_catalog.>=) _from
-                           AND p.ts OPERATOR(pg_catalog.>=) _from AND p.ts OPERATOR(pg_catalog.<=) _to
+                           AND p.ts OPERATOR(pg_catalog.>=) _from AND p.ts OPERATOR(pg_catalog.<=) _to$s$,
+                     base, pgfleet._list(m.keys, ', h.%I', ''), pgfleet._list(values_, ', p.%I', ''));
+    END IF;
+    EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$s_series(_srvid integer, _from timestamptz, _to timestamptz)
+                      RETURNS TABLE (ts timestamptz%2$s%3$s)
+                      LANGUAGE sql STABLE AS $s$
+                        SELECT w.ts[p.pos]%4$s%5$s
+                          FROM %1$s_keys k
+                          JOIN %1$s_history h ON h.srvid OPERATOR(pg_catalog.=) k.srvid AND h.keyid OPERATOR(pg_catalog.=) k.keyid
+                          JOIN %1$s_windows w ON w.srvid OPERATOR(pg_catalog.=) h.srvid AND w.ts_start OPERATOR(pg_catalog.=) h.ts_start
+                          CROSS JOIN LATERAL (SELECT pg_catalog.string_to_array(h.v, ';') AS c OFFSET 0) d
+                          CROSS JOIN LATERAL ROWS FROM (%6$s) AS p(pos%7$s)
+                         WHERE k.srvid OPERATOR(pg_catalog.=) _srvid AND h.srvid OPERATOR(pg_catalog.=) _srvid
+                           AND h.ts_start OPERATOR(pg_catalog.<=) _to
+                           AND h.ts_end OPERATOR(pg_catalog.>=) _from
+                           AND w.ts[p.pos] OPERATOR(pg_catalog.>=) _from AND w.ts[p.pos] OPERATOR(pg_catalog.<=) _to%8$s
                         UNION ALL
-                        SELECT c.ts%6$s%7$s FROM %1$s_current c
+                        SELECT c.ts%9$s%10$s FROM %1$s_current c
                          WHERE c.srvid OPERATOR(pg_catalog.=) _srvid
                            AND c.ts OPERATOR(pg_catalog.>=) _from AND c.ts OPERATOR(pg_catalog.<=) _to
                       $s$$f$,
                    base,
                    CASE WHEN m.keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, m.keys) END,
                    CASE WHEN values_ = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, values_) END,
-                   pgfleet._list(m.keys, ', h.%I', ''), pgfleet._list(values_, ', p.%I', ''),
+                   pgfleet._list(m.keys, ', k.%I', ''), coalesce(decoded, ''),
+                   concat_ws(', ', $x$pg_catalog.unnest(pg_catalog.array_positions(pg_catalog.string_to_array((h.at)::pg_catalog.text, NULL), '1'))$x$,
+                             nullif((SELECT string_agg(format($x$pg_catalog.unnest(pg_catalog.string_to_array(d.c[%s], ',', ''))$x$, i), ', ' ORDER BY i)
+                                       FROM generate_subscripts(mc.cols, 1) i), '')),
+                   (SELECT string_agg(format(', c%s', i), '' ORDER BY i) FROM generate_subscripts(mc.cols, 1) i),
+                   v1,
                    pgfleet._list(m.keys, ', c.%I', ''), pgfleet._list(values_, ', c.%I', ''));
 END;
 $function$;
@@ -1001,6 +1211,44 @@ $f$,
 END;
 $function$;
 
+-- last (re)defined by 0012_compact_history.sql
+CREATE OR REPLACE FUNCTION pgfleet.metric_storage(_module text)
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+ SET client_min_messages TO 'warning'
+AS $function$
+DECLARE
+    m pgfleet.metric_sources;
+    base text := 'pgfleet.' || quote_ident(_module);
+    tmp regclass;
+    c text;
+    typ text;
+BEGIN
+    SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
+    tmp := (m.src_function || '_tmp')::regclass;
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s_keys (keyid bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,'
+                   ' srvid integer NOT NULL%s)',
+                   base, CASE WHEN m.keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, m.keys) END);
+    EXECUTE format('CREATE UNIQUE INDEX IF NOT EXISTS %I ON %s_keys (srvid%s)',
+                   _module || '_keys_srvid', base, pgfleet._list(m.keys, ', %I', ''));
+    -- A key column added to a source later (create_metric_source only adds).
+    FOREACH c IN ARRAY m.keys LOOP
+        SELECT format_type(atttypid, atttypmod) INTO typ FROM pg_attribute WHERE attrelid = tmp AND attname = c;
+        EXECUTE format('ALTER TABLE %s_keys ADD COLUMN IF NOT EXISTS %I %s', base, c, typ);
+    END LOOP;
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s_windows (srvid integer NOT NULL, ts_start timestamptz NOT NULL,'
+                   ' ts timestamptz[] NOT NULL, PRIMARY KEY (srvid, ts_start))', base);
+    IF to_regclass(base || '_history') IS NULL THEN
+        -- Fixed-width columns first: no alignment padding between them.
+        EXECUTE format('CREATE TABLE %s_history (keyid bigint NOT NULL, ts_start timestamptz NOT NULL,'
+                       ' ts_end timestamptz NOT NULL, srvid integer NOT NULL, at bit varying NOT NULL,'
+                       ' t text, v text NOT NULL) PARTITION BY RANGE (ts_start)', base);
+        EXECUTE format('CREATE INDEX %I ON %s_history (srvid, keyid, ts_start)', _module || '_history_key', base);
+    END IF;
+END;
+$function$;
+
 -- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.record_error(_srvid integer, _source text, _message text, _kind text)
  RETURNS void
@@ -1190,7 +1438,7 @@ $function$;
 -- Not dumped: the functions of each datasource, pgfleet.<module><suffix>,
 -- made when it is installed (the built-in ones at every repo upgrade) by:
 --   pgfleet.create_metric_source: _aggregate, _purge, _snapshot, _unregister
---   pgfleet.metric_extend: _chunk_ts, _chunks, _sums, _total
+--   pgfleet.metric_extend: _sums
 --   pgfleet.metric_inline_rollup: _snapshot
 --   pgfleet.metric_series: _series
 --   pgfleet.repository.sources.install (Python, built-in sources): _src

@@ -9,6 +9,7 @@ data survives it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -110,6 +111,49 @@ def upgrade(conn: psycopg.Connection[Any]) -> list[Migration]:
             applied.append(mig)
         sources.install_builtin(conn)
     return applied
+
+
+def unconverted(conn: psycopg.Connection[Any]) -> list[str]:
+    """The sources whose history from before migration 0012 is not yet in the
+    compact form (``<m>_history_v1`` still exists)."""
+    return [
+        str(r[0])
+        for r in conn.execute(
+            "SELECT module FROM pgfleet.metric_sources"
+            " WHERE pg_catalog.to_regclass('pgfleet.' || pg_catalog.quote_ident(module || '_history_v1'))"
+            " IS NOT NULL ORDER BY module"
+        )
+    ]
+
+
+def convert(
+    conn: psycopg.Connection[Any],
+    batch: int = 5000,
+    progress: Callable[[str, int], None] | None = None,
+) -> int:
+    """Move the history written before migration 0012 into the compact form.
+
+    One batch (about ``batch`` rows of one server) per transaction, so no lock
+    is held for long and the collector and the web UI go on meanwhile; the
+    readers see the rows in either form.  Safe to stop and run again.  Returns
+    the rows converted.
+    """
+    if current_version(conn) is None:
+        return 0
+    total = 0
+    for module in unconverted(conn):
+        while True:
+            with conn.transaction():
+                row = conn.execute(
+                    "SELECT pgfleet.metric_convert(%s, %s)", (module, batch)
+                ).fetchone()
+            n = int(row[0]) if row and row[0] is not None else 0
+            if n == 0:
+                break
+            total += n
+            if progress:
+                progress(module, n)
+    return total
 
 
 def require_current(conn: psycopg.Connection[Any]) -> None:

@@ -1,0 +1,759 @@
+-- Compact history.  Until now an aggregation window of an entry was one row
+-- holding an array of <m>_point composites (a 24-byte header, a null bitmap
+-- and 8 bytes per value for each point), its window total and chunk totals
+-- (two more copies of the same values), the entry's keys as text and, for
+-- each point, its timestamp: ~150 bytes per statement-point at coalesce 5.
+--
+-- Now, per source <m>:
+--
+--   <m>_keys     (keyid, srvid, keys...): an entry's keys, once.  The history
+--                names an entry by its keyid (8 bytes) instead of its keys.
+--   <m>_windows  (srvid, ts_start, ts[]): the snapshot times of one
+--                aggregation window of one server, once: every entry that
+--                changed in it shares them.
+--   <m>_history  (keyid, ts_start, ts_end, srvid, at, t, v), partitioned by
+--                day of ts_start (the window's start) as before:
+--                  at  a bit per snapshot of the window, set where the entry
+--                      changed (unchanged entries have no row, no bit);
+--                  v   the values, column by column ("1,2,,3;...;0.25"):
+--                      each column's values of the set bits in order, ','
+--                      between them, ';' between columns, an empty value for
+--                      NULL (a zero delta), an empty column when it is NULL
+--                      throughout, trailing empty columns left out.  Text
+--                      because SQL reads it back with string_to_array() and a
+--                      cast (no per-column array header, small integers are
+--                      one or two bytes), and because the output of a number
+--                      reads back to exactly the same value;
+--                  t   the window's totals in the same form (sums of counters
+--                      and deltas, gauges as at the last point), kept for
+--                      windows of more than 5 points only: the readers of
+--                      whole windows use them, and below that decoding the
+--                      points costs about what reading the totals does.
+--                v is compressed (lz4 where the server has it) once a row
+--                passes 128 bytes.
+--
+-- The series and sums readers decode the rows; nothing else changes for
+-- their callers.  The old history becomes <m>_history_v1 (its partitions
+-- <m>_v1_YYYYMMDD), which the readers still read, and which
+-- pgfleet.metric_convert() moves into the new form in batches, each its own
+-- short transaction (`pgfleet repo upgrade` runs them after the migration),
+-- dropping it once empty.
+--
+-- Values are written as text under pinned settings (DateStyle ISO,
+-- IntervalStyle postgres, extra_float_digits 1: the shortest text that reads
+-- back to the same float): what a reader's session settings are does not
+-- change what it reads back.  Text of other types than numbers, times and
+-- the like may hold ',' or ';': it is escaped, '%' -> %25, ',' -> %2C,
+-- ';' -> %3B, and the empty string is %00.
+
+CREATE TABLE pgfleet.history_usage (
+    srvid integer NOT NULL,
+    module text NOT NULL,
+    day date NOT NULL,
+    rows bigint NOT NULL DEFAULT 0,
+    points bigint NOT NULL DEFAULT 0,
+    first_ts timestamptz NOT NULL,
+    last_ts timestamptz NOT NULL,
+    PRIMARY KEY (srvid, module, day)
+);
+COMMENT ON TABLE pgfleet.history_usage IS
+    'history rows and points written per server, source and day (UTC) of window start: '
+    'pgfleet repo size splits each day partition''s bytes between servers by points';
+
+-- A column's value as it is written into v and t: text, escaped for types
+-- whose text may hold the separators.
+CREATE FUNCTION pgfleet._enc(_expr text, _type regtype) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT CASE WHEN _type IN ('smallint', 'integer', 'bigint', 'real', 'double precision',
+                               'numeric', 'boolean', 'timestamptz', 'timestamp', 'date',
+                               'interval', 'oid', 'pg_lsn', 'xid', 'inet', 'cidr', 'uuid')
+                THEN format('(%s)::text', _expr)
+                ELSE format($e$(CASE WHEN (%1$s)::text OPERATOR(pg_catalog.=) '' THEN '%%00'
+                                     ELSE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
+                                              (%1$s)::text, '%%', '%%25'), ',', '%%2C'), ';', '%%3B') END)$e$,
+                            _expr) END
+$fn$;
+
+-- A type's name with its schema: the readers run with their caller's
+-- search_path, where another schema's "text" may come first.
+CREATE FUNCTION pgfleet._qualtype(_type regtype) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT format('%I.%I', n.nspname, t.typname)
+      FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.oid = _type
+$fn$;
+
+-- The reverse, for an element already split out (NULL for an empty one):
+-- fully qualified, as it goes into the inlined readers.
+CREATE FUNCTION pgfleet._dec(_expr text, _type regtype) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT CASE WHEN _type IN ('smallint', 'integer', 'bigint', 'real', 'double precision',
+                               'numeric', 'boolean', 'timestamptz', 'timestamp', 'date',
+                               'interval', 'oid', 'pg_lsn', 'xid', 'inet', 'cidr', 'uuid')
+                THEN format('(%s)::%s', _expr, pgfleet._qualtype(_type))
+                ELSE format($e$(CASE WHEN (%1$s) OPERATOR(pg_catalog.=) '%%00' THEN ''
+                                     ELSE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
+                                              %1$s, '%%2C', ','), '%%3B', ';'), '%%25', '%%') END)::%2$s$e$,
+                            _expr, pgfleet._qualtype(_type)) END
+$fn$;
+
+-- A column of v (or t): every value of the group in ts order, or '' when all
+-- are NULL.
+CREATE FUNCTION pgfleet._enc_col(_col text, _type regtype) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT format($e$CASE WHEN pg_catalog.count(p.%1$I) = 0 THEN ''
+                          ELSE pg_catalog.string_agg(coalesce(%2$s, ''), ',' ORDER BY p.ts) END$e$,
+                  _col, pgfleet._enc(format('p.%I', _col), _type))
+$fn$;
+
+-- The value columns of a source, in the order v holds them: its point
+-- type's attributes after ts (a column added later comes last).
+CREATE FUNCTION pgfleet.metric_columns(_module text, OUT cols text[], OUT types regtype[])
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}'),
+           coalesce(array_agg(a.atttypid::regtype ORDER BY a.attnum), '{}')
+      FROM pg_attribute a
+     WHERE a.attrelid = (SELECT typrelid FROM pg_type
+                          WHERE oid = to_regtype('pgfleet.' || quote_ident(_module || '_point')))
+       AND a.attnum > 1 AND NOT a.attisdropped
+$fn$;
+
+-- The tables of the compact history of a source (idempotent).
+CREATE FUNCTION pgfleet.metric_storage(_module text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $fn$
+DECLARE
+    m pgfleet.metric_sources;
+    base text := 'pgfleet.' || quote_ident(_module);
+    tmp regclass;
+    c text;
+    typ text;
+BEGIN
+    SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
+    tmp := (m.src_function || '_tmp')::regclass;
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s_keys (keyid bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,'
+                   ' srvid integer NOT NULL%s)',
+                   base, CASE WHEN m.keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, m.keys) END);
+    EXECUTE format('CREATE UNIQUE INDEX IF NOT EXISTS %I ON %s_keys (srvid%s)',
+                   _module || '_keys_srvid', base, pgfleet._list(m.keys, ', %I', ''));
+    -- A key column added to a source later (create_metric_source only adds).
+    FOREACH c IN ARRAY m.keys LOOP
+        SELECT format_type(atttypid, atttypmod) INTO typ FROM pg_attribute WHERE attrelid = tmp AND attname = c;
+        EXECUTE format('ALTER TABLE %s_keys ADD COLUMN IF NOT EXISTS %I %s', base, c, typ);
+    END LOOP;
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s_windows (srvid integer NOT NULL, ts_start timestamptz NOT NULL,'
+                   ' ts timestamptz[] NOT NULL, PRIMARY KEY (srvid, ts_start))', base);
+    IF to_regclass(base || '_history') IS NULL THEN
+        -- Fixed-width columns first: no alignment padding between them.
+        EXECUTE format('CREATE TABLE %s_history (keyid bigint NOT NULL, ts_start timestamptz NOT NULL,'
+                       ' ts_end timestamptz NOT NULL, srvid integer NOT NULL, at bit varying NOT NULL,'
+                       ' t text, v text NOT NULL) PARTITION BY RANGE (ts_start)', base);
+        EXECUTE format('CREATE INDEX %I ON %s_history (srvid, keyid, ts_start)', _module || '_history_key', base);
+    END IF;
+END;
+$fn$;
+
+-- A day partition of the history.
+CREATE OR REPLACE FUNCTION pgfleet.metric_partition(_module text, _day date) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    part text := format('%s_history_%s', _module, to_char(_day, 'YYYYMMDD'));
+BEGIN
+    IF to_regclass('pgfleet.' || quote_ident(part)) IS NULL THEN
+        -- Bounds in UTC, whatever the session's TimeZone.  toast_tuple_target
+        -- at its minimum: v is compressed as soon as a row is 128 bytes.
+        EXECUTE format('CREATE TABLE pgfleet.%I PARTITION OF pgfleet.%I FOR VALUES FROM (%L) TO (%L) WITH (toast_tuple_target = 128)',
+                       part, _module || '_history',
+                       (_day::timestamp AT TIME ZONE 'UTC'),
+                       ((_day + 1)::timestamp AT TIME ZONE 'UTC'));
+        IF EXISTS (SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
+            EXECUTE format('ALTER TABLE pgfleet.%I ALTER COLUMN v SET COMPRESSION lz4, ALTER COLUMN t SET COMPRESSION lz4', part);
+        END IF;
+    END IF;
+END;
+$fn$;
+
+-- The SELECT that packs point rows into history rows.  _src is a relation
+-- (a CTE's name) with the source's keys and value columns, srvid, ts, and
+-- w_start/w_ts: the window's start and its snapshot times.  Its rows must
+-- belong to one server, and keys must already be in <m>_keys.
+CREATE FUNCTION pgfleet.metric_pack_sql(_module text, _src text) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    m pgfleet.metric_sources;
+    base text := 'pgfleet.' || quote_ident(_module);
+    mc record;
+    tot text[] := '{}';
+    i integer;
+BEGIN
+    SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
+    SELECT * INTO mc FROM pgfleet.metric_columns(_module);
+    FOR i IN 1 .. coalesce(array_length(mc.cols, 1), 0) LOOP
+        tot := tot || format('coalesce(%s, '''')',
+            CASE WHEN mc.cols[i] = ANY (m.counters || m.deltas)
+                 THEN pgfleet._enc(format('nullif(sum(p.%I), 0)::%s', mc.cols[i], format_type(mc.types[i], NULL)), mc.types[i])
+                 ELSE pgfleet._enc(format('(array_agg(p.%I ORDER BY p.ts DESC))[1]', mc.cols[i]), mc.types[i]) END);
+    END LOOP;
+    RETURN format($q$
+        SELECT k.keyid, p.w_start, max(p.ts), min(p.srvid),
+               bit_or((lpad('1', array_position(p.w_ts, p.ts), '0')
+                       || repeat('0', cardinality(p.w_ts) - array_position(p.w_ts, p.ts)))::varbit),
+               CASE WHEN count(*) > 5 THEN rtrim(concat_ws(';', %1$s), ';') END,
+               rtrim(concat_ws(';', %2$s), ';')
+          FROM %3$s p JOIN %4$s_keys k ON k.srvid = p.srvid %5$s
+         GROUP BY k.keyid, p.w_start$q$,
+        CASE WHEN tot = '{}' THEN '''''' ELSE array_to_string(tot, ', ') END,
+        CASE WHEN mc.cols = '{}' THEN ''''''
+             ELSE (SELECT string_agg(pgfleet._enc_col(c, t), ', ' ORDER BY o)
+                     FROM unnest(mc.cols, mc.types) WITH ORDINALITY AS u(c, t, o)) END,
+        _src, base, pgfleet._list(m.keys, ' AND k.%1$I = p.%1$I', ''));
+END;
+$fn$;
+
+-- Aggregation: every point of a server waiting in <m>_current becomes one
+-- window, one history row per entry that changed in it.  A few statements
+-- for the whole source, whatever its number of entries.
+CREATE OR REPLACE FUNCTION pgfleet.metric_aggregate(_module text, _srvid integer) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET datestyle = 'ISO, YMD' SET intervalstyle = postgres
+SET extra_float_digits = 1 AS $fn$
+DECLARE
+    m pgfleet.metric_sources;
+    base text := 'pgfleet.' || quote_ident(_module);
+    w_start timestamptz;
+    w_ts timestamptz[];
+    nrows bigint;
+    npoints bigint;
+    last_ts timestamptz;
+BEGIN
+    SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
+    EXECUTE format('SELECT min(ts), array_agg(DISTINCT ts ORDER BY ts) FROM %s_current WHERE srvid = $1', base)
+       INTO w_start, w_ts USING _srvid;
+    IF w_start IS NULL THEN
+        RETURN;
+    END IF;
+    -- A window is named by its start.  Two windows of a server cannot start
+    -- at the same time unless a snapshot older than the last window arrived
+    -- after it (a collector's spool drained late): that one starts a
+    -- microsecond earlier, which still precedes each of its points.
+    LOOP
+        EXECUTE format('INSERT INTO %s_windows (srvid, ts_start, ts) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING', base)
+          USING _srvid, w_start, w_ts;
+        EXIT WHEN FOUND;
+        w_start := w_start - interval '1 microsecond';
+    END LOOP;
+    PERFORM pgfleet.metric_partition(_module, (w_start AT TIME ZONE 'UTC')::date);
+    EXECUTE format('INSERT INTO %1$s_keys (srvid %2$s) SELECT DISTINCT srvid %2$s FROM %1$s_current c'
+                   ' WHERE srvid = $1 ON CONFLICT DO NOTHING', base, pgfleet._list(m.keys, ', %I', ''))
+      USING _srvid;
+    EXECUTE format($q$
+        WITH moved AS (DELETE FROM %1$s_current WHERE srvid = $1 RETURNING *),
+             pts AS (SELECT moved.*, $2::timestamptz AS w_start, $3::timestamptz[] AS w_ts FROM moved),
+             ins AS (INSERT INTO %1$s_history (keyid, ts_start, ts_end, srvid, at, t, v) %2$s
+                     RETURNING length(at::text) - length(replace(at::text, '1', '')) AS n, ts_end)
+        SELECT count(*), sum(n), max(ts_end) FROM ins$q$,
+        base, pgfleet.metric_pack_sql(_module, 'pts'))
+      INTO nrows, npoints, last_ts USING _srvid, w_start, w_ts;
+    INSERT INTO pgfleet.history_usage AS u (srvid, module, day, rows, points, first_ts, last_ts)
+    VALUES (_srvid, _module, (w_start AT TIME ZONE 'UTC')::date, nrows, coalesce(npoints, 0), w_start,
+            coalesce(last_ts, w_start))
+    ON CONFLICT (srvid, module, day) DO UPDATE
+       SET rows = u.rows + excluded.rows, points = u.points + excluded.points,
+           first_ts = least(u.first_ts, excluded.first_ts), last_ts = greatest(u.last_ts, excluded.last_ts);
+END;
+$fn$;
+
+-- One batch of the conversion of the old history (<m>_history_v1): the
+-- oldest rows of one server in its oldest partition, about _limit of them
+-- (never splitting rows that start at the same time).  Old rows of one
+-- aggregation overlap in time; a window is the union of overlapping rows.
+-- Returns the rows converted; 0 once nothing is left, after dropping the old
+-- table and making the readers again without it.
+CREATE FUNCTION pgfleet.metric_convert(_module text, _limit integer DEFAULT 5000) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET datestyle = 'ISO, YMD' SET intervalstyle = postgres
+SET extra_float_digits = 1 SET client_min_messages = warning AS $fn$
+DECLARE
+    m pgfleet.metric_sources;
+    base text := 'pgfleet.' || quote_ident(_module);
+    old regclass := to_regclass('pgfleet.' || quote_ident(_module || '_history_v1'));
+    part regclass;
+    srv integer;
+    upto timestamptz;
+    mc record;
+    n bigint := 0;
+    r record;
+BEGIN
+    SELECT * INTO m FROM pgfleet.metric_sources WHERE module = _module;
+    IF old IS NULL OR m.module IS NULL THEN
+        RETURN 0;
+    END IF;
+    SELECT * INTO mc FROM pgfleet.metric_columns(_module);
+    FOR part IN
+        SELECT c.oid::regclass FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = old
+         ORDER BY (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \(''([^'']+)''\)'))[1]::timestamptz
+    LOOP
+        EXECUTE format('SELECT srvid FROM %s LIMIT 1', part) INTO srv;
+        IF srv IS NULL THEN
+            EXECUTE format('DROP TABLE %s', part);
+            CONTINUE;
+        END IF;
+        EXECUTE format('SELECT ts_start FROM %s WHERE srvid = $1 ORDER BY ts_start OFFSET $2 LIMIT 1', part)
+           INTO upto USING srv, greatest(_limit, 1) - 1;
+        upto := coalesce(upto, 'infinity');
+        EXECUTE format('INSERT INTO %1$s_keys (srvid %2$s) SELECT DISTINCT srvid %2$s FROM %3$s'
+                       ' WHERE srvid = $1 AND ts_start <= $2 ON CONFLICT DO NOTHING',
+                       base, pgfleet._list(m.keys, ', %I', ''), part)
+          USING srv, upto;
+        -- The partitions of the windows about to be written: a window starts
+        -- at its first row's start, inside this old partition's day.
+        FOR r IN EXECUTE format('SELECT DISTINCT (ts_start AT TIME ZONE ''UTC'')::date AS d FROM %s WHERE srvid = $1 AND ts_start <= $2', part)
+                 USING srv, upto
+        LOOP
+            PERFORM pgfleet.metric_partition(_module, r.d);
+        END LOOP;
+        EXECUTE format($q$
+            WITH moved AS (DELETE FROM %1$s WHERE srvid = $1 AND ts_start <= $2 RETURNING *),
+                 edges AS (SELECT mv.*, max(ts_end) OVER (ORDER BY ts_start, ts_end ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before
+                             FROM moved mv),
+                 grouped AS (SELECT e.*, count(*) FILTER (WHERE e.before IS NULL OR e.ts_start > e.before)
+                                         OVER (ORDER BY e.ts_start, e.ts_end ROWS UNBOUNDED PRECEDING) AS g
+                               FROM edges e),
+                 flat AS (SELECT g.srvid, g.g %2$s, pt.* FROM grouped g, unnest(g.points) pt),
+                 win AS (SELECT g, min(ts) AS w_start, array_agg(DISTINCT ts ORDER BY ts) AS w_ts FROM flat GROUP BY g),
+                 wins AS (INSERT INTO %3$s_windows (srvid, ts_start, ts) SELECT $1, w_start, w_ts FROM win),
+                 pts AS (SELECT f.*, w.w_start, w.w_ts FROM flat f JOIN win w USING (g)),
+                 ins AS (INSERT INTO %3$s_history (keyid, ts_start, ts_end, srvid, at, t, v) %4$s
+                         RETURNING length(at::text) - length(replace(at::text, '1', '')) AS n, ts_start, ts_end),
+                 usage AS (INSERT INTO pgfleet.history_usage AS u (srvid, module, day, rows, points, first_ts, last_ts)
+                           SELECT $1, $3, (ts_start AT TIME ZONE 'UTC')::date, count(*), sum(n), min(ts_start), max(ts_end)
+                             FROM ins GROUP BY 3
+                           ON CONFLICT (srvid, module, day) DO UPDATE
+                              SET rows = u.rows + excluded.rows, points = u.points + excluded.points,
+                                  first_ts = least(u.first_ts, excluded.first_ts),
+                                  last_ts = greatest(u.last_ts, excluded.last_ts))
+            SELECT count(*) FROM moved$q$,
+            part, pgfleet._list(m.keys, ', g.%I', ''), base, pgfleet.metric_pack_sql(_module, 'pts'))
+          INTO n USING srv, upto, _module;
+        RETURN n;
+    END LOOP;
+    -- Nothing left: the old form goes, and the readers stop reading it.
+    EXECUTE format('DROP TABLE %s', old);
+    PERFORM pgfleet.metric_series(_module);
+    PERFORM pgfleet.metric_extend(_module);
+    RETURN 0;
+END;
+$fn$;
+
+-- <m>_series: every point of a server in a time range.  Plain SQL, inlined
+-- by the planner (no SET clause: every name is qualified).  A filter on keys
+-- reaches <m>_keys' index, then the history's (srvid, keyid, ts_start).
+CREATE OR REPLACE FUNCTION pgfleet.metric_series(_module text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    m pgfleet.metric_sources;
+    base text := 'pgfleet.' || quote_ident(_module);
+    tmp regclass;
+    values_ text[];
+    mc record;
+    decoded text;
+    v1 text := '';
+BEGIN
+    SELECT * INTO m FROM pgfleet.metric_sources WHERE module = _module;
+    tmp := to_regclass(m.src_function || '_tmp');
+    IF m.module IS NULL OR tmp IS NULL OR to_regclass(base || '_keys') IS NULL THEN
+        RETURN;
+    END IF;
+    values_ := m.counters || m.deltas || m.gauges;
+    SELECT * INTO mc FROM pgfleet.metric_columns(_module);
+    -- The columns in the order the function returns them, decoded from v's.
+    SELECT string_agg(', ' || CASE WHEN o.i IS NULL THEN format('NULL::%s', pgfleet._qualtype(a.atttypid))
+                                   ELSE pgfleet._dec(format('p.c%s', o.i), mc.types[o.i]) END, '' ORDER BY x.n)
+      INTO decoded
+      FROM unnest(values_) WITH ORDINALITY AS x(c, n)
+      JOIN pg_attribute a ON a.attrelid = tmp AND a.attname = x.c
+      LEFT JOIN LATERAL (SELECT array_position(mc.cols, x.c) AS i) o ON true;
+    IF to_regclass(base || '_history_v1') IS NOT NULL THEN
+        v1 := format($s$
+                        UNION ALL
+                        SELECT p.ts%2$s%3$s
+                          FROM %1$s_history_v1 h, pg_catalog.unnest(h.points) AS p
+                         WHERE h.srvid OPERATOR(pg_catalog.=) _srvid
+                           AND h.ts_start OPERATOR(pg_catalog.<=) _to
+                           AND h.ts_end OPERATOR(pg_catalog.>=) _from
+                           AND p.ts OPERATOR(pg_catalog.>=) _from AND p.ts OPERATOR(pg_catalog.<=) _to$s$,
+                     base, pgfleet._list(m.keys, ', h.%I', ''), pgfleet._list(values_, ', p.%I', ''));
+    END IF;
+    EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$s_series(_srvid integer, _from timestamptz, _to timestamptz)
+                      RETURNS TABLE (ts timestamptz%2$s%3$s)
+                      LANGUAGE sql STABLE AS $s$
+                        SELECT w.ts[p.pos]%4$s%5$s
+                          FROM %1$s_keys k
+                          JOIN %1$s_history h ON h.srvid OPERATOR(pg_catalog.=) k.srvid AND h.keyid OPERATOR(pg_catalog.=) k.keyid
+                          JOIN %1$s_windows w ON w.srvid OPERATOR(pg_catalog.=) h.srvid AND w.ts_start OPERATOR(pg_catalog.=) h.ts_start
+                          CROSS JOIN LATERAL (SELECT pg_catalog.string_to_array(h.v, ';') AS c OFFSET 0) d
+                          CROSS JOIN LATERAL ROWS FROM (%6$s) AS p(pos%7$s)
+                         WHERE k.srvid OPERATOR(pg_catalog.=) _srvid AND h.srvid OPERATOR(pg_catalog.=) _srvid
+                           AND h.ts_start OPERATOR(pg_catalog.<=) _to
+                           AND h.ts_end OPERATOR(pg_catalog.>=) _from
+                           AND w.ts[p.pos] OPERATOR(pg_catalog.>=) _from AND w.ts[p.pos] OPERATOR(pg_catalog.<=) _to%8$s
+                        UNION ALL
+                        SELECT c.ts%9$s%10$s FROM %1$s_current c
+                         WHERE c.srvid OPERATOR(pg_catalog.=) _srvid
+                           AND c.ts OPERATOR(pg_catalog.>=) _from AND c.ts OPERATOR(pg_catalog.<=) _to
+                      $s$$f$,
+                   base,
+                   CASE WHEN m.keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, m.keys) END,
+                   CASE WHEN values_ = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, values_) END,
+                   pgfleet._list(m.keys, ', k.%I', ''), coalesce(decoded, ''),
+                   concat_ws(', ', $x$pg_catalog.unnest(pg_catalog.array_positions(pg_catalog.string_to_array((h.at)::pg_catalog.text, NULL), '1'))$x$,
+                             nullif((SELECT string_agg(format($x$pg_catalog.unnest(pg_catalog.string_to_array(d.c[%s], ',', ''))$x$, i), ', ' ORDER BY i)
+                                       FROM generate_subscripts(mc.cols, 1) i), '')),
+                   (SELECT string_agg(format(', c%s', i), '' ORDER BY i) FROM generate_subscripts(mc.cols, 1) i),
+                   v1,
+                   pgfleet._list(m.keys, ', c.%I', ''), pgfleet._list(values_, ', c.%I', ''));
+END;
+$fn$;
+
+-- <m>_sums: the same columns as <m>_series without ts, for sums over a
+-- range: one row per window inside the range that has its totals, one per
+-- point of the other windows (cut by the range's edges, or of 5 points or
+-- fewer) and per not-yet-aggregated row.  Then the rollups, as before.
+CREATE OR REPLACE FUNCTION pgfleet.metric_extend(_module text) RETURNS void
+LANGUAGE plpgsql SET client_min_messages = warning SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    m pgfleet.metric_sources;
+    r pgfleet.metric_rollups;
+    base text := 'pgfleet.' || quote_ident(_module);
+    keys_ regclass := to_regclass('pgfleet.' || quote_ident(_module || '_keys'));
+    mc record;
+    cols text[];
+    types text[];
+    summed text[];
+    keydefs text;
+    valdefs text;
+    totals text;
+    points text;
+    unnests text;
+    pnames text;
+    v1 text := '';
+    i integer;
+BEGIN
+    SELECT * INTO m FROM pgfleet.metric_sources WHERE module = _module;
+    IF m.module IS NULL OR keys_ IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT * INTO mc FROM pgfleet.metric_columns(_module);
+    cols := mc.cols;
+    types := ARRAY(SELECT format_type(t, NULL) FROM unnest(mc.types) t);
+    summed := ARRAY(SELECT c FROM unnest(cols) c WHERE c = ANY (m.counters || m.deltas));
+    -- The old generated columns' functions (0004), if a source still has them.
+    EXECUTE format('DROP FUNCTION IF EXISTS %1$s_total(%1$s_point[]), %1$s_chunks(%1$s_point[]), %1$s_chunk_ts(%1$s_point[]) CASCADE', base);
+
+    keydefs := pgfleet._coldefs(keys_, m.keys);
+    valdefs := (SELECT string_agg(format('%I %s', c, t), ', ' ORDER BY o)
+                  FROM unnest(cols, types) WITH ORDINALITY AS u(c, t, o));
+    totals := (SELECT string_agg(pgfleet._dec(format($x$NULLIF(pg_catalog.split_part(h.t, ';', %s), '')$x$, j), mc.types[j]), ', ' ORDER BY j)
+                 FROM generate_subscripts(cols, 1) j);
+    points := (SELECT string_agg(pgfleet._dec(format('p.c%s', j), mc.types[j]), ', ' ORDER BY j)
+                 FROM generate_subscripts(cols, 1) j);
+    unnests := concat_ws(', ', $x$pg_catalog.unnest(pg_catalog.array_positions(pg_catalog.string_to_array((h.at)::pg_catalog.text, NULL), '1'))$x$,
+                         (SELECT string_agg(format($x$pg_catalog.unnest(pg_catalog.string_to_array(d.c[%s], ',', ''))$x$, j), ', ' ORDER BY j)
+                            FROM generate_subscripts(cols, 1) j));
+    pnames := (SELECT string_agg(format(', c%s', j), '' ORDER BY j) FROM generate_subscripts(cols, 1) j);
+    IF to_regclass(base || '_history_v1') IS NOT NULL THEN
+        v1 := format($s$
+                            UNION ALL
+                            SELECT %2$s %3$s
+                              FROM %1$s_history_v1 h, pg_catalog.unnest(h.points) AS p
+                             WHERE h.srvid OPERATOR(pg_catalog.=) _srvid
+                               AND h.ts_start OPERATOR(pg_catalog.<=) _to
+                               AND h.ts_end OPERATOR(pg_catalog.>=) _from
+                               AND p.ts OPERATOR(pg_catalog.>=) _from AND p.ts OPERATOR(pg_catalog.<=) _to$s$,
+                     base, pgfleet._list(m.keys, 'h.%I, ', ''), pgfleet._list(cols, 'p.%I'));
+    END IF;
+    EXECUTE format('DROP FUNCTION IF EXISTS %s_sums(integer, timestamptz, timestamptz)', base);
+    IF cols <> '{}' THEN
+        EXECUTE format($f$CREATE FUNCTION %1$s_sums(_srvid integer, _from timestamptz, _to timestamptz)
+                          RETURNS TABLE (%2$s)
+                          LANGUAGE sql STABLE AS $s$
+                            SELECT %3$s %4$s
+                              FROM %1$s_keys k
+                              JOIN %1$s_history h ON h.srvid OPERATOR(pg_catalog.=) k.srvid AND h.keyid OPERATOR(pg_catalog.=) k.keyid
+                             WHERE k.srvid OPERATOR(pg_catalog.=) _srvid AND h.srvid OPERATOR(pg_catalog.=) _srvid
+                               AND h.ts_start OPERATOR(pg_catalog.>=) _from
+                               AND h.ts_end OPERATOR(pg_catalog.<=) _to
+                               AND h.t IS NOT NULL
+                            UNION ALL
+                            SELECT %3$s %5$s
+                              FROM %1$s_keys k
+                              JOIN %1$s_history h ON h.srvid OPERATOR(pg_catalog.=) k.srvid AND h.keyid OPERATOR(pg_catalog.=) k.keyid
+                              JOIN %1$s_windows w ON w.srvid OPERATOR(pg_catalog.=) h.srvid AND w.ts_start OPERATOR(pg_catalog.=) h.ts_start
+                              CROSS JOIN LATERAL (SELECT pg_catalog.string_to_array(h.v, ';') AS c OFFSET 0) d
+                              CROSS JOIN LATERAL ROWS FROM (%6$s) AS p(pos%7$s)
+                             WHERE k.srvid OPERATOR(pg_catalog.=) _srvid AND h.srvid OPERATOR(pg_catalog.=) _srvid
+                               AND h.ts_start OPERATOR(pg_catalog.<=) _to
+                               AND h.ts_end OPERATOR(pg_catalog.>=) _from
+                               AND (h.t IS NULL OR h.ts_start OPERATOR(pg_catalog.<) _from
+                                    OR h.ts_end OPERATOR(pg_catalog.>) _to)
+                               AND w.ts[p.pos] OPERATOR(pg_catalog.>=) _from
+                               AND w.ts[p.pos] OPERATOR(pg_catalog.<=) _to%8$s
+                            UNION ALL
+                            SELECT %9$s FROM %1$s_current c
+                             WHERE c.srvid OPERATOR(pg_catalog.=) _srvid
+                               AND c.ts OPERATOR(pg_catalog.>=) _from
+                               AND c.ts OPERATOR(pg_catalog.<=) _to
+                          $s$$f$,
+                       base, concat_ws(', ', nullif(keydefs, ''), valdefs),
+                       pgfleet._list(m.keys, 'k.%I, ', ''), totals, points, unnests, pnames, v1,
+                       pgfleet._list(m.keys, 'c.%I, ', '') || pgfleet._list(cols, 'c.%I'));
+    END IF;
+
+    SELECT * INTO r FROM pgfleet.metric_rollups WHERE module = _module;
+    IF r.module IS NULL THEN
+        RETURN;
+    END IF;
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s_rollup (srvid integer NOT NULL'
+                   ' REFERENCES pgfleet.servers ON DELETE CASCADE%s, ts timestamptz NOT NULL)',
+                   base, CASE WHEN r.keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(keys_, r.keys) END);
+    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s_rollup (srvid, ts)', _module || '_rollup_srvid_ts', base);
+    FOR i IN 1 .. coalesce(array_length(cols, 1), 0) LOOP
+        IF cols[i] = ANY (summed || r.gauges) THEN
+            EXECUTE format('ALTER TABLE %s_rollup ADD COLUMN IF NOT EXISTS %I %s', base, cols[i],
+                           CASE WHEN types[i] IN ('integer', 'smallint') THEN 'bigint' ELSE types[i] END);
+        END IF;
+    END LOOP;
+    PERFORM pgfleet.metric_inline_rollup(_module);
+END;
+$fn$;
+
+-- Retention: whole day partitions go once older than every server's
+-- retention (disk freed at once); rows of a server that keeps less than the
+-- longest are deleted (their space is reused).  Windows and keys nothing
+-- refers to any more go too.
+CREATE OR REPLACE FUNCTION pgfleet.metric_purge(_module text, _srvid integer) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    m pgfleet.metric_sources;
+    base text;
+    cutoff timestamptz;
+    oldest_kept timestamptz;
+    part record;
+    still_used boolean;
+    hist text;
+BEGIN
+    SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
+    base := 'pgfleet.' || quote_ident(_module);
+    SELECT now() - retention INTO cutoff FROM pgfleet.servers WHERE srvid = _srvid;
+    SELECT now() - max(retention) INTO oldest_kept FROM pgfleet.servers;
+
+    FOREACH hist IN ARRAY ARRAY['_history', '_history_v1'] LOOP
+        CONTINUE WHEN to_regclass(base || hist) IS NULL;
+        EXECUTE format('DELETE FROM %s%s WHERE srvid = $1 AND ts_start < $2 AND ts_end < $2', base, hist)
+        USING _srvid, cutoff;
+        FOR part IN
+            SELECT c.oid::regclass AS rel,
+                   (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \(''([^'']+)''\)'))[1]::timestamptz AS upper
+              FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = (base || hist)::regclass
+        LOOP
+            CONTINUE WHEN part.upper >= oldest_kept;
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE ts_end >= $1)', part.rel)
+            INTO still_used USING oldest_kept;
+            IF NOT still_used THEN
+                EXECUTE format('DROP TABLE %s', part.rel);
+            END IF;
+        END LOOP;
+    END LOOP;
+    EXECUTE format('DELETE FROM %s_windows WHERE srvid = $1 AND ts[cardinality(ts)] < $2', base)
+    USING _srvid, cutoff;
+    DELETE FROM pgfleet.history_usage WHERE srvid = _srvid AND module = _module AND last_ts < cutoff;
+
+    -- A key is kept while its entry is live, waits in <m>_current or has
+    -- history; a once-row likewise.
+    EXECUTE format($q$
+        DELETE FROM %1$s_keys k
+         WHERE k.srvid = $1
+           AND NOT EXISTS (SELECT 1 FROM %1$s_history h WHERE h.srvid = k.srvid AND h.keyid = k.keyid)
+           AND NOT EXISTS (SELECT 1 FROM %1$s_last l WHERE l.srvid = k.srvid %2$s)
+           AND NOT EXISTS (SELECT 1 FROM %1$s_current c WHERE c.srvid = k.srvid %3$s)$q$,
+        base, pgfleet._list(m.keys, ' AND l.%1$I = k.%1$I', ''),
+        pgfleet._list(m.keys, ' AND c.%1$I = k.%1$I', ''))
+    USING _srvid;
+    IF m.onces <> '{}' THEN
+        EXECUTE format($q$
+            DELETE FROM %1$s_once o
+             WHERE o.srvid = $1 AND o.first_seen < $2
+               AND NOT EXISTS (SELECT 1 FROM %1$s_last l WHERE l.srvid = o.srvid %2$s)
+               AND NOT EXISTS (SELECT 1 FROM %1$s_keys k WHERE k.srvid = o.srvid %3$s)
+               AND NOT EXISTS (SELECT 1 FROM %1$s_current c WHERE c.srvid = o.srvid %4$s)%5$s$q$,
+            base, pgfleet._list(m.keys, ' AND l.%1$I = o.%1$I', ''),
+            pgfleet._list(m.keys, ' AND k.%1$I = o.%1$I', ''),
+            pgfleet._list(m.keys, ' AND c.%1$I = o.%1$I', ''),
+            CASE WHEN to_regclass(base || '_history_v1') IS NULL THEN ''
+                 ELSE format(' AND NOT EXISTS (SELECT 1 FROM %1$s_history_v1 h WHERE h.srvid = o.srvid %2$s)',
+                             base, pgfleet._list(m.keys, ' AND h.%1$I = o.%1$I', '')) END)
+        USING _srvid, cutoff;
+    END IF;
+END;
+$fn$;
+
+-- A server unregistered: its rows go from every table of the source.
+CREATE OR REPLACE FUNCTION pgfleet.metric_forget(_module text, _srvid integer) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    base text := 'pgfleet.' || quote_ident(_module);
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['_last', '_current', '_history', '_history_v1', '_windows', '_keys', '_once'] LOOP
+        IF to_regclass(base || t) IS NOT NULL THEN
+            EXECUTE format('DELETE FROM %s%s WHERE srvid = $1', base, t) USING _srvid;
+        END IF;
+    END LOOP;
+    DELETE FROM pgfleet.metric_state WHERE srvid = _srvid AND module = _module;
+    DELETE FROM pgfleet.history_usage WHERE srvid = _srvid AND module = _module;
+END;
+$fn$;
+
+-- create_metric_source: the same, making the compact history.
+CREATE OR REPLACE FUNCTION pgfleet.create_metric_source(
+    _module text, _src_function text, _keys text[], _counters text[], _deltas text[],
+    _gauges text[], _onces text[], _epoch text DEFAULT NULL, _scope text DEFAULT NULL,
+    _priority integer DEFAULT 10, _query_cleanup text DEFAULT NULL,
+    _added_manually boolean DEFAULT true) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    tmp regclass;
+    base text := 'pgfleet.' || quote_ident(_module);
+    values_ text[] := _counters || _deltas || _gauges;
+    missing text;
+    c text;
+    typ text;
+BEGIN
+    IF _module !~ '^[a-z_][a-z0-9_]*$' OR length(_module) > 40 THEN
+        RAISE EXCEPTION 'invalid module name "%": use lower case letters, digits and _ (40 at most)', _module;
+    END IF;
+    IF cardinality(parse_ident(_src_function, false)) < 2 THEN
+        RAISE EXCEPTION 'query_source function "%" has no schema: name it with its schema (public.% ...)',
+                        _src_function, _src_function;
+    END IF;
+    tmp := (_src_function || '_tmp')::regclass;
+    SELECT string_agg(x, ', ') INTO missing
+      FROM unnest(_keys || values_ || _onces || coalesce(_epoch, 'ts') || 'ts'::text) x
+     WHERE NOT EXISTS (SELECT 1 FROM pg_attribute
+                        WHERE attrelid = tmp AND attname = x AND NOT attisdropped);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'transient table % has no column(s) %', tmp, missing;
+    END IF;
+
+    INSERT INTO pgfleet.metric_sources
+    VALUES (_module, _src_function, _keys, _counters, _deltas, _gauges, _onces, _epoch, _scope)
+    ON CONFLICT (module) DO UPDATE
+       SET src_function = excluded.src_function, keys = excluded.keys,
+           counters = excluded.counters, deltas = excluded.deltas, gauges = excluded.gauges,
+           onces = excluded.onces, epoch = excluded.epoch, scope = excluded.scope;
+
+    -- The delta base is rewritten on every change of an entry: leave room on
+    -- each page so those updates stay HOT (no new index entries, no bloat).
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s_last (srvid integer NOT NULL, ts timestamptz NOT NULL%s%s, PRIMARY KEY (srvid%s)) WITH (fillfactor = 50)',
+                   base,
+                   CASE WHEN _keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, _keys) END,
+                   CASE WHEN _epoch IS NULL THEN '' ELSE ', ' || pgfleet._coldefs(tmp, ARRAY[_epoch]) END,
+                   pgfleet._list(_keys, ', %I', ''));
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %s_current (srvid integer NOT NULL, ts timestamptz NOT NULL%s)',
+                   base, CASE WHEN _keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, _keys) END);
+    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s_current (srvid, ts)', _module || '_current_srvid_ts', base);
+    -- The point type lists the value columns in the order the history
+    -- writes them: a column added later is appended.
+    IF to_regtype(base || '_point') IS NULL THEN
+        EXECUTE format('CREATE TYPE %s_point AS (ts timestamptz)', base);
+    END IF;
+    PERFORM pgfleet.metric_storage(_module);
+
+    -- Value columns, added one by one so a source gaining a column later
+    -- upgrades in place.
+    FOREACH c IN ARRAY values_ LOOP
+        SELECT format_type(atttypid, atttypmod) INTO typ FROM pg_attribute
+         WHERE attrelid = tmp AND attname = c;
+        EXECUTE format('ALTER TABLE %s_last ADD COLUMN IF NOT EXISTS %I %s', base, c, typ);
+        EXECUTE format('ALTER TABLE %s_current ADD COLUMN IF NOT EXISTS %I %s', base, c, typ);
+        IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                        WHERE attrelid = (SELECT typrelid FROM pg_type WHERE oid = to_regtype(base || '_point'))
+                          AND attname = c AND NOT attisdropped) THEN
+            EXECUTE format('ALTER TYPE %s_point ADD ATTRIBUTE %I %s', base, c, typ);
+        END IF;
+    END LOOP;
+
+    IF _onces <> '{}' THEN
+        EXECUTE format('CREATE TABLE IF NOT EXISTS %s_once (srvid integer NOT NULL%s, first_seen timestamptz NOT NULL, PRIMARY KEY (srvid%s))',
+                       base, CASE WHEN _keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, _keys) END,
+                       pgfleet._list(_keys, ', %I', ''));
+        FOREACH c IN ARRAY _onces LOOP
+            SELECT format_type(atttypid, atttypmod) INTO typ FROM pg_attribute
+             WHERE attrelid = tmp AND attname = c;
+            EXECUTE format('ALTER TABLE %s_once ADD COLUMN IF NOT EXISTS %I %s', base, c, typ);
+        END LOOP;
+    END IF;
+
+    -- The four registered operations are thin wrappers over the generic ones,
+    -- so a user can see (and replace) them like any other source's.
+    EXECUTE format('CREATE OR REPLACE FUNCTION %s_snapshot(_srvid integer) RETURNS void LANGUAGE plpgsql'
+                   ' SET search_path = pg_catalog, pg_temp AS %L',
+                   base, pgfleet.metric_snapshot_body(_module));
+    EXECUTE format($f$CREATE OR REPLACE FUNCTION %s_aggregate(_srvid integer) RETURNS void
+                      LANGUAGE sql SET search_path = pg_catalog, pg_temp
+                      AS $w$SELECT pgfleet.metric_aggregate(%L, _srvid)$w$$f$, base, _module);
+    EXECUTE format($f$CREATE OR REPLACE FUNCTION %s_purge(_srvid integer) RETURNS void
+                      LANGUAGE sql SET search_path = pg_catalog, pg_temp
+                      AS $w$SELECT pgfleet.metric_purge(%L, _srvid)$w$$f$, base, _module);
+    EXECUTE format($f$CREATE OR REPLACE FUNCTION %s_unregister(_srvid integer) RETURNS boolean
+                      LANGUAGE sql SET search_path = pg_catalog, pg_temp
+                      AS $w$DELETE FROM pgfleet.functions WHERE module = %L; SELECT true$w$$f$,
+                   base, _module);
+    PERFORM pgfleet.metric_series(_module);
+    PERFORM pgfleet.metric_extend(_module);
+
+    INSERT INTO pgfleet.functions AS f
+           (module, operation, function_name, query_source, query_cleanup, added_manually, priority)
+    VALUES (_module, 'snapshot', base || '_snapshot', _src_function, _query_cleanup, _added_manually, _priority),
+           (_module, 'aggregate', base || '_aggregate', NULL, NULL, _added_manually, _priority),
+           (_module, 'purge', base || '_purge', NULL, NULL, _added_manually, _priority),
+           (_module, 'unregister', base || '_unregister', NULL, NULL, _added_manually, _priority)
+    ON CONFLICT (module, operation) DO UPDATE
+       -- "enabled" is the user's choice and survives re-registration.
+       SET function_name = excluded.function_name, query_source = excluded.query_source,
+           query_cleanup = excluded.query_cleanup, added_manually = excluded.added_manually,
+           priority = excluded.priority;
+END;
+$fn$;
+
+-- Every existing source: the old history steps aside (a rename: no rows
+-- move now), the new tables are made and the readers read both.
+DO $fn$
+DECLARE
+    m record;
+    p record;
+    base text;
+BEGIN
+    FOR m IN SELECT module FROM pgfleet.metric_sources ORDER BY module LOOP
+        base := 'pgfleet.' || quote_ident(m.module);
+        IF to_regclass(base || '_history') IS NOT NULL THEN
+            FOR p IN
+                SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                 WHERE i.inhparent = (base || '_history')::regclass
+            LOOP
+                EXECUTE format('ALTER TABLE pgfleet.%I RENAME TO %I', p.relname,
+                               m.module || '_v1_' || right(p.relname, 8));
+            END LOOP;
+            EXECUTE format('ALTER TABLE %s_history RENAME TO %I', base, m.module || '_history_v1');
+            EXECUTE format('ALTER INDEX IF EXISTS pgfleet.%I RENAME TO %I',
+                           m.module || '_history_key', m.module || '_history_v1_key');
+            -- The totals and chunks (0004) were only for the old readers.
+            EXECUTE format('ALTER TABLE %s_history_v1 DROP COLUMN IF EXISTS total,'
+                           ' DROP COLUMN IF EXISTS chunks, DROP COLUMN IF EXISTS chunk_ts', base);
+        END IF;
+        PERFORM pgfleet.metric_storage(m.module);
+        PERFORM pgfleet.metric_series(m.module);
+        PERFORM pgfleet.metric_extend(m.module);
+    END LOOP;
+END;
+$fn$;
