@@ -119,9 +119,9 @@ def unconverted(conn: psycopg.Connection[Any]) -> list[str]:
     return [
         str(r[0])
         for r in conn.execute(
-            "SELECT module FROM pgfleet.metric_sources"
-            " WHERE pg_catalog.to_regclass('pgfleet.' || pg_catalog.quote_ident(module || '_history_v1'))"
-            " IS NOT NULL ORDER BY module"
+            "SELECT module FROM pgfleet.metric_sources WHERE pg_catalog.to_regclass("
+            " 'pgfleet.' || pg_catalog.quote_ident(module || '_history_v1')) IS NOT NULL"
+            " ORDER BY module"
         )
     ]
 
