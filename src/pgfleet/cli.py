@@ -31,7 +31,7 @@ from pgfleet.config import ENV_CONFIG, Config, load
 from pgfleet.connections import connect_repository, connect_repository_async, first_line
 from pgfleet.errors import ConfigError, PgfleetError, RepositoryError
 from pgfleet.log import escape
-from pgfleet.repository import schema, servers
+from pgfleet.repository import schema, servers, usage
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # the command line itself
@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     rsub.add_parser("init", help="create the schema (idempotent)")
     rsub.add_parser("upgrade", help="apply new migrations in place, keeping all data")
     rsub.add_parser("status", help="show the schema version")
+    p = rsub.add_parser(
+        "size", help="repository bytes per server and source, and their growth per week"
+    )
+    p.add_argument("--server", metavar="ALIAS", help="only this server")
+    p.add_argument("--json", action="store_true")
 
     srv = sub.add_parser("server", help="manage monitored servers")
     ssub = srv.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -223,6 +228,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_repo(args: argparse.Namespace, cfg: Config) -> int:
     with connect_repository(_repo_dsn(args, cfg)) as conn:
+        if args.action == "size":
+            return _repo_size(conn, args)
         if args.action == "status":
             have = schema.current_version(conn)
             latest = schema.latest_version()
@@ -246,6 +253,57 @@ def cmd_repo(args: argparse.Namespace, cfg: Config) -> int:
             print(f"repository at schema version {version} (applied {names})")
         else:
             print(f"repository already at schema version {version}; built-in sources refreshed")
+        # History from before 0012 moves to the compact form in short
+        # transactions, after the migrations committed; stopped half-way,
+        # the next 'repo upgrade' goes on where this one stopped.
+        moved: dict[str, int] = {}
+
+        def count(module: str, n: int) -> None:
+            moved[module] = moved.get(module, 0) + n
+
+        converted = schema.convert(conn, progress=count)
+        if converted:
+            detail = ", ".join(f"{m} {n}" for m, n in moved.items())
+            print(f"converted {converted} history rows to the compact form ({detail})")
+    return 0
+
+
+def _repo_size(conn: psycopg.Connection[Any], args: argparse.Namespace) -> int:
+    schema.require_current(conn)
+    srvid = servers.get(conn, args.server).srvid if args.server else None
+    size = usage.repository_size(conn, srvid)
+    if args.json:
+        print(json.dumps(size.as_json(whole=srvid is None), indent=2))
+        return 0
+    hb = usage.human_bytes
+    rows: list[list[Any]] = []
+    for srv in size.servers():
+        name = srv.alias or f"srvid {srv.srvid} (removed)"
+        for u in srv.sources:
+            per_point = "" if u.bytes_per_point is None else f"{u.bytes_per_point:.1f}"
+            rows.append(
+                [name, u.source, hb(u.history_bytes), u.points, per_point, hb(u.week_bytes)]
+            )
+        rows.append([name, "total", hb(srv.history_bytes), srv.points, "", hb(srv.week_bytes)])
+    if rows:
+        _print_table(["server", "source", "history", "points", "bytes/point", "per week"], rows)
+    else:
+        print("no history yet (aggregation writes it every 'coalesce' snapshots)")
+    if srvid is None:
+        shared = [[s.source, hb(s.bytes)] for s in size.shared if s.bytes]
+        if shared:
+            print(
+                "\nnot split by server: keys, windows, last values, current points, once-columns,"
+                "\nrollups, history not yet converted (_history_v1), partitions no server wrote in"
+            )
+            _print_table(["source", "shared"], shared)
+        print(
+            f"\nrepository: {hb(size.database_bytes)} (history {hb(size.history_bytes)}, "
+            f"shared {hb(size.shared_bytes)}, rest {hb(size.rest_bytes)}); "
+            f"history grows ~{hb(size.week_bytes)} per week at the current rate"
+        )
+    else:
+        print(f"\nrepository: {hb(size.database_bytes)} in all")
     return 0
 
 

@@ -208,3 +208,29 @@ def test_collector_commands_need_an_admin(fleet: Fleet) -> None:
         assert "RELOAD: no collector is running" in (await c.get("/collector")).text
 
     run(fleet, go)
+
+
+def test_server_page_says_what_its_history_costs(fleet: Fleet) -> None:
+    from tests.fix_repository import connect
+
+    async def page(c: httpx.AsyncClient) -> tuple[dict[str, int], str]:
+        await login(c, fleet.reader[0], fleet.reader[1])  # pgfleet_read may read it
+        srv = f"/server/{fleet.srvid}"
+        data = (await c.get(f"{srv}.json?_only=repository")).json()
+        return data["repository"], (await c.get(srv)).text
+
+    usage, html = run(fleet, page)
+    assert usage == {"history_bytes": 0, "points": 0, "week_bytes": 0}
+    assert "Repository: no history for this server yet." in html
+    with connect(fleet.repo) as conn:
+        conn.execute(
+            "SELECT pgfleet.metric_aggregate(module, %s) FROM pgfleet.metric_sources",
+            (fleet.srvid,),
+        )
+        points = conn.execute(
+            "SELECT sum(points) FROM pgfleet.history_usage WHERE srvid = %s", (fleet.srvid,)
+        ).fetchone()
+    usage, html = run(fleet, page)
+    assert points and usage["points"] == points[0] > 0
+    assert usage["history_bytes"] > 0 and usage["week_bytes"] > 0
+    assert " of history for this server, ~" in html and "per week at the current rate" in html

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pgfleet.repository import reads
+from pgfleet.repository import reads, usage
 from pgfleet.web.page import INT4_MAX, Ctx, NotFound, Page, buckets_for, path_int
 from pgfleet.web.views import workload
 
@@ -36,6 +36,7 @@ async def build(ctx: Ctx) -> dict[str, Any]:
         "wait_events": ctx.read(reads.wait_events, srvid, b),
         "sessions_waiting": ctx.read(reads.sessions_waiting, srvid, b, None),
         "errors": ctx.read(reads.errors, srvid),
+        "repository": ctx.read(usage.server_summary, srvid),
     })  # fmt: skip
     return {
         "server": srv,
@@ -53,6 +54,14 @@ PAGE = Page(
     template="server.html",
     build=build,
     html_parts=frozenset(
-        {"top_queries", "databases", "wait_events", "sessions_waiting", "errors", "markers"}
+        {
+            "top_queries",
+            "databases",
+            "wait_events",
+            "sessions_waiting",
+            "errors",
+            "markers",
+            "repository",
+        }
     ),
 )
