@@ -6,6 +6,8 @@ entries, retention that drops whole partitions, index-driven series reads.
 
 from __future__ import annotations
 
+import psycopg
+import pytest
 from psycopg.rows import TupleRow
 
 from pgfleet.demo.cluster import Cluster
@@ -390,3 +392,77 @@ def test_user_query_source_is_called(repo: str) -> None:
         assert conn.execute(
             "SELECT k, c FROM pgfleet.doubled_current WHERE srvid = %s ORDER BY ts", (srvid,)
         ).fetchall() == [("X", None), ("X", 6)]
+
+
+GROUPTEST = """
+CREATE UNLOGGED TABLE public.grouptest_src_tmp (
+    srvid integer NOT NULL, ts timestamptz NOT NULL,
+    db text NOT NULL, id integer NOT NULL, grp bigint, label text, c bigint);
+CREATE FUNCTION public.grouptest_src(_srvid integer)
+RETURNS TABLE (ts timestamptz, db text, id integer, grp bigint, label text, c bigint)
+LANGUAGE sql AS
+$$ SELECT t.ts, t.db, t.id, t.grp, t.label, t.c FROM public.grouptest_src_tmp t
+    WHERE t.srvid = _srvid $$;
+SELECT pgfleet.create_metric_source(
+    'grouptest', 'public.grouptest_src', _keys => '{db,id}', _counters => '{c}',
+    _deltas => '{}', _gauges => '{}', _onces => '{grp,label}', _scope => 'db',
+    _history_keys => '{db,grp}');
+"""
+
+
+def test_history_keys_sum_entries(repo: str) -> None:
+    """A source whose history keys are not its keys (pg_qualstats: an entry
+    per constant on the server, a history per predicate) keeps its delta
+    base per entry, so entries that come and go count right, and stores the
+    deltas summed per history key, with its texts once per history key."""
+    with connect(repo) as conn:
+        conn.execute(GROUPTEST)
+        srvid = one_row(
+            conn, "INSERT INTO pgfleet.servers (alias, host) VALUES ('g', 'h') RETURNING srvid"
+        )[0]
+    # (db, id, grp, label, c): ids are constants, grp their predicate.
+    snapshots = [
+        [("a", 1, 7, "x = 1", 10), ("a", 2, 7, "x = 2", 5), ("a", 3, 8, "y = 1", 1)],
+        [("a", 1, 7, "x = 1", 12), ("a", 4, 7, "x = 4", 3), ("a", 3, 8, "y = 1", 1)],
+        [("a", 4, 7, "x = 4", 4), ("a", 5, 7, "x = 5", 1), ("a", 3, 8, "y = 1", 6)],
+    ]
+    for i, rows in enumerate(snapshots):
+        with connect(repo) as conn, conn.transaction():
+            ts = one_row(conn, "SELECT now() + make_interval(mins => %s)", (i,))[0]
+            for row in rows:
+                conn.execute(
+                    "INSERT INTO public.grouptest_src_tmp VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                    (srvid, ts, *row),
+                )
+            conn.execute("SELECT pgfleet.take_snapshot(%s, '{grouptest}')", (srvid,))
+            conn.execute("TRUNCATE public.grouptest_src_tmp")
+    with connect(repo) as conn:
+        assert one_row(conn, "SELECT count(*) FROM pgfleet.snapshot_errors")[0] == 0
+        series = """SELECT grp, c FROM pgfleet.grouptest_series(%s, '-infinity', 'infinity')
+                     ORDER BY ts, grp"""
+        # First snapshot: no delta; then per predicate: 7 got 2 (id 1) + 3
+        # (id 4, new), id 2 vanished; 8 unchanged; then 7 got 1 + 1, 8 got 5.
+        expected = [(7, None), (8, None), (7, 5), (7, 2), (8, 5)]
+        assert conn.execute(series, (srvid,)).fetchall() == expected
+        conn.execute("SELECT pgfleet.metric_aggregate('grouptest', %s)", (srvid,))
+        assert conn.execute(series, (srvid,)).fetchall() == expected
+        assert one_row(
+            conn, "SELECT count(*) FROM pgfleet.grouptest_keys WHERE srvid = %s", (srvid,)
+        ) == (2,)
+        assert conn.execute(
+            "SELECT grp, label FROM pgfleet.grouptest_once WHERE srvid = %s ORDER BY grp",
+            (srvid,),
+        ).fetchall() == [(7, "x = 1"), (8, "y = 1")]
+        sums = conn.execute(
+            "SELECT grp, sum(c) FROM pgfleet.grouptest_sums(%s, '-infinity', 'infinity')"
+            " GROUP BY grp ORDER BY grp",
+            (srvid,),
+        ).fetchall()
+        assert sums == [(7, 7), (8, 5)]
+        # Only counters and deltas can be summed.
+        with pytest.raises(psycopg.errors.RaiseException, match="has gauges"):
+            conn.execute(
+                "SELECT pgfleet.create_metric_source('grouptest2', 'public.grouptest_src',"
+                " _keys => '{db,id}', _counters => '{}', _deltas => '{}', _gauges => '{c}',"
+                " _onces => '{grp}', _history_keys => '{db,grp}')"
+            )

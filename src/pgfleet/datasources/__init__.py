@@ -78,6 +78,10 @@ class Datasource:
     # snapshot COPYs them into the repository while the server still sends
     # them (see collector.snapshot_remote).  At most one such source streams.
     streamed: bool = False
+    # The columns naming an entry in the history, if not its keys: keys or
+    # once-columns; the entries sharing them are summed (counters and deltas
+    # only).  See migration 0012 and docs/datasources.md.
+    history_keys: tuple[str, ...] | None = None
     description: str = field(default="", compare=False)
 
     @property

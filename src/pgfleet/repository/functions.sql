@@ -67,6 +67,16 @@ AS $function$
                   _col, pgfleet._enc(format('p.%I', _col), _type))
 $function$;
 
+-- last (re)defined by 0012_compact_history.sql
+CREATE OR REPLACE FUNCTION pgfleet._hkeys(m pgfleet.metric_sources)
+ RETURNS text[]
+ LANGUAGE sql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT coalesce(m.history_keys, m.keys)
+$function$;
+
 -- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet._list(_cols text[], _fmt text DEFAULT '%I'::text, _sep text DEFAULT ', '::text)
  RETURNS text
@@ -97,6 +107,20 @@ CREATE OR REPLACE FUNCTION pgfleet._tmp_table(_module text)
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
     SELECT (src_function || '_tmp')::regclass FROM pgfleet.metric_sources WHERE module = _module;
+$function$;
+
+-- last (re)defined by 0012_compact_history.sql
+CREATE OR REPLACE FUNCTION pgfleet._v1_join(_module text)
+ RETURNS text
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT CASE WHEN pgfleet._hkeys(m) <@ m.keys THEN ''
+                ELSE format(' LEFT JOIN pgfleet.%I o ON o.srvid OPERATOR(pg_catalog.=) h.srvid%s',
+                            _module || '_once_v1',
+                            pgfleet._list(m.keys, ' AND o.%1$I OPERATOR(pg_catalog.=) h.%1$I', '')) END
+      FROM pgfleet.metric_sources m WHERE m.module = _module
 $function$;
 
 -- last (re)defined by 0009_search_path.sql
@@ -136,7 +160,7 @@ AS $function$
 $function$;
 
 -- last (re)defined by 0012_compact_history.sql
-CREATE OR REPLACE FUNCTION pgfleet.create_metric_source(_module text, _src_function text, _keys text[], _counters text[], _deltas text[], _gauges text[], _onces text[], _epoch text DEFAULT NULL::text, _scope text DEFAULT NULL::text, _priority integer DEFAULT 10, _query_cleanup text DEFAULT NULL::text, _added_manually boolean DEFAULT true)
+CREATE OR REPLACE FUNCTION pgfleet.create_metric_source(_module text, _src_function text, _keys text[], _counters text[], _deltas text[], _gauges text[], _onces text[], _epoch text DEFAULT NULL::text, _scope text DEFAULT NULL::text, _priority integer DEFAULT 10, _query_cleanup text DEFAULT NULL::text, _added_manually boolean DEFAULT true, _history_keys text[] DEFAULT NULL::text[])
  RETURNS void
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
@@ -148,7 +172,20 @@ DECLARE
     missing text;
     c text;
     typ text;
+    hk text[] := coalesce(_history_keys, _keys);
+    extra text[];
+    once_keys text[];
 BEGIN
+    IF _history_keys IS NOT NULL AND _history_keys = _keys THEN
+        _history_keys := NULL;
+    END IF;
+    IF NOT hk <@ (_keys || _onces) THEN
+        RAISE EXCEPTION 'history keys of "%" must be keys or once-columns', _module;
+    END IF;
+    IF _history_keys IS NOT NULL AND _gauges <> '{}' THEN
+        RAISE EXCEPTION 'source "%" has gauges: its history keys must be its keys (only counters and deltas can be summed)', _module;
+    END IF;
+    extra := ARRAY(SELECT x FROM unnest(hk) x WHERE x <> ALL (_keys));
     IF _module !~ '^[a-z_][a-z0-9_]*$' OR length(_module) > 40 THEN
         RAISE EXCEPTION 'invalid module name "%": use lower case letters, digits and _ (40 at most)', _module;
     END IF;
@@ -165,12 +202,55 @@ BEGIN
         RAISE EXCEPTION 'transient table % has no column(s) %', tmp, missing;
     END IF;
 
-    INSERT INTO pgfleet.metric_sources
-    VALUES (_module, _src_function, _keys, _counters, _deltas, _gauges, _onces, _epoch, _scope)
+    INSERT INTO pgfleet.metric_sources (module, src_function, keys, counters, deltas, gauges, onces,
+                                        epoch, scope, history_keys)
+    VALUES (_module, _src_function, _keys, _counters, _deltas, _gauges, _onces, _epoch, _scope, _history_keys)
     ON CONFLICT (module) DO UPDATE
        SET src_function = excluded.src_function, keys = excluded.keys,
            counters = excluded.counters, deltas = excluded.deltas, gauges = excluded.gauges,
-           onces = excluded.onces, epoch = excluded.epoch, scope = excluded.scope;
+           onces = excluded.onces, epoch = excluded.epoch, scope = excluded.scope,
+           history_keys = excluded.history_keys;
+
+    -- History keys given to a source that has texts stored per key: they
+    -- become one per history key (the first seen), and the old table stays
+    -- as <m>_once_v1 for the old history's conversion to find its history
+    -- keys in.
+    IF to_regclass(base || '_once') IS NOT NULL THEN
+        SELECT array_agg(a.attname::text ORDER BY a.attname) INTO once_keys
+          FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+         WHERE i.indrelid = (base || '_once')::regclass AND i.indisprimary AND a.attname <> 'srvid';
+        IF once_keys IS DISTINCT FROM (SELECT array_agg(x ORDER BY x) FROM unnest(hk) x) THEN
+            IF to_regclass(base || '_once_v1') IS NOT NULL THEN
+                RAISE EXCEPTION 'the history keys of source "%" changed again before its old history was converted: run pgfleet repo upgrade first', _module;
+            END IF;
+            EXECUTE format('ALTER TABLE %s_once RENAME TO %I', base, _module || '_once_v1');
+            EXECUTE format('ALTER INDEX IF EXISTS pgfleet.%I RENAME TO %I', _module || '_once_pkey', _module || '_once_v1_pkey');
+            EXECUTE format('CREATE TABLE %s_once (srvid integer NOT NULL, %s, first_seen timestamptz NOT NULL, PRIMARY KEY (srvid%s))',
+                           base, pgfleet._coldefs(tmp, hk), pgfleet._list(hk, ', %I', ''));
+            FOREACH c IN ARRAY ARRAY(SELECT x FROM unnest(_onces) x WHERE x <> ALL (hk)) LOOP
+                SELECT format_type(atttypid, atttypmod) INTO typ FROM pg_attribute WHERE attrelid = tmp AND attname = c;
+                EXECUTE format('ALTER TABLE %s_once ADD COLUMN %I %s', base, c, typ);
+            END LOOP;
+            EXECUTE format('INSERT INTO %1$s_once (srvid, %2$s, first_seen%3$s)
+                            SELECT DISTINCT ON (srvid, %2$s) srvid, %2$s, first_seen%3$s FROM %1$s_once_v1
+                             ORDER BY srvid, %2$s, first_seen',
+                           base, pgfleet._list(hk),
+                           pgfleet._list(ARRAY(SELECT x FROM unnest(_onces) x WHERE x <> ALL (hk)), ', %I', ''));
+            -- Rows waiting for aggregation get the history keys they lack.
+            IF to_regclass(base || '_current') IS NOT NULL AND extra <> '{}' THEN
+                FOREACH c IN ARRAY extra LOOP
+                    SELECT format_type(atttypid, atttypmod) INTO typ FROM pg_attribute WHERE attrelid = tmp AND attname = c;
+                    EXECUTE format('ALTER TABLE %s_current ADD COLUMN IF NOT EXISTS %I %s', base, c, typ);
+                END LOOP;
+                EXECUTE format('UPDATE %1$s_current c SET %2$s FROM %1$s_once_v1 o WHERE o.srvid = c.srvid%3$s',
+                               base, pgfleet._list(extra, '%1$I = o.%1$I'),
+                               pgfleet._list(_keys, ' AND o.%1$I = c.%1$I', ''));
+            END IF;
+            IF to_regclass(base || '_history_v1') IS NULL THEN
+                EXECUTE format('DROP TABLE %s_once_v1', base);
+            END IF;
+        END IF;
+    END IF;
 
     -- The delta base is rewritten on every change of an entry: leave room on
     -- each page so those updates stay HOT (no new index entries, no bloat).
@@ -180,8 +260,12 @@ BEGIN
                    CASE WHEN _epoch IS NULL THEN '' ELSE ', ' || pgfleet._coldefs(tmp, ARRAY[_epoch]) END,
                    pgfleet._list(_keys, ', %I', ''));
     EXECUTE format('CREATE TABLE IF NOT EXISTS %s_current (srvid integer NOT NULL, ts timestamptz NOT NULL%s)',
-                   base, CASE WHEN _keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, _keys) END);
+                   base, CASE WHEN hk = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, hk) END);
     EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s_current (srvid, ts)', _module || '_current_srvid_ts', base);
+    FOREACH c IN ARRAY hk LOOP
+        SELECT format_type(atttypid, atttypmod) INTO typ FROM pg_attribute WHERE attrelid = tmp AND attname = c;
+        EXECUTE format('ALTER TABLE %s_current ADD COLUMN IF NOT EXISTS %I %s', base, c, typ);
+    END LOOP;
     -- The point type lists the value columns in the order the history
     -- writes them: a column added later is appended.
     IF to_regtype(base || '_point') IS NULL THEN
@@ -205,9 +289,9 @@ BEGIN
 
     IF _onces <> '{}' THEN
         EXECUTE format('CREATE TABLE IF NOT EXISTS %s_once (srvid integer NOT NULL%s, first_seen timestamptz NOT NULL, PRIMARY KEY (srvid%s))',
-                       base, CASE WHEN _keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, _keys) END,
-                       pgfleet._list(_keys, ', %I', ''));
-        FOREACH c IN ARRAY _onces LOOP
+                       base, CASE WHEN hk = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, hk) END,
+                       pgfleet._list(hk, ', %I', ''));
+        FOREACH c IN ARRAY ARRAY(SELECT x FROM unnest(_onces) x WHERE x <> ALL (hk)) LOOP
             SELECT format_type(atttypid, atttypmod) INTO typ FROM pg_attribute
              WHERE attrelid = tmp AND attname = c;
             EXECUTE format('ALTER TABLE %s_once ADD COLUMN IF NOT EXISTS %I %s', base, c, typ);
@@ -464,8 +548,7 @@ BEGIN
         w_start := w_start - interval '1 microsecond';
     END LOOP;
     PERFORM pgfleet.metric_partition(_module, (w_start AT TIME ZONE 'UTC')::date);
-    EXECUTE format('INSERT INTO %1$s_keys (srvid %2$s) SELECT DISTINCT srvid %2$s FROM %1$s_current c'
-                   ' WHERE srvid = $1 ON CONFLICT DO NOTHING', base, pgfleet._list(m.keys, ', %I', ''))
+    EXECUTE pgfleet.metric_keys_sql(_module, format('(SELECT * FROM %s_current WHERE srvid = $1)', base))
       USING _srvid;
     EXECUTE format($q$
         WITH moved AS (DELETE FROM %1$s_current WHERE srvid = $1 RETURNING *),
@@ -512,18 +595,27 @@ AS $function$
 DECLARE
     m pgfleet.metric_sources;
     base text := 'pgfleet.' || quote_ident(_module);
-    old regclass := to_regclass('pgfleet.' || quote_ident(_module || '_history_v1'));
+    old regclass;
     part regclass;
     srv integer;
     upto timestamptz;
     mc record;
     n bigint := 0;
     r record;
+    hk text[];
+    extra text[];   -- history keys the old rows lack: once-columns, from <m>_once_v1
+    rows_ text;
 BEGIN
+    -- The lock aggregation takes: a batch and an aggregation never make the
+    -- same day partition at once, and two conversions take turns.
+    PERFORM pgfleet.snapshot_lock();
+    old := to_regclass('pgfleet.' || quote_ident(_module || '_history_v1'));
     SELECT * INTO m FROM pgfleet.metric_sources WHERE module = _module;
     IF old IS NULL OR m.module IS NULL THEN
         RETURN 0;
     END IF;
+    hk := pgfleet._hkeys(m);
+    extra := ARRAY(SELECT c FROM unnest(hk) c WHERE c <> ALL (m.keys));
     SELECT * INTO mc FROM pgfleet.metric_columns(_module);
     FOR part IN
         SELECT c.oid::regclass FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
@@ -538,10 +630,13 @@ BEGIN
         EXECUTE format('SELECT ts_start FROM %s WHERE srvid = $1 ORDER BY ts_start OFFSET $2 LIMIT 1', part)
            INTO upto USING srv, greatest(_limit, 1) - 1;
         upto := coalesce(upto, 'infinity');
-        EXECUTE format('INSERT INTO %1$s_keys (srvid %2$s) SELECT DISTINCT srvid %2$s FROM %3$s'
-                       ' WHERE srvid = $1 AND ts_start <= $2 ON CONFLICT DO NOTHING',
-                       base, pgfleet._list(m.keys, ', %I', ''), part)
-          USING srv, upto;
+        -- The batch's rows with their history keys.
+        rows_ := format('(SELECT h.*%s FROM %s h%s WHERE h.srvid = $1 AND h.ts_start <= $2)',
+                        pgfleet._list(extra, ', o.%I', ''), part,
+                        CASE WHEN extra = '{}' THEN ''
+                             ELSE format(' LEFT JOIN %s_once_v1 o ON o.srvid = h.srvid%s', base,
+                                         pgfleet._list(m.keys, ' AND o.%1$I = h.%1$I', '')) END);
+        EXECUTE pgfleet.metric_keys_sql(_module, rows_) USING srv, upto;
         -- The partitions of the windows about to be written: a window starts
         -- at its first row's start, inside this old partition's day.
         FOR r IN EXECUTE format('SELECT DISTINCT (ts_start AT TIME ZONE ''UTC'')::date AS d FROM %s WHERE srvid = $1 AND ts_start <= $2', part)
@@ -550,7 +645,8 @@ BEGIN
             PERFORM pgfleet.metric_partition(_module, r.d);
         END LOOP;
         EXECUTE format($q$
-            WITH moved AS (DELETE FROM %1$s WHERE srvid = $1 AND ts_start <= $2 RETURNING *),
+            WITH gone AS (DELETE FROM %1$s WHERE srvid = $1 AND ts_start <= $2 RETURNING *),
+                 moved AS (SELECT h.*%5$s FROM gone h%6$s),
                  edges AS (SELECT mv.*, max(ts_end) OVER (ORDER BY ts_start, ts_end ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before
                              FROM moved mv),
                  grouped AS (SELECT e.*, count(*) FILTER (WHERE e.before IS NULL OR e.ts_start > e.before)
@@ -570,12 +666,17 @@ BEGIN
                                   first_ts = least(u.first_ts, excluded.first_ts),
                                   last_ts = greatest(u.last_ts, excluded.last_ts))
             SELECT count(*) FROM moved$q$,
-            part, pgfleet._list(m.keys, ', g.%I', ''), base, pgfleet.metric_pack_sql(_module, 'pts'))
+            part, pgfleet._list(hk, ', g.%I', ''), base, pgfleet.metric_pack_sql(_module, 'pts'),
+            pgfleet._list(extra, ', o.%I', ''),
+            CASE WHEN extra = '{}' THEN ''
+                 ELSE format(' LEFT JOIN %s_once_v1 o ON o.srvid = h.srvid%s', base,
+                             pgfleet._list(m.keys, ' AND o.%1$I = h.%1$I', '')) END)
           INTO n USING srv, upto, _module;
         RETURN n;
     END LOOP;
     -- Nothing left: the old form goes, and the readers stop reading it.
     EXECUTE format('DROP TABLE %s', old);
+    EXECUTE format('DROP TABLE IF EXISTS %s_once_v1', base);
     PERFORM pgfleet.metric_series(_module);
     PERFORM pgfleet.metric_extend(_module);
     RETURN 0;
@@ -606,6 +707,7 @@ DECLARE
     pnames text;
     v1 text := '';
     i integer;
+    hk text[];
 BEGIN
     SELECT * INTO m FROM pgfleet.metric_sources WHERE module = _module;
     IF m.module IS NULL OR keys_ IS NULL THEN
@@ -618,7 +720,8 @@ BEGIN
     -- The old generated columns' functions (0004), if a source still has them.
     EXECUTE format('DROP FUNCTION IF EXISTS %1$s_total(%1$s_point[]), %1$s_chunks(%1$s_point[]), %1$s_chunk_ts(%1$s_point[]) CASCADE', base);
 
-    keydefs := pgfleet._coldefs(keys_, m.keys);
+    hk := pgfleet._hkeys(m);
+    keydefs := pgfleet._coldefs(keys_, hk);
     valdefs := (SELECT string_agg(format('%I %s', c, t), ', ' ORDER BY o)
                   FROM unnest(cols, types) WITH ORDINALITY AS u(c, t, o));
     totals := (SELECT string_agg(pgfleet._dec(format($x$NULLIF(pg_catalog.split_part(h.t, ';', %s), '')$x$, j), mc.types[j]), ', ' ORDER BY j)
@@ -633,12 +736,15 @@ BEGIN
         v1 := format($s$
                             UNION ALL
                             SELECT %2$s %3$s
-                              FROM %1$s_history_v1 h, pg_catalog.unnest(h.points) AS p
+                              FROM %1$s, pg_catalog.unnest(h.points) AS p
                              WHERE h.srvid OPERATOR(pg_catalog.=) _srvid
                                AND h.ts_start OPERATOR(pg_catalog.<=) _to
                                AND h.ts_end OPERATOR(pg_catalog.>=) _from
                                AND p.ts OPERATOR(pg_catalog.>=) _from AND p.ts OPERATOR(pg_catalog.<=) _to$s$,
-                     base, pgfleet._list(m.keys, 'h.%I, ', ''), pgfleet._list(cols, 'p.%I'));
+                     base || '_history_v1 h' || pgfleet._v1_join(_module),
+                     (SELECT string_agg(format(CASE WHEN c = ANY (m.keys) THEN 'h.%I, ' ELSE 'o.%I, ' END, c), '' ORDER BY n)
+                        FROM unnest(hk) WITH ORDINALITY AS u(c, n)),
+                     pgfleet._list(cols, 'p.%I'));
     END IF;
     EXECUTE format('DROP FUNCTION IF EXISTS %s_sums(integer, timestamptz, timestamptz)', base);
     IF cols <> '{}' THEN
@@ -673,8 +779,8 @@ BEGIN
                                AND c.ts OPERATOR(pg_catalog.<=) _to
                           $s$$f$,
                        base, concat_ws(', ', nullif(keydefs, ''), valdefs),
-                       pgfleet._list(m.keys, 'k.%I, ', ''), totals, points, unnests, pnames, v1,
-                       pgfleet._list(m.keys, 'c.%I, ', '') || pgfleet._list(cols, 'c.%I'));
+                       pgfleet._list(hk, 'k.%I, ', ''), totals, points, unnests, pnames, v1,
+                       pgfleet._list(hk, 'c.%I, ', '') || pgfleet._list(cols, 'c.%I'));
     END IF;
 
     SELECT * INTO r FROM pgfleet.metric_rollups WHERE module = _module;
@@ -751,6 +857,30 @@ END;
 $function$;
 
 -- last (re)defined by 0012_compact_history.sql
+CREATE OR REPLACE FUNCTION pgfleet.metric_keys_sql(_module text, _src text)
+ RETURNS text
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    m pgfleet.metric_sources;
+    hk text[];
+BEGIN
+    SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
+    hk := pgfleet._hkeys(m);
+    IF hk <@ m.keys THEN
+        RETURN format('INSERT INTO pgfleet.%1$I (srvid %2$s) SELECT DISTINCT srvid %2$s FROM %3$s s ON CONFLICT DO NOTHING',
+                      _module || '_keys', pgfleet._list(hk, ', %I', ''), _src);
+    END IF;
+    RETURN format('INSERT INTO pgfleet.%1$I (srvid %2$s) SELECT DISTINCT srvid %2$s FROM %3$s s'
+                  ' WHERE NOT EXISTS (SELECT 1 FROM pgfleet.%1$I k WHERE k.srvid = s.srvid %4$s)',
+                  _module || '_keys', pgfleet._list(hk, ', %I', ''), _src,
+                  pgfleet._list(hk, ' AND k.%1$I IS NOT DISTINCT FROM s.%1$I', ''));
+END;
+$function$;
+
+-- last (re)defined by 0012_compact_history.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_pack_sql(_module text, _src text)
  RETURNS text
  LANGUAGE plpgsql
@@ -763,14 +893,25 @@ DECLARE
     mc record;
     tot text[] := '{}';
     i integer;
+    hk text[];
+    src text := _src;
 BEGIN
     SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
+    hk := pgfleet._hkeys(m);
     SELECT * INTO mc FROM pgfleet.metric_columns(_module);
+    IF hk <> m.keys THEN
+        -- Entries sharing a history key: one point per key and time.
+        src := format('(SELECT srvid, ts, w_start, w_ts%1$s%2$s FROM %3$s GROUP BY srvid, ts, w_start, w_ts%1$s)',
+                      pgfleet._list(hk, ', %I', ''),
+                      pgfleet._list(mc.cols, ', nullif(sum(%1$I), 0) AS %1$I', ''), _src);
+    END IF;
     FOR i IN 1 .. coalesce(array_length(mc.cols, 1), 0) LOOP
+        -- A gauge's total is its last value, taken as text: array_agg() of
+        -- an array-typed column would make a 2-D array (and refuse NULLs).
         tot := tot || format('coalesce(%s, '''')',
             CASE WHEN mc.cols[i] = ANY (m.counters || m.deltas)
                  THEN pgfleet._enc(format('nullif(sum(p.%I), 0)::%s', mc.cols[i], format_type(mc.types[i], NULL)), mc.types[i])
-                 ELSE pgfleet._enc(format('(array_agg(p.%I ORDER BY p.ts DESC))[1]', mc.cols[i]), mc.types[i]) END);
+                 ELSE format('(array_agg(%s ORDER BY p.ts DESC))[1]', pgfleet._enc(format('p.%I', mc.cols[i]), mc.types[i])) END);
     END LOOP;
     RETURN format($q$
         SELECT k.keyid, p.w_start, max(p.ts), min(p.srvid),
@@ -784,7 +925,10 @@ BEGIN
         CASE WHEN mc.cols = '{}' THEN ''''''
              ELSE (SELECT string_agg(pgfleet._enc_col(c, t), ', ' ORDER BY o)
                      FROM unnest(mc.cols, mc.types) WITH ORDINALITY AS u(c, t, o)) END,
-        _src, base, pgfleet._list(m.keys, ' AND k.%1$I = p.%1$I', ''));
+        src, base,
+        (SELECT string_agg(format(CASE WHEN c = ANY (m.keys) THEN ' AND k.%1$I = p.%1$I'
+                                       ELSE ' AND k.%1$I IS NOT DISTINCT FROM p.%1$I' END, c), '' ORDER BY o)
+           FROM unnest(hk) WITH ORDINALITY AS u(c, o)));
 END;
 $function$;
 
@@ -825,8 +969,12 @@ DECLARE
     part record;
     still_used boolean;
     hist text;
+    hk text[];
+    shared text[];  -- history keys that are keys: those <m>_last has
 BEGIN
     SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
+    hk := pgfleet._hkeys(m);
+    shared := ARRAY(SELECT c FROM unnest(hk) c WHERE c = ANY (m.keys));
     base := 'pgfleet.' || quote_ident(_module);
     SELECT now() - retention INTO cutoff FROM pgfleet.servers WHERE srvid = _srvid;
     SELECT now() - max(retention) INTO oldest_kept FROM pgfleet.servers;
@@ -854,15 +1002,15 @@ BEGIN
     DELETE FROM pgfleet.history_usage WHERE srvid = _srvid AND module = _module AND last_ts < cutoff;
 
     -- A key is kept while its entry is live, waits in <m>_current or has
-    -- history; a once-row likewise.
+    -- history; a once-row likewise (live: an entry of <m>_last with the
+    -- same keys, as far as the history keys are keys).
     EXECUTE format($q$
         DELETE FROM %1$s_keys k
          WHERE k.srvid = $1
            AND NOT EXISTS (SELECT 1 FROM %1$s_history h WHERE h.srvid = k.srvid AND h.keyid = k.keyid)
            AND NOT EXISTS (SELECT 1 FROM %1$s_last l WHERE l.srvid = k.srvid %2$s)
            AND NOT EXISTS (SELECT 1 FROM %1$s_current c WHERE c.srvid = k.srvid %3$s)$q$,
-        base, pgfleet._list(m.keys, ' AND l.%1$I = k.%1$I', ''),
-        pgfleet._list(m.keys, ' AND c.%1$I = k.%1$I', ''))
+        base, pgfleet._list(shared, ' AND l.%1$I = k.%1$I', ''), pgfleet._list(hk, ' AND c.%1$I IS NOT DISTINCT FROM k.%1$I', ''))
     USING _srvid;
     IF m.onces <> '{}' THEN
         EXECUTE format($q$
@@ -871,12 +1019,12 @@ BEGIN
                AND NOT EXISTS (SELECT 1 FROM %1$s_last l WHERE l.srvid = o.srvid %2$s)
                AND NOT EXISTS (SELECT 1 FROM %1$s_keys k WHERE k.srvid = o.srvid %3$s)
                AND NOT EXISTS (SELECT 1 FROM %1$s_current c WHERE c.srvid = o.srvid %4$s)%5$s$q$,
-            base, pgfleet._list(m.keys, ' AND l.%1$I = o.%1$I', ''),
-            pgfleet._list(m.keys, ' AND k.%1$I = o.%1$I', ''),
-            pgfleet._list(m.keys, ' AND c.%1$I = o.%1$I', ''),
+            base, pgfleet._list(shared, ' AND l.%1$I = o.%1$I', ''),
+            pgfleet._list(hk, ' AND k.%1$I IS NOT DISTINCT FROM o.%1$I', ''),
+            pgfleet._list(hk, ' AND c.%1$I IS NOT DISTINCT FROM o.%1$I', ''),
             CASE WHEN to_regclass(base || '_history_v1') IS NULL THEN ''
                  ELSE format(' AND NOT EXISTS (SELECT 1 FROM %1$s_history_v1 h WHERE h.srvid = o.srvid %2$s)',
-                             base, pgfleet._list(m.keys, ' AND h.%1$I = o.%1$I', '')) END)
+                             base, pgfleet._list(shared, ' AND h.%1$I = o.%1$I', '')) END)
         USING _srvid, cutoff;
     END IF;
 END;
@@ -926,6 +1074,8 @@ DECLARE
     mc record;
     decoded text;
     v1 text := '';
+    hk text[];
+    ddl text;
 BEGIN
     SELECT * INTO m FROM pgfleet.metric_sources WHERE module = _module;
     tmp := to_regclass(m.src_function || '_tmp');
@@ -933,6 +1083,7 @@ BEGIN
         RETURN;
     END IF;
     values_ := m.counters || m.deltas || m.gauges;
+    hk := pgfleet._hkeys(m);
     SELECT * INTO mc FROM pgfleet.metric_columns(_module);
     -- The columns in the order the function returns them, decoded from v's.
     SELECT string_agg(', ' || CASE WHEN o.i IS NULL THEN format('NULL::%s', pgfleet._qualtype(a.atttypid))
@@ -945,14 +1096,17 @@ BEGIN
         v1 := format($s$
                         UNION ALL
                         SELECT p.ts%2$s%3$s
-                          FROM %1$s_history_v1 h, pg_catalog.unnest(h.points) AS p
+                          FROM %1$s, pg_catalog.unnest(h.points) AS p
                          WHERE h.srvid OPERATOR(pg_catalog.=) _srvid
                            AND h.ts_start OPERATOR(pg_catalog.<=) _to
                            AND h.ts_end OPERATOR(pg_catalog.>=) _from
                            AND p.ts OPERATOR(pg_catalog.>=) _from AND p.ts OPERATOR(pg_catalog.<=) _to$s$,
-                     base, pgfleet._list(m.keys, ', h.%I', ''), pgfleet._list(values_, ', p.%I', ''));
+                     base || '_history_v1 h' || pgfleet._v1_join(_module),
+                     (SELECT string_agg(format(CASE WHEN c = ANY (m.keys) THEN ', h.%I' ELSE ', o.%I' END, c), '' ORDER BY n)
+                        FROM unnest(hk) WITH ORDINALITY AS u(c, n)),
+                     pgfleet._list(values_, ', p.%I', ''));
     END IF;
-    EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$s_series(_srvid integer, _from timestamptz, _to timestamptz)
+    ddl := format($f$CREATE OR REPLACE FUNCTION %1$s_series(_srvid integer, _from timestamptz, _to timestamptz)
                       RETURNS TABLE (ts timestamptz%2$s%3$s)
                       LANGUAGE sql STABLE AS $s$
                         SELECT w.ts[p.pos]%4$s%5$s
@@ -971,19 +1125,27 @@ BEGIN
                            AND c.ts OPERATOR(pg_catalog.>=) _from AND c.ts OPERATOR(pg_catalog.<=) _to
                       $s$$f$,
                    base,
-                   CASE WHEN m.keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, m.keys) END,
+                   CASE WHEN hk = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, hk) END,
                    CASE WHEN values_ = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, values_) END,
-                   pgfleet._list(m.keys, ', k.%I', ''), coalesce(decoded, ''),
+                   pgfleet._list(hk, ', k.%I', ''), coalesce(decoded, ''),
                    concat_ws(', ', $x$pg_catalog.unnest(pg_catalog.array_positions(pg_catalog.string_to_array((h.at)::pg_catalog.text, NULL), '1'))$x$,
                              nullif((SELECT string_agg(format($x$pg_catalog.unnest(pg_catalog.string_to_array(d.c[%s], ',', ''))$x$, i), ', ' ORDER BY i)
                                        FROM generate_subscripts(mc.cols, 1) i), '')),
                    (SELECT string_agg(format(', c%s', i), '' ORDER BY i) FROM generate_subscripts(mc.cols, 1) i),
                    v1,
-                   pgfleet._list(m.keys, ', c.%I', ''), pgfleet._list(values_, ', c.%I', ''));
+                   pgfleet._list(hk, ', c.%I', ''), pgfleet._list(values_, ', c.%I', ''));
+    BEGIN
+        EXECUTE ddl;
+    EXCEPTION WHEN invalid_function_definition THEN
+        -- Its result columns changed (history keys given to a source):
+        -- made again, which fails if a view of the user's depends on it.
+        EXECUTE format('DROP FUNCTION %s_series(integer, timestamptz, timestamptz)', base);
+        EXECUTE ddl;
+    END;
 END;
 $function$;
 
--- last (re)defined by 0009_search_path.sql
+-- last (re)defined by 0012_compact_history.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_snapshot_body(_module text)
  RETURNS text
  LANGUAGE plpgsql
@@ -1004,8 +1166,14 @@ DECLARE
     tomb text;
     tail text;
     staged text;
+    hk text[];          -- the history's keys (0012): the keys unless a source groups
+    grouped boolean;    -- entries of the server summed per history key
+    hk_onces text[];    -- once-columns that are history keys
 BEGIN
     SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
+    hk := coalesce(m.history_keys, m.keys);
+    grouped := hk <> m.keys;
+    hk_onces := ARRAY(SELECT c FROM unnest(m.onces) c WHERE c = ANY (hk));
     -- The staged rows: what the query_source function returns.
     staged := format('SELECT t.*, true AS here__ FROM %s(_srvid) t', m.src_function::regproc);
     base := 'pgfleet.' || quote_ident(_module);
@@ -1037,6 +1205,10 @@ BEGIN
         base, pgfleet._list(m.keys, ', %I', ''),
         CASE WHEN m.gauges = '{}' THEN 'now()' ELSE 'coalesce((SELECT max(ts) FROM s), now())' END,
         CASE WHEN m.gauges = '{}' THEN 'false' ELSE 'true' END);
+    IF grouped THEN
+        -- No gauges, no tombstones; and <m>_current has the history keys.
+        tomb := format('DELETE FROM %s_current WHERE false', base);
+    END IF;
 
     SELECT * INTO r FROM pgfleet.metric_rollups WHERE module = _module;
     rollup := to_regclass(base || '_rollup');
@@ -1131,8 +1303,8 @@ BEGIN
         SELECT * FROM j WHERE NOT j.known__ OR j.gone__
     ),
     ins AS (
-        INSERT INTO %5$s_current (srvid, ts %9$s %10$s)
-        SELECT _srvid, j.ts %11$s %12$s FROM j WHERE NOT j.gone__
+        INSERT INTO %5$s_current (srvid, ts %23$s %10$s)
+        SELECT _srvid, j.ts %11$s %12$s FROM j WHERE NOT j.gone__%24$s
         %13$s
     ),
     upd AS (
@@ -1170,10 +1342,16 @@ $f$,
         -- delta.  A zero delta is stored as NULL: one bit in the row's null
         -- bitmap instead of eight bytes, and most deltas of most entries are
         -- zero.  Readers sum deltas; sum() skips NULLs.
-        pgfleet._list(m.keys, ', j.%I', ''),
-        pgfleet._list(m.counters, ', nullif(CASE WHEN NOT j.known__ THEN CASE WHEN _first THEN NULL ELSE j.%1$I END '
-                                  'WHEN j.reset__ THEN j.%1$I ELSE j.%1$I - j.%1$I__prev END, 0)', '')
-            || pgfleet._list(m.deltas, ', nullif(j.%I, 0)', '') || pgfleet._list(m.gauges, ', j.%I', ''),
+        -- A source grouping its entries (0012) sums them per history key.
+        pgfleet._list(hk, ', j.%I', ''),
+        CASE WHEN grouped THEN
+               pgfleet._list(m.counters, ', nullif(sum(nullif(CASE WHEN NOT j.known__ THEN CASE WHEN _first THEN NULL ELSE j.%1$I END '
+                                         'WHEN j.reset__ THEN j.%1$I ELSE j.%1$I - j.%1$I__prev END, 0)), 0)', '')
+                   || pgfleet._list(m.deltas, ', nullif(sum(j.%I), 0)', '')
+             ELSE
+               pgfleet._list(m.counters, ', nullif(CASE WHEN NOT j.known__ THEN CASE WHEN _first THEN NULL ELSE j.%1$I END '
+                                         'WHEN j.reset__ THEN j.%1$I ELSE j.%1$I - j.%1$I__prev END, 0)', '')
+                   || pgfleet._list(m.deltas, ', nullif(j.%I, 0)', '') || pgfleet._list(m.gauges, ', j.%I', '') END,
         -- 13: what the rollups need of the rows written
         CASE WHEN r.module IS NULL OR rollup IS NULL THEN ''
              ELSE format('RETURNING srvid, ts %s %s',
@@ -1190,8 +1368,10 @@ $f$,
         CASE WHEN m.onces = '{}' THEN 'SELECT 1'
              ELSE format('INSERT INTO %s_once (srvid %s, first_seen %s) SELECT _srvid %s, x.ts %s FROM x '
                          'WHERE NOT x.known__ ON CONFLICT DO NOTHING',
-                         base, pgfleet._list(m.keys, ', %I', ''), pgfleet._list(m.onces, ', %I', ''),
-                         pgfleet._list(m.keys, ', x.%I', ''), pgfleet._list(m.onces, ', x.%I', '')) END,
+                         base, pgfleet._list(hk, ', %I', ''),
+                         pgfleet._list(ARRAY(SELECT c FROM unnest(m.onces) c WHERE c <> ALL (hk)), ', %I', ''),
+                         pgfleet._list(hk, ', x.%I', ''),
+                         pgfleet._list(ARRAY(SELECT c FROM unnest(m.onces) c WHERE c <> ALL (hk)), ', x.%I', '')) END,
         -- 18: tombstones, rollups
         CASE WHEN r.module IS NULL OR rollup IS NULL THEN E'\n   ' || tail ELSE tail END,
         -- 19: the staged rows are read once: when only the join reads them,
@@ -1205,9 +1385,15 @@ $f$,
         pgfleet._list(m.keys || m.counters || m.deltas || m.gauges, ', s.%I', '')
             || CASE WHEN m.epoch IS NULL OR m.epoch = ANY (m.keys || m.counters || m.deltas || m.gauges) THEN ''
                     ELSE format(', s.%I', m.epoch) END
-            || pgfleet._list(m.onces, ', CASE WHEN p.srvid IS NULL THEN s.%1$I END AS %1$I', ''),
+            || pgfleet._list(ARRAY(SELECT c FROM unnest(m.onces) c WHERE c <> ALL (hk_onces)),
+                             ', CASE WHEN p.srvid IS NULL THEN s.%1$I END AS %1$I', '')
+            -- once-columns that are history keys: for every entry
+            || pgfleet._list(hk_onces, ', s.%I', ''),
         -- 22: the staged rows
-        staged);
+        staged,
+        -- 23: key columns of current; 24: its grouping
+        pgfleet._list(hk, ', %I', ''),
+        CASE WHEN grouped THEN ' GROUP BY j.ts' || pgfleet._list(hk, ', j.%I', '') ELSE '' END);
 END;
 $function$;
 
@@ -1224,16 +1410,30 @@ DECLARE
     tmp regclass;
     c text;
     typ text;
+    hk text[];
+    written boolean;
 BEGIN
     SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
+    hk := pgfleet._hkeys(m);
     tmp := (m.src_function || '_tmp')::regclass;
+    IF (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a
+         WHERE a.attrelid = to_regclass(base || '_keys') AND a.attnum > 0 AND NOT a.attisdropped
+           AND a.attname NOT IN ('keyid', 'srvid'))
+       IS DISTINCT FROM (SELECT array_agg(x ORDER BY x) FROM unnest(hk) x)
+       AND to_regclass(base || '_keys') IS NOT NULL THEN
+        -- The history keys changed: fine while nothing was written with them.
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s_keys)', base) INTO written;
+        IF written THEN
+            RAISE EXCEPTION 'the history keys of source "%" cannot change: it has history', _module;
+        END IF;
+        EXECUTE format('DROP TABLE %s_keys', base);
+    END IF;
     EXECUTE format('CREATE TABLE IF NOT EXISTS %s_keys (keyid bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,'
                    ' srvid integer NOT NULL%s)',
-                   base, CASE WHEN m.keys = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, m.keys) END);
+                   base, CASE WHEN hk = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, hk) END);
     EXECUTE format('CREATE UNIQUE INDEX IF NOT EXISTS %I ON %s_keys (srvid%s)',
-                   _module || '_keys_srvid', base, pgfleet._list(m.keys, ', %I', ''));
-    -- A key column added to a source later (create_metric_source only adds).
-    FOREACH c IN ARRAY m.keys LOOP
+                   _module || '_keys_srvid', base, pgfleet._list(hk, ', %I', ''));
+    FOREACH c IN ARRAY hk LOOP
         SELECT format_type(atttypid, atttypmod) INTO typ FROM pg_attribute WHERE attrelid = tmp AND attname = c;
         EXECUTE format('ALTER TABLE %s_keys ADD COLUMN IF NOT EXISTS %I %s', base, c, typ);
     END LOOP;

@@ -611,7 +611,7 @@ async def qualstats(
         srvid,
         start,
         end,
-        ["datname", "uniquequalid", "eval_type"],
+        ["datname", "qualnodeid", "eval_type"],
         {
             "occurences": "sum(occurences)",
             "execution_count": "sum(execution_count)",
@@ -624,14 +624,14 @@ async def qualstats(
     if rows:
         texts = await _fetch(
             conn,
-            """SELECT DISTINCT ON (uniquequalid) uniquequalid, qual, constvalue
+            """SELECT DISTINCT ON (qualnodeid) qualnodeid, qual, constvalue
                  FROM pgfleet.pg_qualstats_once
                 WHERE srvid = %(srvid)s AND queryid = %(queryid)s""",
             {"srvid": srvid, "queryid": queryid},
         )
-        by = {t["uniquequalid"]: t for t in texts}
+        by = {t["qualnodeid"]: t for t in texts}
         for r in rows:
-            t = by.get(r["uniquequalid"], {})
+            t = by.get(r["qualnodeid"], {})
             r["qual"] = t.get("qual")
             r["constvalue"] = t.get("constvalue")
     return rows

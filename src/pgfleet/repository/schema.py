@@ -143,10 +143,16 @@ def convert(
     total = 0
     for module in unconverted(conn):
         while True:
+            # Each batch its own transaction, committed before the next, on a
+            # connection in autocommit or not.
+            if not conn.autocommit:
+                conn.commit()
             with conn.transaction():
                 row = conn.execute(
                     "SELECT pgfleet.metric_convert(%s, %s)", (module, batch)
                 ).fetchone()
+            if not conn.autocommit:
+                conn.commit()
             n = int(row[0]) if row and row[0] is not None else 0
             if n == 0:
                 break

@@ -112,22 +112,33 @@ def install(conn: psycopg.Connection[Any], ds: Datasource, version: int) -> None
     conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}(integer)").format(sql.SQL(ds.src_function)))
     conn.execute(_src_function(ds, version))
     epoch = ds.names("epoch")
+    args: list[Any] = [
+        ds.module,
+        ds.src_function,
+        ds.names("key"),
+        ds.names("counter"),
+        ds.names("delta"),
+        ds.names("gauge"),
+        ds.names("once"),
+        epoch[0] if epoch else None,
+        ds.scope,
+        ds.priority,
+        ds.cleanup,
+        False,
+    ]
+    # History keys came with migration 0012; a repository installed at an
+    # older version (upgrade tests stop the migrations half-way) has none.
+    row = conn.execute(
+        "SELECT pg_catalog.count(*) FROM pg_catalog.pg_proc"
+        " WHERE oid = 'pgfleet.create_metric_source'::regproc AND pronargs = 13"
+    ).fetchone()
+    if row and row[0]:
+        args.append(list(ds.history_keys) if ds.history_keys is not None else None)
     conn.execute(
-        """SELECT pgfleet.create_metric_source(
-               %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, false)""",
-        (
-            ds.module,
-            ds.src_function,
-            ds.names("key"),
-            ds.names("counter"),
-            ds.names("delta"),
-            ds.names("gauge"),
-            ds.names("once"),
-            epoch[0] if epoch else None,
-            ds.scope,
-            ds.priority,
-            ds.cleanup,
+        sql.SQL("SELECT pgfleet.create_metric_source({})").format(
+            sql.SQL(", ").join(sql.Placeholder() * len(args))
         ),
+        args,
     )
 
 
