@@ -203,12 +203,22 @@ def _connect_reason(e: psycopg.OperationalError) -> str:
     return f"{where}{reason}".strip()
 
 
+def _encodable_dsn(dsn: str) -> None:
+    # libpq takes bytes: a DSN with lone surrogates (from a command line or
+    # an environment in another encoding) cannot even be parsed.
+    try:
+        dsn.encode()
+    except UnicodeEncodeError:
+        raise ConfigError("invalid repository DSN: it is not valid UTF-8 text") from None
+
+
 def connect_repository(dsn: str) -> psycopg.Connection[Any]:
     if not dsn:
         raise ConfigError(
             "no repository configured: pass --repository DSN, set PGFLEET_REPOSITORY, "
             "or [repository] dsn in the configuration file"
         )
+    _encodable_dsn(dsn)
     try:
         return psycopg.connect(dsn, autocommit=True, application_name="pgfleet")
     except psycopg.ProgrammingError as e:
@@ -220,9 +230,12 @@ def connect_repository(dsn: str) -> psycopg.Connection[Any]:
 async def connect_repository_async(dsn: str) -> psycopg.AsyncConnection[Any]:
     if not dsn:
         raise ConfigError("no repository configured")
+    _encodable_dsn(dsn)
     try:
         return await psycopg.AsyncConnection.connect(
             dsn, autocommit=True, application_name="pgfleet"
         )
+    except psycopg.ProgrammingError as e:
+        raise ConfigError(f"invalid repository DSN: {first_line(e)}") from None
     except psycopg.OperationalError as e:
         raise RepositoryError(f"cannot connect to the repository: {_connect_reason(e)}") from None
