@@ -25,8 +25,14 @@ pgfleet: fetch + store from its debug log), collector CPU in steady state
 (from /proc, start-up excluded), repository growth raw and after VACUUM
 FULL, and bytes per statement-point of statements history.
 
-Usage: python bench/powa.py [--rounds 3] [--snapshots 12] [--frequency 5]
+Usage: python bench/powa.py [--rounds 3] [--snapshots N] [--frequency 5]
                             [--coalesce 5] [--tables 500] [--only pgfleet|powa]
+
+--snapshots defaults to 12, or to --coalesce when that is more, so that the
+measured snapshots hold a whole aggregation cycle of both collectors (each
+aggregates every ``coalesce`` snapshots, PoWA's coalesce being at least 5):
+``--coalesce 100`` measures 100 snapshots per collector and round, ~8.5 min
+each at 5 s, ~25 min a round with the physical-limit line.
 
 Installs what it needs: Debian's postgresql-15 packages and PoWA as root,
 powa-collector in ~/.cache/pgfleet-bench/powa-venv.
@@ -206,16 +212,26 @@ def powa_points(dsn: str) -> tuple[int, int]:
 
 
 def pgfleet_points(dsn: str) -> tuple[int, int]:
-    """Bytes of statements history, and statement-points in it (pgfleet)."""
+    """Bytes of statements history, and statement-points in it (pgfleet).
+
+    A history row's points are the set bits of ``at``.  History from before
+    the compact form (``_history_v1``, in a repository kept with --keep and
+    not yet converted) is counted too, one point per composite."""
     with psycopg.connect(dsn) as conn:
-        row = one(
-            conn,
-            "SELECT (SELECT sum(pg_total_relation_size(relid)) FROM"
-            "        pg_partition_tree('pgfleet.pg_stat_statements_history')),"
-            " (SELECT coalesce(sum(cardinality(points)), 0)"
-            "    FROM pgfleet.pg_stat_statements_history)",
-        )
-    return int(row[0]), int(row[1])
+        parts = [("pgfleet.pg_stat_statements_history", "length(replace(at::text, '0', ''))")]
+        if one(conn, "SELECT to_regclass('pgfleet.pg_stat_statements_history_v1') IS NOT NULL")[0]:
+            parts.append(("pgfleet.pg_stat_statements_history_v1", "cardinality(points)"))
+        total = [0, 0]
+        for table, points in parts:
+            row = one(
+                conn,
+                f"SELECT (SELECT coalesce(sum(pg_total_relation_size(relid)), 0)"
+                f"          FROM pg_partition_tree('{table}')),"
+                f" (SELECT coalesce(sum({points}), 0) FROM {table})",
+            )
+            total[0] += int(row[0])
+            total[1] += int(row[1])
+    return total[0], total[1]
 
 
 def scrape_loop(port: int, every: float, stop: threading.Event) -> None:
@@ -429,7 +445,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
-        "--snapshots", type=int, default=12, help="snapshots measured per collector and round"
+        "--snapshots",
+        type=int,
+        help="snapshots measured per collector and round (default: 12, or --coalesce if more)",
     )
     ap.add_argument("--frequency", type=int, default=5)
     ap.add_argument("--coalesce", type=int, default=5)
@@ -437,6 +455,18 @@ def main() -> None:
     ap.add_argument("--only", choices=("powa", "pgfleet"))
     ap.add_argument("--keep", help="use this directory, and leave it (clusters stopped)")
     args = ap.parse_args()
+    # Fewer measured snapshots than --coalesce would leave the aggregation
+    # (the p95, most of the CPU and all the history written) out of the
+    # figures: measure at least one whole cycle.
+    if args.snapshots is None:
+        args.snapshots = max(12, args.coalesce)
+    elif args.snapshots < args.coalesce:
+        print(
+            f"warning: {args.snapshots} snapshots at coalesce {args.coalesce} may measure no"
+            " aggregation (no history written: no B/statement-point); use"
+            f" --snapshots {args.coalesce} or more",
+            file=sys.stderr,
+        )
     python = install()
 
     with contextlib.ExitStack() as stack:

@@ -3,7 +3,8 @@
 Fills a repository (embedded PostgreSQL 18) with 7 days of 5-minute snapshots of one
 server with 2,000 statements, as aggregation leaves them (coalesce 100: one history
 row per statement per ~8 hours, partitioned by day), plus 8 databases' worth of
-pg_stat_database; then times, as median of 20 runs each:
+pg_stat_database -- written by pgfleet.metric_aggregate() itself, window by window,
+from points put where snapshots leave them; then times, as median of 20 runs each:
 
 - one statement's calls and time per hour over the week;
 - the server's transactions per hour over the week (pg_stat_database);
@@ -15,6 +16,7 @@ Usage: python bench/series.py [--statements N]
 from __future__ import annotations
 
 import argparse
+import datetime
 import statistics
 import time
 
@@ -23,32 +25,23 @@ import psycopg
 from pgfleet.demo.cluster import throwaway
 from pgfleet.repository import servers
 
+WINDOWS = 20  # of 100 snapshots, 500 minutes each: the week less its last 80 minutes
+
+# One window's points, waiting in <m>_current as snapshots leave them; i is the
+# snapshot's number in the window.  metric_aggregate() then packs them.
 FILL_PGSS = """
-INSERT INTO pgfleet.pg_stat_statements_history
-       (srvid, datname, rolname, toplevel, queryid, ts_start, ts_end, points)
-SELECT %(srvid)s, 'app', 'app', true, q, w.start, w.start + interval '495 minutes',
-       ARRAY(SELECT jsonb_populate_record(NULL::pgfleet.pg_stat_statements_point,
-                        jsonb_build_object('ts', w.start + i * interval '5 minutes',
-                                           'calls', 10 + (q + i) %% 7, 'rows', 10,
-                                           'shared_blks_hit', 100,
-                                           'shared_blks_read', nullif((q * i) %% 3, 0),
-                                           'total_exec_time', 1.5 + (i %% 5)))
-               FROM generate_series(0, 99) i)
-  FROM generate_series(1, %(statements)s) q,
-       (SELECT now() - interval '7 days' + k * interval '500 minutes' AS start
-          FROM generate_series(0, 19) k) w
+INSERT INTO pgfleet.pg_stat_statements_current
+       (srvid, ts, datname, rolname, toplevel, queryid,
+        calls, rows, shared_blks_hit, shared_blks_read, total_exec_time)
+SELECT %(srvid)s, %(start)s::timestamptz + i * interval '5 minutes', 'app', 'app', true, q,
+       10 + (q + i) %% 7, 10, 100, nullif((q * i) %% 3, 0), 1.5 + (i %% 5)
+  FROM generate_series(1, %(statements)s) q, generate_series(0, 99) i
 """
 
 FILL_DB = """
-INSERT INTO pgfleet.pg_stat_database_history (srvid, datname, ts_start, ts_end, points)
-SELECT %(srvid)s, 'db' || d, w.start, w.start + interval '495 minutes',
-       ARRAY(SELECT jsonb_populate_record(NULL::pgfleet.pg_stat_database_point,
-                        jsonb_build_object('ts', w.start + i * interval '5 minutes',
-                                           'xact_commit', 1000 + i, 'blks_hit', 50000))
-               FROM generate_series(0, 99) i)
-  FROM generate_series(1, 8) d,
-       (SELECT now() - interval '7 days' + k * interval '500 minutes' AS start
-          FROM generate_series(0, 19) k) w
+INSERT INTO pgfleet.pg_stat_database_current (srvid, ts, datname, xact_commit, blks_hit)
+SELECT %(srvid)s, %(start)s::timestamptz + i * interval '5 minutes', 'db' || d, 1000 + i, 50000
+  FROM generate_series(1, 8) d, generate_series(0, 99) i
 """
 
 QUERIES = {
@@ -84,8 +77,20 @@ def main() -> None:
                     (day,),
                 )
             t0 = time.perf_counter()
-            conn.execute(FILL_PGSS, params)
-            conn.execute(FILL_DB, params)
+            start = conn.execute("SELECT now() - interval '7 days'").fetchone()[0]  # type: ignore[index]
+            # Window by window, as the collector's aggregations write them:
+            # each window's rows together, keys and snapshot times shared.
+            for w in range(WINDOWS):
+                at = {**params, "start": start + datetime.timedelta(minutes=500 * w)}
+                for module, insert in (
+                    ("pg_stat_statements", FILL_PGSS),
+                    ("pg_stat_database", FILL_DB),
+                ):
+                    conn.execute(insert, at)
+                    conn.execute("SELECT pgfleet.metric_aggregate(%s, %s)", (module, srv.srvid))
+                    # As autovacuum does between aggregations: the next
+                    # window reuses the space instead of growing the table.
+                    conn.execute(f"VACUUM pgfleet.{module}_current")
             conn.execute("VACUUM ANALYZE")
             fill = time.perf_counter() - t0
             figures = []

@@ -13,7 +13,11 @@ between snapshots, and 5% of them changing -- it takes a warm-up round of
 (ending with an aggregation), then a plain VACUUM, and prints one line:
 
   median / max wall ms per remote snapshot, collector CPU ms per snapshot,
-  repository bytes per snapshot (database growth over the measured round).
+  repository bytes per snapshot (database growth over the measured round),
+  and the bytes of pg_stat_statements history the round wrote (its
+  aggregation) per statement-point: per point written when every entry
+  changes; when 5% do, averaged over every entry and snapshot of the round,
+  changed or not (what a snapshot of the server costs in history).
 
 Usage: python bench/snapshot.py [--coalesce N] [--tables N] [--phases]
 
@@ -101,7 +105,7 @@ async def scenario(
     share: float,
     coalesce: int,
     breakdown: list[str] | None = None,
-) -> tuple[float, float, float, float, float, float]:
+) -> tuple[float, float, float, float, float, float, float]:
     cfg = CollectorConfig()
     session = ServerSession(server, cfg)
     hold = 0.0 if os.environ.get("PGFLEET_BENCH_STREAM", "1") == "0" else STREAM_HOLD
@@ -120,6 +124,7 @@ async def scenario(
                         "SELECT pg_database_size(current_database())"
                     ).fetchone()
                     size_before = row[0] if row else 0
+                    history_before = _statements_history(sync_repo)
                     funcs_before = _function_times(sync_repo)
                 for _ in range(coalesce):
                     n = max(1, round(len(queries) * share))
@@ -144,6 +149,12 @@ async def scenario(
             sync_repo.execute("VACUUM")
             row = sync_repo.execute("SELECT pg_database_size(current_database())").fetchone()
             size_after = row[0] if row else 0
+            history_after = _statements_history(sync_repo)
+            row = sync_repo.execute(
+                "SELECT count(*) FROM pgfleet.pg_stat_statements_last WHERE srvid = %s",
+                (server.srvid,),
+            ).fetchone()
+            entries = int(row[0]) if row else 0
     await session.close()
     if breakdown is not None:
         fetched = {k: v for k, v in detail.items() if k.startswith("fetch ")}
@@ -170,6 +181,10 @@ async def scenario(
             "  repository functions, self ms per snapshot (mean): "
             + ", ".join(f"{f} {ms:.1f}" for f, ms in worst if ms >= 0.05)
         )
+    written = history_after[0] - history_before[0]
+    # Every entry changing, the points are entries x snapshots (less the few
+    # a snapshot misses); at 5%, per entry and snapshot, changed or not.
+    per = history_after[1] - history_before[1] if share >= 1 else entries * coalesce
     return (
         statistics.median(walls),
         max(walls),
@@ -177,7 +192,20 @@ async def scenario(
         (size_after - size_before) / coalesce,
         statistics.median(p[0] for p in phases),
         statistics.median(p[1] for p in phases),
+        written / per if per > 0 else float("nan"),
     )
+
+
+def _statements_history(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[int, int]:
+    """Bytes of pg_stat_statements history (every partition, its TOAST and
+    indexes) and statement-points in it (the set bits of each row's ``at``)."""
+    row = conn.execute(
+        "SELECT (SELECT coalesce(sum(pg_total_relation_size(relid)), 0)"
+        "          FROM pg_partition_tree('pgfleet.pg_stat_statements_history')),"
+        " (SELECT coalesce(sum(length(replace(at::text, '0', ''))), 0)"
+        "    FROM pgfleet.pg_stat_statements_history)"
+    ).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)  # type: ignore[call-overload]
 
 
 def _function_times(conn: psycopg.Connection[tuple[object, ...]]) -> dict[str, tuple[float, float]]:
@@ -230,13 +258,14 @@ def main() -> None:
                 conn.execute("SELECT pg_stat_statements_reset()")
             if breakdown is not None:
                 breakdown.append(f"{label} changing:")
-            med, mx, cpu, size, fetch, store = asyncio.run(
+            med, mx, cpu, size, fetch, store, per_point = asyncio.run(
                 scenario(repo_dsn, mon, server, queries, share, args.coalesce, breakdown)
             )
             figures.append(
                 f"{label} changing: wall median {med:.1f} ms max {mx:.1f} ms "
                 f"(fetch {fetch:.1f} + store {store:.1f}), "
-                f"cpu {cpu:.1f} ms, {size / 1024:.1f} kB/snapshot"
+                f"cpu {cpu:.1f} ms, {size / 1024:.1f} kB/snapshot, "
+                f"history {per_point:.1f} B/statement-point" + (" (averaged)" if share < 1 else "")
             )
         path = (
             "daemon's fetch then store"
@@ -245,8 +274,7 @@ def main() -> None:
         )
         print(
             f"snapshot ({len(queries)} statements, coalesce {args.coalesce}; {path} path,"
-            " in-process; the daemon's real cost: bench/powa.py): "
-            + "; ".join(figures),
+            " in-process; the daemon's real cost: bench/powa.py): " + "; ".join(figures),
             flush=True,
         )
         if breakdown is not None:

@@ -3,10 +3,12 @@
 Fills a repository (embedded PostgreSQL 18) with 7 days of 5-minute snapshots of
 one server with 2,000 statements, as aggregation leaves them (coalesce 100: one
 history row per entry per ~8 hours, partitioned by day, the last hour and a half
-not yet aggregated), plus 8 databases, 100 tables, 150 indexes, wait events,
-I/O, WAL, checkpoints, sessions, settings and a standby; then asks the app
-in-process (no network) for each page's JSON over the last day and the last
-week, 15 times each, and prints the median server time per page.  Bar: 300 ms.
+not yet aggregated; written by pgfleet.metric_aggregate() itself, window by
+window, from points put where snapshots leave them), plus 8 databases, 100
+tables, 150 indexes, wait events, I/O, WAL, checkpoints, sessions, settings and
+a standby; then asks the app in-process (no network) for each page's JSON over
+the last day and the last week, 15 times each, and prints the median server
+time per page.  Bar: 300 ms.
 
 Usage: python bench/ui.py [--statements N] [--runs N]
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import statistics
 import time
 from typing import Any
@@ -128,28 +131,26 @@ def fill(conn: psycopg.Connection[Any], srvid: int, statements: int) -> None:
         kcols = "".join(f"{c}, " for c in keys)
         # The snippets use % (modulo): doubled, as they go into queries with parameters.
         kexprs = "".join(f"{e}, " for e in keys.values()).replace("%", "%%")
-        obj = ", ".join(f"'{c}', {e}" for c, e in values.items()).replace("%", "%%")
-        conn.execute(
-            f"""INSERT INTO pgfleet.{module}_history (srvid, {kcols} ts_start, ts_end, points)
-                SELECT %(srvid)s, {kexprs} w.start, w.start + interval '495 minutes',
-                       ARRAY(SELECT jsonb_populate_record(NULL::pgfleet.{module}_point,
-                                jsonb_build_object('ts', w.start + i * interval '5 minutes', {obj}))
-                               FROM generate_series(0, 99) i)
-                  FROM generate_series(1, {n}) k,
-                       (SELECT %(t0)s::timestamptz + w * interval '500 minutes' AS start
-                          FROM generate_series(0, {WINDOWS - 1}) w) w""",
-            params,
-        )
         vcols = ", ".join(values)
         vexprs = ", ".join(values.values()).replace("%", "%%")
-        conn.execute(
-            f"""INSERT INTO pgfleet.{module}_current (srvid, {kcols} ts, {vcols})
-                SELECT %(srvid)s, {kexprs}
-                       %(t0)s::timestamptz + interval '{WINDOWS * 500} minutes'
-                       + i * interval '5 minutes', {vexprs}
-                  FROM generate_series(1, {n}) k, generate_series(0, {CURRENT - 1}) i""",
-            params,
-        )
+        points = f"""INSERT INTO pgfleet.{module}_current (srvid, {kcols} ts, {vcols})
+                     SELECT %(srvid)s, {kexprs} %(start)s::timestamptz + i * interval '5 minutes',
+                            {vexprs}
+                       FROM generate_series(1, {n}) k, generate_series(0, %(points)s - 1) i"""
+        # The history as the collector's aggregations write it, window by
+        # window: each window's points wait in <m>_current, then one call
+        # packs them (keys and snapshot times shared, values as text).
+        for w in range(WINDOWS):
+            start = t0 + datetime.timedelta(minutes=500 * w)
+            conn.execute(points, {**params, "start": start, "points": 100})
+            conn.execute("SELECT pgfleet.metric_aggregate(%s, %s)", (module, srvid))
+            # As autovacuum does between aggregations: without it, each window
+            # takes new pages, and the snapshots left waiting below would sit
+            # at the end of a table of 20 windows' empty pages, which the
+            # readers scan.
+            conn.execute(f"VACUUM pgfleet.{module}_current")
+        start = t0 + datetime.timedelta(minutes=500 * WINDOWS)
+        conn.execute(points, {**params, "start": start, "points": CURRENT})
         conn.execute(
             f"""INSERT INTO pgfleet.{module}_last (srvid, {kcols} ts)
                 SELECT %(srvid)s, {kexprs} now() FROM generate_series(1, {n}) k
@@ -179,12 +180,13 @@ def fill(conn: psycopg.Connection[Any], srvid: int, statements: int) -> None:
     )
     # Settings: every one at the first snapshot, three changes later.
     conn.execute(
-        """INSERT INTO pgfleet.settings_history (srvid, name, ts_start, ts_end, points)
-           SELECT %(srvid)s, 'setting' || k, %(t0)s, %(t0)s,
-                  ARRAY[ROW(%(t0)s, 'value', NULL, 'default', false)::pgfleet.settings_point]
+        """INSERT INTO pgfleet.settings_current (srvid, name, ts, setting, unit, source,
+                                                 pending_restart)
+           SELECT %(srvid)s, 'setting' || k, %(t0)s, 'value', NULL, 'default', false
              FROM generate_series(1, 350) k""",
         params,
     )
+    conn.execute("SELECT pgfleet.metric_aggregate('settings', %s)", (srvid,))
     conn.execute(
         """INSERT INTO pgfleet.settings_current (srvid, name, ts, setting, unit, source,
                                                  pending_restart)

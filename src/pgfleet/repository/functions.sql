@@ -7,6 +7,17 @@
 -- without schema pgfleet: the migrations run there and are rolled back.
 -- tests/repository/test_functions.py checks that this file matches the migrations.
 
+-- last (re)defined by 0012_compact_history.sql
+CREATE OR REPLACE FUNCTION pgfleet._arr(_i integer, _type regtype)
+ RETURNS text
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT format($x$pg_catalog.string_to_array(x.c[%1$s], ',', '')%2$s AS a%1$s$x$, _i,
+                  CASE WHEN pgfleet._plain(_type) THEN format('::%s[]', pgfleet._qualtype(_type)) ELSE '' END)
+$function$;
+
 -- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet._coldefs(_tmp regclass, _cols text[], _array boolean DEFAULT false)
  RETURNS text
@@ -28,14 +39,21 @@ CREATE OR REPLACE FUNCTION pgfleet._dec(_expr text, _type regtype)
  STABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    SELECT CASE WHEN _type IN ('smallint', 'integer', 'bigint', 'real', 'double precision',
-                               'numeric', 'boolean', 'timestamptz', 'timestamp', 'date',
-                               'interval', 'oid', 'pg_lsn', 'xid', 'inet', 'cidr', 'uuid')
-                THEN format('(%s)::%s', _expr, pgfleet._qualtype(_type))
+    SELECT CASE WHEN pgfleet._plain(_type) THEN format('(%s)::%s', _expr, pgfleet._qualtype(_type))
                 ELSE format($e$(CASE WHEN (%1$s) OPERATOR(pg_catalog.=) '%%00' THEN ''
                                      ELSE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
                                               %1$s, '%%2C', ','), '%%3B', ';'), '%%25', '%%') END)::%2$s$e$,
                             _expr, pgfleet._qualtype(_type)) END
+$function$;
+
+-- last (re)defined by 0012_compact_history.sql
+CREATE OR REPLACE FUNCTION pgfleet._elem(_expr text, _type regtype)
+ RETURNS text
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT CASE WHEN pgfleet._plain(_type) THEN _expr ELSE pgfleet._dec(_expr, _type) END
 $function$;
 
 -- last (re)defined by 0012_compact_history.sql
@@ -45,10 +63,7 @@ CREATE OR REPLACE FUNCTION pgfleet._enc(_expr text, _type regtype)
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    SELECT CASE WHEN _type IN ('smallint', 'integer', 'bigint', 'real', 'double precision',
-                               'numeric', 'boolean', 'timestamptz', 'timestamp', 'date',
-                               'interval', 'oid', 'pg_lsn', 'xid', 'inet', 'cidr', 'uuid')
-                THEN format('(%s)::text', _expr)
+    SELECT CASE WHEN pgfleet._plain(_type) THEN format('(%s)::text', _expr)
                 ELSE format($e$(CASE WHEN (%1$s)::text OPERATOR(pg_catalog.=) '' THEN '%%00'
                                      ELSE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
                                               (%1$s)::text, '%%', '%%25'), ',', '%%2C'), ';', '%%3B') END)$e$,
@@ -86,6 +101,18 @@ CREATE OR REPLACE FUNCTION pgfleet._list(_cols text[], _fmt text DEFAULT '%I'::t
 AS $function$
     SELECT coalesce(string_agg(format(_fmt, c), _sep ORDER BY o), '')
       FROM unnest(_cols) WITH ORDINALITY AS u(c, o);
+$function$;
+
+-- last (re)defined by 0012_compact_history.sql
+CREATE OR REPLACE FUNCTION pgfleet._plain(_type regtype)
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT _type IN ('smallint', 'integer', 'bigint', 'real', 'double precision',
+                     'numeric', 'boolean', 'timestamptz', 'timestamp', 'date',
+                     'interval', 'oid', 'pg_lsn', 'xid', 'inet', 'cidr', 'uuid')
 $function$;
 
 -- last (re)defined by 0012_compact_history.sql
@@ -726,12 +753,19 @@ BEGIN
                   FROM unnest(cols, types) WITH ORDINALITY AS u(c, t, o));
     totals := (SELECT string_agg(pgfleet._dec(format($x$NULLIF(pg_catalog.split_part(h.t, ';', %s), '')$x$, j), mc.types[j]), ', ' ORDER BY j)
                  FROM generate_subscripts(cols, 1) j);
-    points := (SELECT string_agg(pgfleet._dec(format('p.c%s', j), mc.types[j]), ', ' ORDER BY j)
+    -- The points of a window in the range, per column: counters and deltas
+    -- summed over the slice of the array in the range, gauges as at its end.
+    -- The slice: the window's snapshots in the range (b, the same for every
+    -- entry of the window), then the entry's points among them (r, counting
+    -- the bits of at before them).
+    points := (SELECT string_agg(CASE WHEN cols[j] = ANY (summed)
+                                      THEN format($x$(NULLIF((SELECT pg_catalog.sum(%s) FROM pg_catalog.unnest(d.a%s[r.lo:r.hi]) AS z), 0))::%s$x$,
+                                                  pgfleet._elem('z', mc.types[j]), j, pgfleet._qualtype(mc.types[j]))
+                                      ELSE pgfleet._elem(format('d.a%s[r.hi]', j), mc.types[j]) END, ', ' ORDER BY j)
                  FROM generate_subscripts(cols, 1) j);
-    unnests := concat_ws(', ', $x$pg_catalog.unnest(pg_catalog.array_positions(pg_catalog.string_to_array((h.at)::pg_catalog.text, NULL), '1'))$x$,
-                         (SELECT string_agg(format($x$pg_catalog.unnest(pg_catalog.string_to_array(d.c[%s], ',', ''))$x$, j), ', ' ORDER BY j)
-                            FROM generate_subscripts(cols, 1) j));
-    pnames := (SELECT string_agg(format(', c%s', j), '' ORDER BY j) FROM generate_subscripts(cols, 1) j);
+    unnests := (SELECT string_agg(pgfleet._arr(j, mc.types[j]), ', ' ORDER BY j)
+                  FROM generate_subscripts(cols, 1) j);
+    pnames := $x$pg_catalog.array_positions(pg_catalog.string_to_array((h.at)::pg_catalog.text, NULL), '1')$x$;
     IF to_regclass(base || '_history_v1') IS NOT NULL THEN
         v1 := format($s$
                             UNION ALL
@@ -763,15 +797,20 @@ BEGIN
                               FROM %1$s_keys k
                               JOIN %1$s_history h ON h.srvid OPERATOR(pg_catalog.=) k.srvid AND h.keyid OPERATOR(pg_catalog.=) k.keyid
                               JOIN %1$s_windows w ON w.srvid OPERATOR(pg_catalog.=) h.srvid AND w.ts_start OPERATOR(pg_catalog.=) h.ts_start
-                              CROSS JOIN LATERAL (SELECT pg_catalog.string_to_array(h.v, ';') AS c OFFSET 0) d
-                              CROSS JOIN LATERAL ROWS FROM (%6$s) AS p(pos%7$s)
+                              CROSS JOIN LATERAL (SELECT %6$s FROM (SELECT pg_catalog.string_to_array(h.v, ';') AS c OFFSET 0) x OFFSET 0) d
+                              CROSS JOIN LATERAL (SELECT COALESCE(pg_catalog.min(i) FILTER (WHERE w.ts[i] OPERATOR(pg_catalog.>=) _from),
+                                                                         pg_catalog.cardinality(w.ts) OPERATOR(pg_catalog.+) 1) AS first,
+                                                         COALESCE(pg_catalog.max(i) FILTER (WHERE w.ts[i] OPERATOR(pg_catalog.<=) _to), 0) AS last
+                                                    FROM pg_catalog.generate_subscripts(w.ts, 1) AS i) b
+                              CROSS JOIN LATERAL (SELECT pg_catalog.length(pg_catalog.replace(pg_catalog.substr((h.at)::pg_catalog.text, 1, b.first OPERATOR(pg_catalog.-) 1), '0', ''))
+                                                           OPERATOR(pg_catalog.+) 1 AS lo,
+                                                         pg_catalog.length(pg_catalog.replace(pg_catalog.substr((h.at)::pg_catalog.text, 1, b.last), '0', '')) AS hi) r
                              WHERE k.srvid OPERATOR(pg_catalog.=) _srvid AND h.srvid OPERATOR(pg_catalog.=) _srvid
                                AND h.ts_start OPERATOR(pg_catalog.<=) _to
                                AND h.ts_end OPERATOR(pg_catalog.>=) _from
                                AND (h.t IS NULL OR h.ts_start OPERATOR(pg_catalog.<) _from
                                     OR h.ts_end OPERATOR(pg_catalog.>) _to)
-                               AND w.ts[p.pos] OPERATOR(pg_catalog.>=) _from
-                               AND w.ts[p.pos] OPERATOR(pg_catalog.<=) _to%8$s
+                               AND r.lo OPERATOR(pg_catalog.<=) r.hi%8$s
                             UNION ALL
                             SELECT %9$s FROM %1$s_current c
                              WHERE c.srvid OPERATOR(pg_catalog.=) _srvid
@@ -942,12 +981,15 @@ DECLARE
     part text := format('%s_history_%s', _module, to_char(_day, 'YYYYMMDD'));
 BEGIN
     IF to_regclass('pgfleet.' || quote_ident(part)) IS NULL THEN
-        -- Bounds in UTC, whatever the session's TimeZone.  toast_tuple_target
-        -- at its minimum: v is compressed as soon as a row is 128 bytes.
-        EXECUTE format('CREATE TABLE pgfleet.%I PARTITION OF pgfleet.%I FOR VALUES FROM (%L) TO (%L) WITH (toast_tuple_target = 128)',
+        -- Bounds in UTC, whatever the session's TimeZone.  t and v stay in
+        -- the row (MAIN): PostgreSQL compresses a row's values once it passes
+        -- ~2 kB (the rows of long windows), and a reader reads them with the
+        -- row rather than from a TOAST table, index lookup and all.
+        EXECUTE format('CREATE TABLE pgfleet.%I PARTITION OF pgfleet.%I FOR VALUES FROM (%L) TO (%L)',
                        part, _module || '_history',
                        (_day::timestamp AT TIME ZONE 'UTC'),
                        ((_day + 1)::timestamp AT TIME ZONE 'UTC'));
+        EXECUTE format('ALTER TABLE pgfleet.%I ALTER COLUMN v SET STORAGE MAIN, ALTER COLUMN t SET STORAGE MAIN', part);
         IF EXISTS (SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
             EXECUTE format('ALTER TABLE pgfleet.%I ALTER COLUMN v SET COMPRESSION lz4, ALTER COLUMN t SET COMPRESSION lz4', part);
         END IF;
@@ -1087,7 +1129,7 @@ BEGIN
     SELECT * INTO mc FROM pgfleet.metric_columns(_module);
     -- The columns in the order the function returns them, decoded from v's.
     SELECT string_agg(', ' || CASE WHEN o.i IS NULL THEN format('NULL::%s', pgfleet._qualtype(a.atttypid))
-                                   ELSE pgfleet._dec(format('p.c%s', o.i), mc.types[o.i]) END, '' ORDER BY x.n)
+                                   ELSE pgfleet._elem(format('d.a%s[p.o]', o.i), mc.types[o.i]) END, '' ORDER BY x.n)
       INTO decoded
       FROM unnest(values_) WITH ORDINALITY AS x(c, n)
       JOIN pg_attribute a ON a.attrelid = tmp AND a.attname = x.c
@@ -1109,16 +1151,19 @@ BEGIN
     ddl := format($f$CREATE OR REPLACE FUNCTION %1$s_series(_srvid integer, _from timestamptz, _to timestamptz)
                       RETURNS TABLE (ts timestamptz%2$s%3$s)
                       LANGUAGE sql STABLE AS $s$
-                        SELECT w.ts[p.pos]%4$s%5$s
+                        SELECT d.wts[p.pos]%4$s%5$s
                           FROM %1$s_keys k
                           JOIN %1$s_history h ON h.srvid OPERATOR(pg_catalog.=) k.srvid AND h.keyid OPERATOR(pg_catalog.=) k.keyid
-                          JOIN %1$s_windows w ON w.srvid OPERATOR(pg_catalog.=) h.srvid AND w.ts_start OPERATOR(pg_catalog.=) h.ts_start
-                          CROSS JOIN LATERAL (SELECT pg_catalog.string_to_array(h.v, ';') AS c OFFSET 0) d
-                          CROSS JOIN LATERAL ROWS FROM (%6$s) AS p(pos%7$s)
+                          CROSS JOIN LATERAL (SELECT (SELECT w.ts FROM %1$s_windows w
+                                                       WHERE w.srvid OPERATOR(pg_catalog.=) h.srvid
+                                                         AND w.ts_start OPERATOR(pg_catalog.=) h.ts_start) AS wts,
+                                                     %7$s AS ps, %6$s
+                                                FROM (SELECT pg_catalog.string_to_array(h.v, ';') AS c OFFSET 0) x OFFSET 0) d
+                          CROSS JOIN LATERAL pg_catalog.unnest(d.ps) WITH ORDINALITY AS p(pos, o)
                          WHERE k.srvid OPERATOR(pg_catalog.=) _srvid AND h.srvid OPERATOR(pg_catalog.=) _srvid
                            AND h.ts_start OPERATOR(pg_catalog.<=) _to
                            AND h.ts_end OPERATOR(pg_catalog.>=) _from
-                           AND w.ts[p.pos] OPERATOR(pg_catalog.>=) _from AND w.ts[p.pos] OPERATOR(pg_catalog.<=) _to%8$s
+                           AND d.wts[p.pos] OPERATOR(pg_catalog.>=) _from AND d.wts[p.pos] OPERATOR(pg_catalog.<=) _to%8$s
                         UNION ALL
                         SELECT c.ts%9$s%10$s FROM %1$s_current c
                          WHERE c.srvid OPERATOR(pg_catalog.=) _srvid
@@ -1128,10 +1173,9 @@ BEGIN
                    CASE WHEN hk = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, hk) END,
                    CASE WHEN values_ = '{}' THEN '' ELSE ', ' || pgfleet._coldefs(tmp, values_) END,
                    pgfleet._list(hk, ', k.%I', ''), coalesce(decoded, ''),
-                   concat_ws(', ', $x$pg_catalog.unnest(pg_catalog.array_positions(pg_catalog.string_to_array((h.at)::pg_catalog.text, NULL), '1'))$x$,
-                             nullif((SELECT string_agg(format($x$pg_catalog.unnest(pg_catalog.string_to_array(d.c[%s], ',', ''))$x$, i), ', ' ORDER BY i)
-                                       FROM generate_subscripts(mc.cols, 1) i), '')),
-                   (SELECT string_agg(format(', c%s', i), '' ORDER BY i) FROM generate_subscripts(mc.cols, 1) i),
+                   coalesce((SELECT string_agg(pgfleet._arr(i, mc.types[i]), ', ' ORDER BY i)
+                               FROM generate_subscripts(mc.cols, 1) i), '1 AS none'),
+                   $x$pg_catalog.array_positions(pg_catalog.string_to_array((h.at)::pg_catalog.text, NULL), '1')$x$,
                    v1,
                    pgfleet._list(hk, ', c.%I', ''), pgfleet._list(values_, ', c.%I', ''));
     BEGIN
