@@ -909,8 +909,14 @@ BEGIN
     SELECT * INTO STRICT m FROM pgfleet.metric_sources WHERE module = _module;
     hk := pgfleet._hkeys(m);
     IF hk <@ m.keys THEN
-        RETURN format('INSERT INTO pgfleet.%1$I (srvid %2$s) SELECT DISTINCT srvid %2$s FROM %3$s s ON CONFLICT DO NOTHING',
-                      _module || '_keys', pgfleet._list(hk, ', %I', ''), _src);
+        -- Most keys are known already: the anti-join finds the new ones
+        -- without a speculative insertion per row (ON CONFLICT stays for a
+        -- concurrent conversion).
+        RETURN format('INSERT INTO pgfleet.%1$I (srvid %2$s) SELECT DISTINCT srvid %2$s FROM %3$s s'
+                      ' WHERE NOT EXISTS (SELECT 1 FROM pgfleet.%1$I k WHERE k.srvid = s.srvid %4$s)'
+                      ' ON CONFLICT DO NOTHING',
+                      _module || '_keys', pgfleet._list(hk, ', %I', ''), _src,
+                      pgfleet._list(hk, ' AND k.%1$I = s.%1$I', ''));
     END IF;
     RETURN format('INSERT INTO pgfleet.%1$I (srvid %2$s) SELECT DISTINCT srvid %2$s FROM %3$s s'
                   ' WHERE NOT EXISTS (SELECT 1 FROM pgfleet.%1$I k WHERE k.srvid = s.srvid %4$s)',
