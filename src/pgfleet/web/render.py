@@ -23,6 +23,8 @@ from pygments.lexers import PostgresLexer
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from pgfleet.repository.usage import human_bytes
+
 # -- Names in URLs.  Database names may hold anything, "/" and "." included:
 # like Datasette, encode every byte outside [A-Za-z0-9_-] as ~XX, so a segment
 # never holds "/" or "." and "NAME.json" is unambiguous.
@@ -102,14 +104,7 @@ def _number(v: Any, digits: int = 1) -> str:
 
 
 def _bytes(v: Any) -> str:
-    if v is None:
-        return ""
-    x = float(v)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(x) < 1024 or unit == "TB":
-            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
-        x /= 1024
-    return ""
+    return human_bytes(None if v is None else float(v))
 
 
 def _ms(v: Any) -> str:
