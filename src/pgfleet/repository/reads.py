@@ -330,8 +330,56 @@ async def sums(
     order: str | None = None,
     limit: int | None = None,
 ) -> list[Row]:
-    """Aggregates over ``<module>_sums`` per `group`: `exprs` are ours."""
+    """Aggregates over ``<module>_sums`` per `group`: `exprs` are ours.
+
+    A ranking (`order` and `limit`) is read in two passes: the `order`
+    expression alone over every group, then every expression for the
+    winners only.  ``<m>_sums`` decodes just the columns a query reads, and
+    the windows a range's edges cut are decoded point by point: the first
+    pass reads one or two columns of every entry, the second every column of
+    `limit` entries (their keys reach ``<m>_keys`` as filters).  One pass
+    reading ten columns of 2,000 statements took ~4x as long.
+    """
     cond, params = _filters(where)
+    params.update(srvid=srvid, **{"from": start, "to": end})
+    if group and order and limit:
+        winners = await _fetch(
+            conn,
+            _sums_query(module, group, {order: exprs[order]}, cond, order, limit),
+            params,
+        )
+        if not winners:
+            return []
+        keep = {tuple(r[c] for c in group) for r in winners}
+        for i, col in enumerate(group):
+            params[f"g{i}"] = list({r[col] for r in winners if r[col] is not None})
+        narrow = sql.Composed(
+            [cond]
+            + [
+                sql.SQL(" AND ({c} = ANY({p}){n})").format(
+                    c=sql.Identifier(col),
+                    p=sql.Placeholder(f"g{i}"),
+                    n=sql.SQL(" OR {} IS NULL").format(sql.Identifier(col))
+                    if any(r[col] is None for r in winners)
+                    else sql.SQL(""),
+                )
+                for i, col in enumerate(group)
+            ]
+        )
+        rows = await _fetch(conn, _sums_query(module, group, exprs, narrow, order, None), params)
+        # The filters above keep every combination of the winners' values.
+        return [r for r in rows if tuple(r[c] for c in group) in keep][:limit]
+    return await _fetch(conn, _sums_query(module, group, exprs, cond, order, limit), params)
+
+
+def _sums_query(
+    module: str,
+    group: Sequence[str],
+    exprs: Mapping[str, str],
+    cond: sql.Composable,
+    order: str | None,
+    limit: int | None,
+) -> sql.Composed:
     gcols = sql.SQL(", ").join(sql.Identifier(c) for c in group)
     aggs = sql.SQL(", ").join(
         sql.SQL("{} AS {}").format(sql.SQL(e), sql.Identifier(n)) for n, e in exprs.items()
@@ -351,7 +399,7 @@ async def sums(
         query += sql.SQL(" ORDER BY {} DESC NULLS LAST").format(sql.Identifier(order))
     if limit:
         query += sql.SQL(" LIMIT {}").format(sql.Literal(limit))
-    return await _fetch(conn, query, {"srvid": srvid, "from": start, "to": end, **params})
+    return query
 
 
 # What "top queries" can be sorted by, as SQL over the sums of a statement.

@@ -1,0 +1,100 @@
+"""The web UI's rankings (`reads.sums` with an order and a limit) read in two
+passes; they must rank and sum exactly as one pass over every column does,
+over ranges that cut aggregation windows at both ends and reach the points
+not yet aggregated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgfleet.repository import reads
+from tests.fix_repository import RunCli, connect
+
+# Three windows of 10 snapshots a minute apart, then 4 snapshots waiting in
+# _current: 34 minutes from BASE, all within the last day.
+BASE = "date_trunc('hour', now() - interval '3 hours', 'UTC')"
+STATEMENTS = 120
+
+
+def _fill(repo: str, srvid: int) -> None:
+    # Statement k runs at snapshot i with calls and time that differ per
+    # statement and snapshot, so that ranks depend on where the range cuts;
+    # some have no database (NULL keys) and some only run now and then.
+    insert = f"""
+        INSERT INTO pgfleet.pg_stat_statements_current
+               (srvid, ts, datname, rolname, toplevel, queryid, calls, rows, total_exec_time,
+                shared_blks_read)
+        SELECT %(srvid)s, {BASE} + i * interval '1 minute',
+               CASE WHEN k %% 7 = 0 THEN NULL ELSE 'db' || k %% 3 END, 'app', true, k,
+               1 + (k * i) %% 5, k, ((k * 37 + i * 11) %% 101) / 3.0 + k / 1024.0, nullif(i %% 4, 0)
+          FROM generate_series(1, {STATEMENTS}) k, generate_series(%(lo)s::int, %(hi)s::int) i
+         WHERE (k + i) %% 3 <> 0 OR k < 40
+    """
+    with connect(repo) as conn:
+        for w in range(3):
+            conn.execute(insert, {"srvid": srvid, "lo": 10 * w, "hi": 10 * w + 9})
+            conn.execute("SELECT pgfleet.metric_aggregate('pg_stat_statements', %s)", (srvid,))
+        conn.execute(insert, {"srvid": srvid, "lo": 30, "hi": 33})
+
+
+async def _both(
+    repo: str, srvid: int, start: datetime, end: datetime, limit: int, datname: str | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    where = {"datname": datname} if datname else None
+    exprs = {"calls": "sum(calls)", "time": "sum(total_exec_time)", "rows": "sum(rows)",
+             "reads": "sum(shared_blks_read)"}  # fmt: skip
+    group = ["datname", "queryid"]
+    async with await psycopg.AsyncConnection.connect(repo, autocommit=True) as conn:
+        two = await reads.sums(
+            conn, "pg_stat_statements", srvid, start, end, group, exprs,
+            where=where, order="time", limit=limit,
+        )  # fmt: skip
+        # One pass, every column of every statement, ranked here.
+        every = await reads.sums(
+            conn, "pg_stat_statements", srvid, start, end, group, exprs, where=where
+        )
+    every.sort(key=lambda r: -r["time"] if r["time"] is not None else float("inf"))
+    return two, every[:limit]
+
+
+def test_two_pass_ranking_is_one_pass_ranking(repo: str, run_cli: RunCli) -> None:
+    res = run_cli("server", "add", "ranked", "--host", "ranked.invalid")
+    assert res.rc == 0, res.err
+    srvid = next(s["srvid"] for s in json.loads(run_cli("server", "list", "--json").out))
+    _fill(repo, srvid)
+    with connect(repo) as conn:
+        row = conn.execute(
+            f"SELECT {BASE} + interval '4 minutes 30 seconds', {BASE} + interval '32 minutes',"
+            f" {BASE} + interval '25 minutes'"
+        ).fetchone()
+    assert row is not None
+    cut_start, in_current, cut_end = row
+    ranges = [
+        (cut_start, in_current),  # cuts the first window, ends among the waiting points
+        (cut_start, cut_end),  # cuts the first and the last window
+        (cut_start - (in_current - cut_start), cut_start),  # before any point, then into one
+    ]
+    for start, end in ranges:
+        for datname in (None, "db1"):
+            for limit in (1, 10, 200):
+                two, one = asyncio.run(_both(repo, srvid, start, end, limit, datname))
+                assert [(r["datname"], r["queryid"]) for r in two] == [
+                    (r["datname"], r["queryid"]) for r in one
+                ], (start, end, datname, limit)
+                # Sums of floats in another order may differ in the last bit.
+                for a, b in zip(two, one, strict=True):
+                    assert a.keys() == b.keys()
+                    for k, v in a.items():
+                        exact = not isinstance(v, float)
+                        assert v == (b[k] if exact else pytest.approx(b[k], rel=1e-12)), k
+                assert two, "the range holds points"
+    # Statements without a database rank too.
+    two, one = asyncio.run(_both(repo, srvid, ranges[0][0], ranges[0][1], 200, None))
+    assert any(r["datname"] is None for r in two)
