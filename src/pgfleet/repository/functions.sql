@@ -1108,7 +1108,7 @@ BEGIN
 END;
 $function$;
 
--- last (re)defined by 0012_compact_history.sql
+-- last (re)defined by 0013_faster_reads.sql
 CREATE OR REPLACE FUNCTION pgfleet.metric_series(_module text)
  RETURNS void
  LANGUAGE plpgsql
@@ -1163,9 +1163,11 @@ BEGIN
                           CROSS JOIN LATERAL (SELECT (SELECT w.ts FROM %1$s_windows w
                                                        WHERE w.srvid OPERATOR(pg_catalog.=) h.srvid
                                                          AND w.ts_start OPERATOR(pg_catalog.=) h.ts_start) AS wts,
-                                                     %7$s AS ps, %6$s
+                                                     %7$s AS ps,
+                                                     pg_catalog.length(pg_catalog.replace((h.at)::pg_catalog.text, '0', '')) AS n, %6$s
                                                 FROM (SELECT pg_catalog.string_to_array(h.v, ';') AS c OFFSET 0) x OFFSET 0) d
-                          CROSS JOIN LATERAL pg_catalog.unnest(d.ps) WITH ORDINALITY AS p(pos, o)
+                          CROSS JOIN LATERAL (SELECT COALESCE(d.ps[g.o], g.o) AS pos, g.o
+                                                FROM pg_catalog.generate_series(1, d.n) AS g(o)) p
                          WHERE k.srvid OPERATOR(pg_catalog.=) _srvid AND h.srvid OPERATOR(pg_catalog.=) _srvid
                            AND h.ts_start OPERATOR(pg_catalog.<=) _to
                            AND h.ts_end OPERATOR(pg_catalog.>=) _from
@@ -1181,7 +1183,8 @@ BEGIN
                    pgfleet._list(hk, ', k.%I', ''), coalesce(decoded, ''),
                    coalesce((SELECT string_agg(pgfleet._arr(i, mc.types[i]), ', ' ORDER BY i)
                                FROM generate_subscripts(mc.cols, 1) i), '1 AS none'),
-                   $x$pg_catalog.array_positions(pg_catalog.string_to_array((h.at)::pg_catalog.text, NULL), '1')$x$,
+                   $x$CASE WHEN pg_catalog.strpos((h.at)::pg_catalog.text, '0') OPERATOR(pg_catalog.<>) 0
+                           THEN pg_catalog.array_positions(pg_catalog.string_to_array((h.at)::pg_catalog.text, NULL), '1') END$x$,
                    v1,
                    pgfleet._list(hk, ', c.%I', ''), pgfleet._list(values_, ', c.%I', ''));
     BEGIN
