@@ -5,7 +5,7 @@ RUFF := $(VENV)/bin/ruff
 MYPY := $(VENV)/bin/mypy
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: venv test lint demo bench
+.PHONY: venv test lint demo bench vendor dist
 
 venv:
 	@scripts/bootstrap.sh
@@ -35,3 +35,13 @@ bench: venv
 		echo "== $$script"; \
 		$(PYTHON) "$$script"; \
 	done
+
+# The web UI's uPlot, committed under src/pgfleet/web/static/vendor/, refreshed
+# from npm at the version package-lock.json pins (see scripts/vendor.sh).
+vendor:
+	@scripts/vendor.sh
+
+# An sdist and a wheel in dist/ (see docs/install.md); the wheel is built from the sdist.
+dist: venv
+	rm -rf dist
+	$(PYTHON) -m build --outdir dist .

@@ -6,6 +6,9 @@
 # - Debian's PostgreSQL 15 and the extensions the tests need, when we are
 #   root (otherwise we say what's missing: the PG15 tests will be skipped).
 #
+# No npm: the web UI's uPlot is committed in src/pgfleet/web/static/vendor/, and
+# `make vendor` (scripts/vendor.sh) is how it is updated.
+#
 # Environment: PYTHON (default python3) makes the venv.
 
 set -euo pipefail
@@ -26,25 +29,6 @@ if ! cmp -s pyproject.toml "$stamp"; then
     echo "bootstrap: installing pgfleet and its dev dependencies into $VENV"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev,embedded]'
     cp pyproject.toml "$stamp"
-fi
-
-# The web UI's browser-side dependencies (uPlot), from package-lock.json,
-# copied next to its static files so an installed pgfleet serves them too.
-if [[ -f package.json ]]; then
-    if ! command -v npm >/dev/null; then
-        echo "bootstrap: npm not found: the web UI will have no charts (apt-get install npm)"
-    elif ! cmp -s package-lock.json node_modules/.pgfleet-package-lock.json; then
-        echo "bootstrap: installing the web UI's npm packages"
-        npm ci --no-audit --no-fund --loglevel=error >/dev/null
-        cp package-lock.json node_modules/.pgfleet-package-lock.json
-    fi
-    vendor=src/pgfleet/web/static/vendor/uplot
-    if [[ -f node_modules/uplot/dist/uPlot.iife.min.js ]] \
-        && ! cmp -s node_modules/uplot/dist/uPlot.iife.min.js "$vendor/uPlot.iife.min.js"; then
-        mkdir -p "$vendor"
-        cp node_modules/uplot/dist/uPlot.iife.min.js node_modules/uplot/dist/uPlot.min.css \
-            node_modules/uplot/LICENSE "$vendor/"
-    fi
 fi
 
 debian_packages=(
