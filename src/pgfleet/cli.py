@@ -4,7 +4,8 @@ Every failure a user can cause (bad argument, bad config, unreachable server
 or repository, a repository role without the privilege a command needs, a
 read-only repository) ends as one ``pgfleet: error: ...`` line on stderr and
 a non-zero exit: 2 for the command line itself, 1 otherwise; tracebacks are
-for bugs only.
+for bugs only.  ``pgfleet ctl`` exits 3 when it cannot reach or log into the
+collector (see docs/management.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, NoReturn
 
 import psycopg
@@ -31,11 +33,14 @@ from pgfleet.config import ENV_CONFIG, Config, load
 from pgfleet.connections import connect_repository, connect_repository_async, first_line
 from pgfleet.errors import ConfigError, PgfleetError, RepositoryError
 from pgfleet.log import escape
+from pgfleet.management.handlers import server_fields
 from pgfleet.repository import schema, servers, usage
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # the command line itself
 EXIT_PARTIAL = 3  # a snapshot was stored but some sources failed
+EXIT_UNREACHABLE = 3  # pgfleet ctl: the collector could not be reached or logged into
+ENV_PASSWORD = "PGFLEET_PASSWORD"  # pgfleet ctl and pgfleet user: never on the command line
 
 _NUMBER_RE = re.compile(r"\s*\+?[0-9]{1,18}\s*")
 _PLAIN_RE = re.compile(r"[A-Za-z0-9_.+-]{1,70}")
@@ -97,6 +102,17 @@ def _port(text: str) -> int:
     if not _NUMBER_RE.fullmatch(text) or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"invalid port {_show(text)}: must be between 1 and 65535")
     return int(text)
+
+
+def _path(text: str) -> str:
+    """A file or directory name the system can take (no NUL, encodable)."""
+    try:
+        if "\x00" in text:
+            raise ValueError
+        os.fsencode(text)
+    except (ValueError, UnicodeEncodeError):
+        raise argparse.ArgumentTypeError(f"invalid path {_show(text)}") from None
+    return text
 
 
 def _server_options(p: argparse.ArgumentParser, *, update: bool) -> None:
@@ -210,11 +226,112 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, help="port to listen on (default [web] port, 8080)")
     # -- end of pgfleet web
 
+    _ctl_parser(sub)
+    _user_parser(sub)
+
     demo = sub.add_parser("demo", help="run a self-contained demo on embedded PostgreSQL")
     demo.add_argument("--seconds", type=_positive_int, default=60)
     demo.add_argument("--frequency", type=_positive_int, default=5)
     demo.add_argument("--workdir", default=".demo")
     return parser
+
+
+def _ctl_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "ctl",
+        help="manage a running collector over its management socket, or remotely "
+        "(see docs/management.md)",
+    )
+    _config_option(p)
+    where = p.add_argument_group("where the collector is")
+    where.add_argument(
+        "--socket",
+        metavar="DIR",
+        type=_path,
+        help="directory of its socket (default [management] unix_socket_dir, or its spool "
+        "directory)",
+    )
+    where.add_argument("--host", dest="ctl_host", help="remote management: the collector's host")
+    where.add_argument(
+        "--port", dest="ctl_port", type=_port, help="remote: its port (default [management] port)"
+    )
+    where.add_argument(
+        "--user", dest="ctl_user", help="remote: a user of its admins file (default: your login)"
+    )
+    where.add_argument(
+        "--tls",
+        action="store_true",
+        help="remote: require TLS and verify the certificate (without it, TLS is used when "
+        "offered, unverified)",
+    )
+    where.add_argument("--no-tls", action="store_true", help="remote: never ask for TLS")
+    where.add_argument(
+        "--ca-file", metavar="FILE", type=_path, help="remote: the CA to verify with (--tls)"
+    )
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--compression", choices=_COMPRESSIONS, default="none")
+    p.add_argument("--encryption", choices=("none", "aes-256-gcm"), default="none")
+    p.add_argument(
+        "--key-file",
+        metavar="FILE",
+        type=_path,
+        help="AES key (default [management] encryption_key_file)",
+    )
+    p.add_argument("--timeout", type=_seconds, help="seconds (default [management] timeout)")
+    csub = p.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
+    csub.add_parser("ping", help="is the collector running?")
+    q = csub.add_parser("status", help="the collector, its servers, spool and leases")
+    q.add_argument("details", nargs="?", choices=("details",), help="every server too")
+    csub.add_parser("reload", help="reread the configuration (local socket only)")
+    csub.add_parser("shutdown", help="stop the collector cleanly")
+    conf = csub.add_parser("conf", help="the running configuration")
+    confsub = conf.add_subparsers(dest="conf_action", required=True, metavar="ACTION")
+    confsub.add_parser("ls", help="the files in use")
+    q = confsub.add_parser("get", help="a setting (section.key), or all of them")
+    q.add_argument("key", nargs="?")
+    q = confsub.add_parser("set", help="change a setting until the next reload or restart")
+    q.add_argument("key")
+    q.add_argument("value", help='a TOML value: 5, true, ["a"], or plain text')
+    q = csub.add_parser("snapshot", help="snapshot a server now")
+    q.add_argument("server", help="alias or srvid")
+    srv = csub.add_parser("server", help="the servers registry, through the collector")
+    srvsub = srv.add_subparsers(dest="server_action", required=True, metavar="ACTION")
+    srvsub.add_parser("ls", help="list servers")
+    q = srvsub.add_parser("add", help="register a server")
+    q.add_argument("alias")
+    _server_options(q, update=False)
+    q = srvsub.add_parser("rm", help="unregister a server")
+    q.add_argument("alias")
+    q.add_argument("--purge", action="store_true", help="also delete its collected data now")
+    clear = csub.add_parser("clear", help="reset counters")
+    clear.add_argument(
+        "what", choices=("prometheus",), help="the collector's own /metrics counters"
+    )
+
+
+# pgmoneta's compression types, in frame.Compression's order (not imported
+# here: its codecs would load for every pgfleet command).
+_COMPRESSIONS = ("none", "gzip", "zstd", "lz4", "bzip2")
+
+
+def _user_parser(sub: Any) -> None:
+    p = sub.add_parser("user", help="the users of remote management (the admins file)")
+    _config_option(p)
+    p.add_argument(
+        "--admins-file", metavar="FILE", type=_path, help="default [management] admins_file"
+    )
+    usub = p.add_subparsers(dest="user_action", required=True, metavar="ACTION")
+    for name, text in (
+        ("add", f"add a user (password from ${ENV_PASSWORD} or asked)"),
+        ("edit", "give a user a new password"),
+        ("del", "remove a user"),
+        ("ls", "list the users"),
+    ):
+        q = usub.add_parser(name, help=text)
+        if name != "ls":
+            q.add_argument("name")
+        # After the action too; SUPPRESS keeps a value given before it.
+        q.add_argument("--admins-file", metavar="FILE", type=_path, default=argparse.SUPPRESS)
 
 
 def _repo_dsn(args: argparse.Namespace, cfg: Config) -> str:
@@ -307,23 +424,6 @@ def _repo_size(conn: psycopg.Connection[Any], args: argparse.Namespace) -> int:
     return 0
 
 
-def _server_dict(s: servers.Server) -> dict[str, Any]:
-    return {
-        "srvid": s.srvid,
-        "alias": s.alias,
-        "host": s.host,
-        "port": s.port,
-        "username": s.username,
-        "dbname": s.dbname,
-        "password_ref": s.password_ref,
-        "options": s.options,
-        "frequency": s.frequency,
-        "coalesce": s.coalesce,
-        "retention_seconds": int(s.retention.total_seconds()),
-        "enabled": s.enabled,
-    }
-
-
 def cmd_server(args: argparse.Namespace, cfg: Config) -> int:
     # Bad settings are said before connecting (and whatever the repository).
     if args.action == "add":
@@ -349,7 +449,7 @@ def cmd_server(args: argparse.Namespace, cfg: Config) -> int:
         else:
             rows = servers.list_servers(conn)
             if args.json:
-                print(json.dumps([_server_dict(s) for s in rows], indent=2))
+                print(json.dumps([server_fields(s) for s in rows], indent=2))
             else:
                 _print_table(
                     [
@@ -558,6 +658,185 @@ def cmd_web(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+# -- pgfleet ctl and pgfleet user
+
+
+def _password(prompt: str, *, confirm: bool = False) -> str:
+    """From $PGFLEET_PASSWORD, or asked on the terminal; never from the command line."""
+    password = os.environ.get(ENV_PASSWORD)
+    if password:
+        try:
+            password.encode()
+        except UnicodeEncodeError:
+            raise ConfigError(f"${ENV_PASSWORD} is not valid UTF-8") from None
+        return password
+    if not sys.stdin.isatty():
+        raise ConfigError(f"no password: set {ENV_PASSWORD}, or run from a terminal")
+    import getpass
+
+    password = getpass.getpass(prompt)
+    if confirm and getpass.getpass("Again: ") != password:
+        raise ConfigError("the passwords differ")
+    if not password:
+        raise ConfigError("the password cannot be empty")
+    return password
+
+
+def _ctl_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The management command and its arguments, from the command line."""
+    c = args.ctl_command
+    if c == "status":
+        return "status", {"Details": True} if args.details else {}
+    if c == "conf":
+        if args.conf_action == "get":
+            return "conf get", {"ConfigKey": args.key} if args.key else {}
+        if args.conf_action == "set":
+            return "conf set", {"ConfigKey": args.key, "ConfigValue": args.value}
+        return "conf ls", {}
+    if c == "snapshot":
+        return "snapshot", {"Server": args.server}
+    if c == "server":
+        if args.server_action == "add":
+            settings = _settings(args)
+            if "retention" in settings:
+                settings["retention"] = int(settings["retention"].total_seconds())
+            servers.validate({"alias": args.alias, **settings})
+            return "server add", {"Server": args.alias, "Settings": settings}
+        if args.server_action == "rm":
+            return "server rm", {"Server": args.alias, "Purge": args.purge}
+        return "server ls", {}
+    if c == "clear":
+        return "clear prometheus", {}
+    return c, {}
+
+
+def cmd_ctl(args: argparse.Namespace, cfg: Config) -> int:
+    from pgfleet.collector.spool import default_directory
+    from pgfleet.management import auth, client, frame
+    from pgfleet.management.document import ManagementError, OutputFormat
+    from pgfleet.management.frame import Compression, Encryption
+
+    command, arguments = _ctl_request(args)
+    m = cfg.management
+    compression = Compression[args.compression.upper()]
+    encryption = Encryption.AES_256_GCM if args.encryption == "aes-256-gcm" else Encryption.NONE
+    key_file = args.key_file or m.encryption_key_file
+    key = None
+    if encryption:
+        if not key_file:
+            raise ConfigError("--encryption aes-256-gcm needs --key-file or [management] "
+                              "encryption_key_file")  # fmt: skip
+        try:
+            key = frame.load_key(key_file)
+        except ManagementError as e:
+            raise ConfigError(e.message) from None
+    timeout = args.timeout or m.timeout
+    remote = args.ctl_host is not None or args.ctl_port is not None
+    if remote and args.socket:
+        raise ConfigError("--socket is for the local socket: not with --host or --port")
+    import getpass
+
+    user = args.ctl_user or getpass.getuser()
+    host = args.ctl_host or ("localhost" if m.host in ("*", "0.0.0.0", "::") else m.host)
+    password = ""
+    if remote:
+        try:
+            password = _password(f"Password for {user}@{host}: ")
+        except ConfigError as e:
+            # No way to log in: as for a wrong password.
+            print(f"pgfleet: error: {escape(str(e))}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+
+    async def run() -> dict[str, Any]:
+        c: client.Client
+        if remote:
+            port = args.ctl_port or m.port
+            if not port:
+                raise ConfigError("remote management needs --port (or [management] port)")
+            context = None
+            if args.tls or args.ca_file:
+                context = auth.client_ssl_context(args.ca_file)
+            elif not args.no_tls:
+                context = auth.client_ssl_context(verify=False)
+            c = await client.Client.remote(
+                host,
+                port,
+                user=user,
+                password=password,
+                ssl_context=context,
+                require_tls=bool(args.tls or args.ca_file),
+                key=key,
+                timeout=timeout,
+            )
+        else:
+            if args.socket:
+                path = Path(args.socket).expanduser() / "pgfleet.sock"
+            else:
+                spool = Path(cfg.spool.directory).expanduser() if cfg.spool.directory else None
+                from pgfleet.management.server import socket_path
+
+                path = socket_path(m, spool or default_directory())
+            c = await client.Client.local(path, key=key, timeout=timeout)
+        async with c:
+            return await c.request(
+                command,
+                arguments,
+                output_format=OutputFormat(args.format),
+                compression=compression,
+                encryption=encryption,
+            )
+
+    try:
+        answer = asyncio.run(run())
+    except client.Unreachable as e:
+        print(f"pgfleet: error: {escape(e.message)}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    from pgfleet.management import document
+
+    error = document.outcome_error(answer)
+    if args.format == "json":
+        print(json.dumps(answer, indent=2, ensure_ascii=False))
+    elif error is None:
+        response = answer.get(document.RESPONSE)
+        for line in client.text(command, response if isinstance(response, dict) else {}):
+            print(line)
+    if error is not None:
+        print(
+            f"pgfleet: error: {escape(error.message)} (error {int(error.code)}, "
+            f"{error.code.name.lower()})",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    return 0
+
+
+def cmd_user(args: argparse.Namespace, cfg: Config) -> int:
+    from pgfleet.management import users
+
+    path = args.admins_file or cfg.management.admins_file
+    if not path:
+        raise ConfigError("no admins file: pass --admins-file or set [management] admins_file")
+    name: str = getattr(args, "name", "")
+    if args.user_action == "ls":
+        for n in users.names(path):
+            print(n)
+    elif args.user_action == "del":
+        users.delete(path, name)
+        print(f"user {name!r} removed")
+    else:
+        why = users.check_name(name)
+        if why is not None:
+            raise ConfigError(f"invalid user name {name!r}: {why}")
+        password = _password(f"Password for {name}: ", confirm=True)
+        if args.user_action == "add":
+            users.add(path, name, password)
+            print(f"user {name!r} added")
+        else:
+            users.edit(path, name, password)
+            print(f"user {name!r} has a new password")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
     from pgfleet.demo import run
 
@@ -574,6 +853,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "status": cmd_status,
     "reload": cmd_reload,
     "web": cmd_web,
+    "ctl": cmd_ctl,
+    "user": cmd_user,
 }
 
 

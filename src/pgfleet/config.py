@@ -5,9 +5,11 @@ naming the file and the key path, e.g.
 ``invalid configuration 'pgfleet.toml': collector.statement_timeout: expected a number``
 or ``... discovery.servers[2].port: expected int``.
 
-Every number must be positive; a key with a fixed set of values lists them
-in its field's metadata (``choices``), a number with bounds gives them as
-``range`` (inclusive), and any other value is rejected.
+Every number must be positive (or zero, when its ``range`` starts at 0); a
+key with a fixed set of values lists them in its field's metadata
+(``choices``), a number with bounds gives them as ``range`` (inclusive), and
+any other value is rejected.  Rules between keys of a section (a TLS key with
+its certificate...) are checked after it is built (:func:`check`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tomllib
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, NoReturn, TypeVar, get_args, get_origin, get_type_hints
 
 from pgfleet.errors import ConfigError
 
@@ -192,6 +194,43 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class ManagementConfig:
+    """``pgfleet ctl``'s way into the daemon (see docs/management.md)."""
+
+    # Directory of the local socket (pgfleet.sock): "" is the spool directory,
+    # which the collector creates 0700 and locks for itself.  Only the
+    # daemon's OS user and root may talk there.  Needs a restart.
+    unix_socket_dir: str = ""
+    # Remote management (SCRAM-SHA-256, TLS when a certificate is given):
+    # the address and port to listen on; port 0, the default, is none.
+    # Both need a restart.
+    host: str = "127.0.0.1"
+    port: int = field(default=0, metadata={"range": (0, 65535)})
+    # PEM files: the server's certificate and key (TLS is offered when both
+    # are set), and the CA that client certificates must chain to (none
+    # asked for when empty).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+    # Refuse remote clients that do not start TLS.
+    require_tls: bool = False
+    # The remote users and their SCRAM verifiers ('pgfleet user add'); read
+    # at each login, so that a change applies without a reload.
+    admins_file: str = ""
+    # Management connections open at once, at most (local and remote);
+    # one more is answered TOO_MANY_CONNECTIONS and closed.
+    max_connections: int = 16
+    # Seconds a connection may stay silent (and the whole login may take).
+    timeout: float = 10.0
+    # Bytes of one frame's document at most, as sent (compressed,
+    # encrypted) and once decompressed.
+    max_frame_size: int = field(default=2**20, metadata={"range": (1024, 2**28)})
+    # The AES-256-GCM key for frames a client encrypts (32 bytes, raw or hex);
+    # without it, encrypted frames are refused.
+    encryption_key_file: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
     collector: CollectorConfig = field(default_factory=CollectorConfig)
@@ -200,8 +239,17 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     web: WebConfig = field(default_factory=WebConfig)
     exporter: ExporterConfig = field(default_factory=ExporterConfig)
+    management: ManagementConfig = field(default_factory=ManagementConfig)
     source: str = "<defaults>"  # where it was read from, for messages
 
+
+# The settings 'conf ls/get/set' know: every key of every section but the
+# static servers (a list of tables, not one value).
+SECTIONS: dict[str, tuple[str, ...]] = {
+    name: tuple(f.name for f in dataclasses.fields(hint) if f.name != "servers")
+    for name, hint in get_type_hints(Config).items()
+    if name != "source"
+}
 
 T = TypeVar("T")
 
@@ -225,8 +273,9 @@ def _build(cls: type[T], data: Any, path: str, origin: str) -> T:
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         where = f"{path}.{name}" if path else name
-        kwargs[name] = _value(hints[name], value, where, origin)
         bounds = fields[name].metadata.get("range")
+        zero = bounds is not None and bounds[0] <= 0
+        kwargs[name] = _value(hints[name], value, where, origin, zero=zero)
         if bounds and not bounds[0] <= kwargs[name] <= bounds[1]:
             raise ConfigError(
                 f"invalid configuration {origin!r}: {where}: {kwargs[name]!r} is not between "
@@ -243,7 +292,7 @@ def _build(cls: type[T], data: Any, path: str, origin: str) -> T:
     return cls(**kwargs)
 
 
-def _value(hint: Any, value: Any, where: str, origin: str) -> Any:
+def _value(hint: Any, value: Any, where: str, origin: str, *, zero: bool = False) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where, origin)  # type: ignore[arg-type]
     if get_origin(hint) is tuple:
@@ -252,10 +301,10 @@ def _value(hint: Any, value: Any, where: str, origin: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"invalid configuration {origin!r}: {where}: expected an array")
         return tuple(_value(item, v, f"{where}[{i}]", origin) for i, v in enumerate(value))
-    return _check(hint, value, where, origin)
+    return _check(hint, value, where, origin, zero=zero)
 
 
-def _check(hint: Any, value: Any, where: str, origin: str) -> Any:
+def _check(hint: Any, value: Any, where: str, origin: str, *, zero: bool = False) -> Any:
     allowed = get_args(hint) if get_origin(hint) in (types.UnionType,) else (hint,)
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -270,9 +319,73 @@ def _check(hint: Any, value: Any, where: str, origin: str) -> Any:
         raise ConfigError(f"invalid configuration {origin!r}: {where}: expected {names}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"invalid configuration {origin!r}: {where}: must be a finite number")
-    if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if number and not (value > 0 or (zero and value == 0)):
         raise ConfigError(f"invalid configuration {origin!r}: {where}: must be positive")
     return value
+
+
+def check(cfg: Config, origin: str) -> None:
+    """The rules between keys, once every key is valid on its own."""
+    m = cfg.management
+
+    def bad(key: str, message: str) -> NoReturn:
+        raise ConfigError(f"invalid configuration {origin!r}: management.{key}: {message}")
+
+    if bool(m.tls_cert_file) != bool(m.tls_key_file):
+        bad(
+            "tls_key_file" if m.tls_cert_file else "tls_cert_file",
+            "TLS needs both tls_cert_file and tls_key_file",
+        )
+    if m.require_tls and not m.tls_cert_file:
+        bad("require_tls", "needs tls_cert_file and tls_key_file")
+    if m.tls_ca_file and not m.tls_cert_file:
+        bad("tls_ca_file", "needs tls_cert_file and tls_key_file")
+    if m.port and not m.admins_file:
+        bad("admins_file", "remote management (port) needs the file of its users")
+    if not m.host:
+        bad("host", "must not be empty")
+    for key in ("unix_socket_dir", "tls_cert_file", "tls_key_file", "tls_ca_file",
+                "admins_file", "encryption_key_file"):  # fmt: skip
+        if "\x00" in getattr(m, key):
+            bad(key, "a file name cannot hold a NUL character")
+
+
+def setting(cfg: Config, dotted: str) -> Any:
+    """The value of ``section.key``; ConfigError if there is no such setting."""
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS or key not in SECTIONS[section]:
+        raise ConfigError(f"unknown setting {dotted[:100]!r} (see 'conf ls')")
+    return getattr(getattr(cfg, section), key)
+
+
+def settings(cfg: Config) -> dict[str, Any]:
+    """Every setting that ``conf set`` may name, ``section.key``, with its value."""
+    return {f"{s}.{k}": getattr(getattr(cfg, s), k) for s, keys in SECTIONS.items() for k in keys}
+
+
+def with_setting(cfg: Config, dotted: str, text: str) -> Config:
+    """``cfg`` with one setting changed, checked as the file's would be.
+
+    ``text`` is read as a TOML value (``5``, ``true``, ``["a", "b"]``,
+    ``"quoted"``), and as a plain string when it is none.
+    """
+    setting(cfg, dotted)
+    section, _, key = dotted.partition(".")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError):
+        value = text
+    current = getattr(cfg, section)
+    # The section as the file would give it, rebuilt whole: a key's check
+    # may depend on its neighbours'.
+    data = dataclasses.asdict(current)
+    data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+    data[key] = value
+    origin = "conf set"
+    new = dataclasses.replace(cfg, **{section: _build(type(current), data, section, origin)})
+    check(new, origin)
+    return new
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
@@ -310,6 +423,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         except RecursionError:
             raise ConfigError(f"invalid configuration {origin!r}: nested too deeply") from None
     cfg = _build(Config, data, "", origin)
+    check(cfg, origin)
     cfg = dataclasses.replace(cfg, source=origin)
     env_dsn = os.environ.get(ENV_REPOSITORY)
     if env_dsn:

@@ -7,7 +7,10 @@ One asyncio event loop runs:
 - the fleet loop: discovery (:mod:`pgfleet.collector.discovery`) and lease rounds
   (:mod:`pgfleet.collector.lease`), which start and stop workers;
 - the writer's replay of spooled snapshots (:mod:`pgfleet.collector.writer`);
-- the command listener and handler (:mod:`pgfleet.collector.commands`).
+- the command listener and handler (:mod:`pgfleet.collector.commands`);
+- the management listeners (:mod:`pgfleet.management.server`): ``pgfleet ctl``
+  over a private Unix socket, and remotely over SCRAM/TLS when a port is set;
+  :class:`ManagementCommands` is what their commands do here.
 
 Signals: SIGTERM and SIGINT stop taking snapshots and exit within
 ``shutdown_timeout`` seconds, whatever the repository does meanwhile: the
@@ -37,15 +40,16 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Coroutine
-from datetime import timedelta
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from prometheus_client.registry import CollectorRegistry
 
-from pgfleet import asgi, config, log
+from pgfleet import __version__, asgi, config, log
 from pgfleet.collector import commands, systemd
 from pgfleet.collector.discovery import Discovery
 from pgfleet.collector.exporter.endpoint import Endpoint, Row
@@ -60,10 +64,14 @@ from pgfleet.collector.stats import Stats
 from pgfleet.collector.worker import Worker
 from pgfleet.collector.writer import Writer
 from pgfleet.config import Config
-from pgfleet.connections import connect_repository_async, first_line
+from pgfleet.connections import connect_repository, connect_repository_async, first_line
 from pgfleet.errors import ConfigError, RepositoryError
+from pgfleet.management import handlers
+from pgfleet.management import server as management
+from pgfleet.management.document import ErrorCode, ManagementError
 from pgfleet.repository import channel as repo_channel
 from pgfleet.repository import schema
+from pgfleet.repository import servers as repo_servers
 from pgfleet.repository.channel import RequestRow
 from pgfleet.repository.servers import Server
 from pgfleet.repository.snapshots import registered_sources
@@ -95,7 +103,13 @@ RESTART_SETTINGS = (
     "web.pool_idle",
     "web.statement_timeout",
     "web.login_attempts",
+    # The management listeners' addresses, bound at start.
+    "management.unix_socket_dir",
+    "management.host",
+    "management.port",
 )
+# Settings whose value ``conf get`` never shows.
+SECRET_SETTINGS = ("web.token",)
 
 # The shutdown: the last part of shutdown_timeout, kept for giving back the
 # leases and closing (at most this, and at most a quarter of it).
@@ -161,6 +175,8 @@ class Daemon:
         self._force_timer: threading.Timer | None = None
         self._summary_at = time.monotonic()
         self._summary_totals: dict[str, int] = {}
+        self.started_at = time.time()
+        self.management: management.ManagementServer | None = None
 
     # -- Life cycle
 
@@ -221,6 +237,7 @@ class Daemon:
         # Bound before anything starts, so that a busy port is one clear
         # error at start rather than a collector without its endpoint.
         servers = self._http_servers()
+        await self._start_management()
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -252,6 +269,25 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             await self._shutdown()
         return self.exit_code
+
+    async def _start_management(self) -> None:
+        """Bind the management socket (and port); ConfigError if impossible."""
+        cfg = self.cfg.management
+        path = management.socket_path(cfg, self.spool.directory)
+        self.management = management.ManagementServer(
+            management.prepare(cfg),
+            ManagementCommands(self),
+            socket_file=path,
+            stats=self.stats,
+            logger=self.log.bind(component="management"),
+        )
+        await self.management.start()
+        fields: dict[str, Any] = {"socket": str(path)}
+        if self.management.address is not None:
+            host, port = self.management.address
+            fields["remote"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            fields["tls"] = "required" if cfg.require_tls else bool(cfg.tls_cert_file)
+        self.log.info("management listening", **fields)
 
     def _http_servers(self) -> list[tuple[Coroutine[Any, Any, None], str]]:
         """The HTTP servers to run (exporter, web UI), their sockets bound."""
@@ -305,10 +341,14 @@ class Daemon:
         return self.name, rows
 
     def _on_stop(self, sig: signal.Signals) -> None:
+        self.request_stop(signal=sig.name)
+
+    def request_stop(self, **why: Any) -> None:
+        """Begin the clean stop (a signal, or ``pgfleet ctl shutdown``)."""
         if self._stop.is_set():
             return
         self._deadline = _now() + self.cfg.collector.shutdown_timeout
-        self.log.info("stopping", signal=sig.name)
+        self.log.info("stopping", **why)
         systemd.notify("STOPPING=1", "STATUS=stopping")
         self._stop.set()
 
@@ -342,6 +382,9 @@ class Daemon:
         deadline = self._deadline or time.monotonic() + timeout
         self._arm_force_exit(deadline)
         reserve = min(_SHUTDOWN_RESERVE, timeout / 4)
+        if self.management is not None:
+            # No new command once stopping; one being answered gets a moment.
+            await self.management.close(timeout=min(1.0, reserve))
         workers = list(self.workers.values())
         for w in workers:
             w.stop()
@@ -608,49 +651,56 @@ class Daemon:
 
     async def reload(self, origin: str) -> str:
         """Reread the configuration and the fleet; return what happened, in one line."""
+        message, _ = await self.reload_details(origin)
+        return message
+
+    async def reload_details(self, origin: str) -> tuple[str, list[str]]:
+        """``reload``, and the changed settings that wait for a restart."""
         systemd.reloading()
         try:
             try:
                 new = config.load(self.config_path)
-                self.discovery.configure(new.discovery, new.source)
+                restart = await self.apply_config(new)
             except ConfigError as e:
                 self.log.error("reload failed, configuration unchanged", error=str(e))
                 raise
-            restart = [k for k in RESTART_SETTINGS if _setting(new, k) != _setting(self.cfg, k)]
-            if restart:
-                self.log.warning(
-                    "settings changed that need a restart: old values kept",
-                    settings=",".join(restart),
-                )
-            # Those keep their current values until a restart.
-            new = dataclasses.replace(
-                new,
-                repository=self.cfg.repository,
-                collector=dataclasses.replace(
-                    new.collector,
-                    name=self.cfg.collector.name,
-                    lease_period=self.cfg.collector.lease_period,
-                    command_channel=self.cfg.collector.command_channel,
-                ),
-                spool=dataclasses.replace(new.spool, directory=self.cfg.spool.directory),
-            )
-            self.cfg = new
-            log.setup(new.logging.level, new.logging.format)
-            await self.limiter.resize(new.collector.max_in_flight)
-            self.spool.max_bytes = round(new.spool.max_size * 2**20)
-            self.writer.store_timeout = new.collector.store_timeout
-            self.writer.purge_interval = new.collector.purge_interval
-            self.latest.configure(
-                max_statements=new.exporter.max_statements, max_tables=new.exporter.max_tables
-            )
-            self._fleet_wake.set()  # rediscover now; workers get new settings there
             self.log.info("configuration reloaded", origin=origin, source=new.source)
             message = f"configuration reloaded from {new.source}"
             if restart:
                 message += "; needs a restart to apply: " + ", ".join(restart)
-            return message
+            return message, restart
         finally:
             systemd.notify("READY=1", f"STATUS=collecting {len(self.workers)} server(s)")
+
+    async def apply_config(self, new: Config) -> list[str]:
+        """Make ``new`` the configuration; return the changed settings that need a restart.
+
+        Those keep their current values until a restart.  Whatever may fail
+        (a discovery file, a TLS file) is checked before anything changes:
+        a ConfigError leaves the configuration as it was.
+        """
+        mgmt = management.prepare(new.management) if self.management is not None else None
+        self.discovery.configure(new.discovery, new.source)
+        restart = [k for k in RESTART_SETTINGS if _setting(new, k) != _setting(self.cfg, k)]
+        if restart:
+            self.log.warning(
+                "settings changed that need a restart: old values kept",
+                settings=",".join(restart),
+            )
+        new = _keep(new, self.cfg, RESTART_SETTINGS)
+        self.cfg = new
+        log.setup(new.logging.level, new.logging.format)
+        await self.limiter.resize(new.collector.max_in_flight)
+        self.spool.max_bytes = round(new.spool.max_size * 2**20)
+        self.writer.store_timeout = new.collector.store_timeout
+        self.writer.purge_interval = new.collector.purge_interval
+        self.latest.configure(
+            max_statements=new.exporter.max_statements, max_tables=new.exporter.max_tables
+        )
+        if self.management is not None and mgmt is not None:
+            self.management.configure(mgmt)
+        self._fleet_wake.set()  # rediscover now; workers get new settings there
+        return restart
 
     # -- Commands
 
@@ -864,6 +914,21 @@ def _now() -> float:
     return time.monotonic()
 
 
+def _keep(new: Config, old: Config, settings: tuple[str, ...]) -> Config:
+    """``new`` with the values ``settings`` have in ``old``."""
+    sections: dict[str, dict[str, Any]] = {}
+    for dotted in settings:
+        section, key = dotted.split(".")
+        sections.setdefault(section, {})[key] = _setting(old, dotted)
+    return dataclasses.replace(
+        new,
+        **{
+            section: dataclasses.replace(getattr(new, section), **keys)
+            for section, keys in sections.items()
+        },
+    )
+
+
 async def _settle(
     tasks: list[asyncio.Task[Any]], until: float, *, cancel: bool = True
 ) -> set[asyncio.Task[Any]]:
@@ -908,3 +973,230 @@ def run(cfg: Config, *, config_path: str | None, dsn: str, serve_web: bool = Fal
         return 130
     finally:
         daemon.disarm()
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def _shown(key: str, value: Any) -> Any:
+    """A setting as ``conf get`` shows it: tuples as lists, secrets hidden."""
+    if key in SECRET_SETTINGS and value:
+        return "<redacted>"
+    if key == "repository.dsn":
+        return log.redact(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
+class ManagementCommands:
+    """What the management commands do in this daemon (a :class:`handlers.Target`).
+
+    Everything is read from the daemon's memory, but the ``server``
+    commands, which go to the repository as ``pgfleet server`` does, in a
+    thread (the registry's functions are synchronous) under
+    ``[management] timeout``.
+    """
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+
+    async def status(self, details: bool) -> dict[str, Any]:
+        d = self.d
+        workers = list(d.workers.values())
+        states = Counter(w.state for w in workers)
+        out: dict[str, Any] = {
+            "Collector": d.name,
+            "Version": __version__,
+            "Pid": os.getpid(),
+            "Started": _iso(d.started_at),
+            "Uptime": round(time.time() - d.started_at, 1),
+            "Stopping": d._stop.is_set(),
+            "Repository": {
+                "Reachable": d.control.up,
+                "LastError": d.control.last_error,
+            },
+            "NumberOfServers": len(workers),
+            "Fleet": len(d.fleet),
+            "States": dict(sorted(states.items())),
+            "InFlight": states.get("running", 0),
+            "MaxInFlight": d.cfg.collector.max_in_flight,
+            "Spool": {
+                "Directory": str(d.spool.directory),
+                "Snapshots": len(d.spool),
+                "Bytes": d.spool.bytes,
+                "MaxBytes": d.spool.max_bytes,
+            },
+            "Leases": {
+                "Held": len(d.leases.terms),
+                "Rounds": d.leases.rounds,
+                "Period": d.leases.period,
+            },
+            "Management": {
+                "Connections": d.management.connections if d.management is not None else 0
+            },
+        }
+        if details:
+            # WORKERS_STATUS's answer, keyed by srvid as there.
+            out["Servers"] = {
+                str(srvid): w.status(d.spool.count(srvid)) for srvid, w in sorted(d.workers.items())
+            }
+        return out
+
+    async def reload(self) -> dict[str, Any]:
+        try:
+            message, restart = await self.d.reload_details("management")
+        except ConfigError as e:
+            raise ManagementError(
+                ErrorCode.COMMAND_FAILED, f"reload failed, configuration unchanged: {e}"
+            ) from None
+        return {"Message": message, "Restart": bool(restart), "RestartSettings": restart}
+
+    def shutdown(self) -> None:
+        self.d.request_stop(reason="management shutdown")
+
+    def conf_files(self) -> dict[str, Any]:
+        d = self.d
+        m = d.cfg.management
+        return {
+            "ConfigurationFile": d.config_path,
+            "AdminsFile": m.admins_file or None,
+            "EncryptionKeyFile": m.encryption_key_file or None,
+            "TlsCertFile": m.tls_cert_file or None,
+            "TlsKeyFile": m.tls_key_file or None,
+            "TlsCaFile": m.tls_ca_file or None,
+            "UnixSocket": str(d.management.socket_file) if d.management is not None else None,
+            "SpoolDirectory": str(d.spool.directory),
+        }
+
+    def _get(self, key: str) -> Any:
+        try:
+            return config.setting(self.d.cfg, key)
+        except ConfigError as e:
+            raise ManagementError(ErrorCode.NOT_FOUND, str(e)) from None
+
+    def conf_get(self, key: str | None) -> dict[str, Any]:
+        if key is None:
+            values = config.settings(self.d.cfg)
+            return {"Settings": {k: _shown(k, v) for k, v in values.items()}}
+        return {
+            "ConfigKey": key,
+            "ConfigValue": _shown(key, self._get(key)),
+            "Restart": key in RESTART_SETTINGS,
+        }
+
+    async def conf_set(self, key: str, value: str) -> dict[str, Any]:
+        d = self.d
+        old = self._get(key)
+        try:
+            new = config.with_setting(d.cfg, key, value)
+        except ConfigError as e:
+            raise ManagementError(ErrorCode.BAD_ARGUMENTS, str(e)) from None
+        requested = config.setting(new, key)
+        if key in RESTART_SETTINGS:
+            # As pgmoneta: not applied, and said so.
+            return {
+                "ConfigKey": key,
+                "CurrentValue": _shown(key, old),
+                "RequestedValue": _shown(key, requested),
+                "Restart": True,
+            }
+        try:
+            await d.apply_config(new)
+        except ConfigError as e:
+            raise ManagementError(ErrorCode.BAD_ARGUMENTS, str(e)) from None
+        d.log.info("setting changed", key=key, origin="management")
+        return {
+            "ConfigKey": key,
+            "OldValue": _shown(key, old),
+            "NewValue": _shown(key, config.setting(d.cfg, key)),
+            "Restart": False,
+        }
+
+    async def snapshot(self, server: str) -> dict[str, Any]:
+        d = self.d
+        found = [
+            w for srvid, w in d.workers.items() if w.server.alias == server or str(srvid) == server
+        ]
+        if not found:
+            known = any(s.alias == server or str(s.srvid) == server for s in d.fleet.values())
+            raise ManagementError(
+                ErrorCode.NOT_FOUND,
+                f"server {server[:70]!r} is not collected by collector {d.name}"
+                if known
+                else f"no server {server[:70]!r} in the fleet (alias or srvid)",
+            )
+        w = found[0]
+        started = w.force()
+        return {"Server": w.server.alias, "Srvid": w.server.srvid, "Started": started}
+
+    async def _repository(self, work: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        d = self.d
+
+        def run() -> dict[str, Any]:
+            with connect_repository(d.dsn) as conn:
+                return work(conn)
+
+        try:
+            async with asyncio.timeout(max(d.cfg.management.timeout, 30.0)):
+                return await asyncio.to_thread(run)
+        except TimeoutError:
+            raise ManagementError(
+                ErrorCode.TIMEOUT, "the repository did not answer in time"
+            ) from None
+        except (RepositoryError, psycopg.Error) as e:
+            raise ManagementError(
+                ErrorCode.COMMAND_FAILED, f"repository: {first_line(e)}"
+            ) from None
+
+    async def server_ls(self) -> dict[str, Any]:
+        def work(conn: Any) -> dict[str, Any]:
+            rows = repo_servers.list_servers(conn)
+            return {
+                "Servers": [
+                    {**handlers.server_fields(s), "collected": s.srvid in self.d.workers}
+                    for s in rows
+                ]
+            }
+
+        return await self._repository(work)
+
+    async def server_add(self, alias: str, settings: dict[str, Any]) -> dict[str, Any]:
+        try:
+            repo_servers.validate({"alias": alias, **settings})
+        except ConfigError as e:
+            raise ManagementError(ErrorCode.BAD_ARGUMENTS, str(e)) from None
+
+        def work(conn: Any) -> dict[str, Any]:
+            try:
+                s = repo_servers.add(conn, alias, **settings)
+            except ConfigError as e:
+                raise ManagementError(ErrorCode.BAD_ARGUMENTS, str(e)) from None
+            return {"Server": handlers.server_fields(s)}
+
+        out = await self._repository(work)
+        self.d._fleet_wake.set()  # collected from the next fleet round on
+        return out
+
+    async def server_rm(self, alias: str, purge: bool) -> dict[str, Any]:
+        def work(conn: Any) -> dict[str, Any]:
+            try:
+                repo_servers.get(conn, alias)
+            except ConfigError as e:
+                raise ManagementError(ErrorCode.NOT_FOUND, str(e)) from None
+            try:
+                s = repo_servers.remove(conn, alias, purge=purge)
+            except ConfigError as e:
+                raise ManagementError(ErrorCode.NOT_ALLOWED, str(e)) from None
+            return {"Server": handlers.server_fields(s), "Purged": purge}
+
+        out = await self._repository(work)
+        self.d._fleet_wake.set()
+        return out
+
+    def clear_prometheus(self) -> dict[str, Any]:
+        d = self.d
+        cleared = d.stats.reset()
+        # The summary line's deltas start again from nothing too.
+        d._summary_totals = {}
+        d.log.info("statistics cleared", origin="management", series=cleared)
+        return {"Cleared": cleared}

@@ -121,6 +121,18 @@ class Stats:
                 out[kind] += n
         return dict(out)
 
+    def reset(self) -> int:
+        """Zero every counter, failure and histogram; return how many there were.
+
+        ``pgfleet ctl clear prometheus``: Prometheus reads a counter that went
+        down as a reset.  Gauges stay: they are states, not counts.
+        """
+        n = len(self._counters) + len(self._failures) + len(self._histograms)
+        self._counters.clear()
+        self._failures.clear()
+        self._histograms.clear()
+        return n
+
     def forget(self, server: str) -> None:
         """Drop everything about a server that left the fleet."""
         for store in (self._counters, self._histograms, self._gauges):

@@ -121,7 +121,10 @@ def make_verifier(password: str, iterations: int = DEFAULT_ITERATIONS) -> str:
 
 def _error(path: str | os.PathLike[str], why: str, line: int | None = None) -> ConfigError:
     where = f", line {line}" if line is not None else ""
-    return ConfigError(f"invalid admins file '{os.fspath(path)}'{where}: {why}")
+    # A path may hold what no terminal prints (NUL, a lone surrogate): escaped.
+    raw = os.fsdecode(path)
+    name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in raw)
+    return ConfigError(f"invalid admins file '{name}'{where}: {why}")
 
 
 def _read(path: str | os.PathLike[str], *, missing_ok: bool) -> list[str]:
@@ -143,6 +146,9 @@ def _read(path: str | os.PathLike[str], *, missing_ok: bool) -> list[str]:
         raise _error(path, "not UTF-8 text") from None
     except OSError as e:
         raise _error(path, e.strerror or str(e)) from None
+    except ValueError:
+        # open() refuses a NUL or a lone surrogate (UnicodeEncodeError) in the path.
+        raise _error(path, "not a usable file name") from None
 
 
 def _parse(path: str | os.PathLike[str], lines: list[str]) -> dict[str, tuple[int, User]]:

@@ -288,3 +288,46 @@ def _events(counters: Mapping[Key, int], gauges: Mapping[Key, float]) -> Iterato
         "Discovered servers ignored right now because their alias is taken.",
         value=gauges.get(("", "discovery", "collisions"), 0.0),
     )
+    yield from _management(counters, gauges)
+
+
+def _management(counters: Mapping[Key, int], gauges: Mapping[Key, float]) -> Iterator[Metric]:
+    """``pgfleet ctl``'s connections: Stats kinds "FAMILY/LABEL..." of source "management"."""
+    accepted = CounterMetricFamily(
+        "pgfleet_management_connections",
+        "Management connections accepted (remote: logged in), by interface.",
+        labels=["interface"],
+    )
+    refused = CounterMetricFamily(
+        "pgfleet_management_refusals",
+        "Management connections refused, by interface and reason (auth_failed, tls_required, "
+        "timeout, too_many_connections, not_allowed, disconnected...).",
+        labels=["interface", "reason"],
+    )
+    errors = CounterMetricFamily(
+        "pgfleet_management_errors",
+        "Management requests answered with an error, by error code name.",
+        labels=["code"],
+    )
+    executed = CounterMetricFamily(
+        "pgfleet_management_commands", "Management requests by command.", labels=["command"]
+    )
+    for (server, source, kind), n in sorted(counters.items()):
+        if server or source != "management":
+            continue
+        family, _, label = kind.partition("/")
+        if family == "accepted":
+            accepted.add_metric([label], n)
+        elif family == "refused":
+            interface, _, reason = label.partition("/")
+            refused.add_metric([interface, reason], n)
+        elif family == "errors":
+            errors.add_metric([label], n)
+        elif family == "commands":
+            executed.add_metric([label], n)
+    yield from (accepted, refused, errors, executed)
+    yield GaugeMetricFamily(
+        "pgfleet_management_connections_open",
+        "Management connections open now.",
+        value=gauges.get(("", "management", "connections"), 0.0),
+    )
