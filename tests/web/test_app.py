@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 import httpx
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
+from pgfleet.repository import reads
+from pgfleet.snapshot.model import MARKED
 from pgfleet.web.app import create_app
 from pgfleet.web.render import tilde_decode, tilde_encode
+from tests.fix_repository import RunCli
 from tests.web.fix_web import HOSTILE_COMMENT, HOSTILE_DB, TOKEN, Fleet, web_config
 
 T = TypeVar("T")
@@ -234,3 +241,96 @@ def test_server_page_says_what_its_history_costs(fleet: Fleet) -> None:
     assert points and usage["points"] == points[0] > 0
     assert usage["history_bytes"] > 0 and usage["week_bytes"] > 0
     assert " of history for this server, ~" in html and "per week at the current rate" in html
+
+
+def test_own_statements_are_hidden_unless_asked_for(fleet: Fleet) -> None:
+    """pgfleet's own statements (marked: see snapshot.model.mark()) are left
+    out of the top queries, in HTML and JSON, until ``?own=1``."""
+
+    async def go(c: httpx.AsyncClient) -> None:
+        h = {"Authorization": f"Bearer {TOKEN}"}
+        srv = f"/server/{fleet.srvid}"
+        hidden = (await c.get(f"{srv}.json?_only=top_queries", headers=h)).json()
+        shown = (await c.get(f"{srv}.json?_only=top_queries&own=1", headers=h)).json()
+        assert hidden["own"] is False and shown["own"] is True
+        assert hidden["top_queries"] and not any(q["own"] for q in hidden["top_queries"])
+        assert not any(re.match(MARKED, q["query"] or "") for q in hidden["top_queries"])
+        assert any("FROM work WHERE" in (q["query"] or "") for q in hidden["top_queries"])
+        ours = [q for q in shown["top_queries"] if q["own"]]
+        assert ours and all(re.match(MARKED, q["query"]) for q in ours)
+        # Ours take room in the 50 shown: fewer of the server's own come in.
+        keys = {(q["datname"], q["queryid"]) for q in shown["top_queries"] if not q["own"]}
+        assert keys < {(q["datname"], q["queryid"]) for q in hidden["top_queries"]}
+
+        # The page says what it hides, and its links keep the choice.
+        page = (await c.get(f"{srv}?range=1h&sort=calls", headers=h)).text
+        assert f'href="{srv}?range=1h&amp;sort=calls&amp;own=1">show pgfleet\'s own' in page
+        assert f'href="{srv}?range=1h&amp;sort=mean"' in page
+        page = (await c.get(f"{srv}?range=1h&sort=calls&own=1", headers=h)).text
+        assert f'href="{srv}?range=1h&amp;sort=calls">hide pgfleet\'s own' in page
+        assert f'href="{srv}?range=1h&amp;sort=mean&amp;own=1"' in page
+        assert "/* pgfleet */" in page
+
+        work = next(q for q in hidden["top_queries"] if "FROM work WHERE" in q["query"])
+        db = f"{srv}/database/{tilde_encode(work['datname'])}"
+        hidden = (await c.get(f"{db}.json?_only=top_queries", headers=h)).json()
+        shown = (await c.get(f"{db}.json?_only=top_queries&own=1", headers=h)).json()
+        assert not any(q["own"] for q in hidden["top_queries"])
+        assert any(q["own"] for q in shown["top_queries"])
+        page = (await c.get(f"{db}?range=6h&own=1", headers=h)).text
+        assert f'href="{db}?range=6h&amp;sort=total_time">hide pgfleet\'s own' in page
+
+    run(fleet, go)
+
+
+def test_own_statements_leave_the_ranking_before_its_limit(fleet: Fleet) -> None:
+    """`limit` rows of the server's statements, however many of ours outrank them."""
+
+    async def ranks() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        end = datetime.now(UTC)
+        start = end - timedelta(hours=1)
+        async with await psycopg.AsyncConnection.connect(fleet.repo, autocommit=True) as conn:
+            every = await reads.top_queries(conn, fleet.srvid, start, end, limit=1000, own=True)
+            theirs = [r for r in every if not r["own"]]
+            first_ours = next(i for i, r in enumerate(every) if r["own"])
+            # Some of ours rank among the server's statements, which the
+            # LIMIT would cut if they were left out after it.
+            assert first_ours < len(theirs) - 1
+            top = await reads.top_queries(conn, fleet.srvid, start, end, limit=len(theirs) - 1)
+        return theirs, top
+
+    theirs, top = asyncio.run(ranks())
+    assert [(r["datname"], r["queryid"]) for r in top] == [
+        (r["datname"], r["queryid"]) for r in theirs[:-1]
+    ]
+
+
+def test_local_snapshots_are_marked_too(fleet: Fleet, run_cli: RunCli) -> None:
+    """In local mode the repository is the server: its snapshots' statements
+    (and the UI's reads) are marked, and its page (srvid 0) hides them."""
+    # The third reads the counters of the second's statements, which read the first's.
+    for _ in range(3):
+        res = run_cli("snapshot", "--local")
+        assert res.rc == 0, res.err
+
+    async def texts() -> list[str]:
+        end = datetime.now(UTC)
+        async with await psycopg.AsyncConnection.connect(fleet.repo, autocommit=True) as conn:
+            every = await reads.top_queries(
+                conn, 0, end - timedelta(hours=1), end, limit=10_000, own=True, text_chars=1000
+            )
+        return [r["query"] for r in every if r["own"]]
+
+    ours = asyncio.run(texts())
+    assert any("pgfleet.take_snapshot(" in t for t in ours), ours
+
+    async def go(c: httpx.AsyncClient) -> None:
+        h = {"Authorization": f"Bearer {TOKEN}"}
+        repo_db = tilde_encode(str(conninfo_to_dict(fleet.repo)["dbname"]))
+        for path in ("/server/0.json", f"/server/0/database/{repo_db}.json"):
+            data = (await c.get(f"{path}?_only=top_queries", headers=h)).json()
+            assert data["top_queries"], path
+            assert not any(re.match(MARKED, q["query"] or "") for q in data["top_queries"])
+        assert (await c.get("/server/0", headers=h)).status_code == 200
+
+    run(fleet, go)

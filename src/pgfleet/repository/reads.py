@@ -14,6 +14,7 @@ ours, never a user's: they are composed as identifiers all the same.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,6 +24,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
+
+from pgfleet.snapshot.model import MARKED, mark
 
 Row = dict[str, Any]
 Conn = psycopg.AsyncConnection[Any]
@@ -67,8 +70,12 @@ def _ident(name: str) -> sql.Identifier:
 async def _fetch(
     conn: Conn, query: sql.SQL | sql.Composed | str, params: Mapping[str, Any]
 ) -> list[Row]:
+    # Marked as pgfleet's own, as the snapshots' statements are: the
+    # repository may monitor itself (srvid 0), and its page then hides the
+    # UI's reading as it hides our collection elsewhere.
+    text = mark(query if isinstance(query, str) else query.as_string(conn))
     async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(query, params)
+        await cur.execute(text, params)
         rows = await cur.fetchall()
     # sum() of bigint is numeric: floats are what charts and JSON want.
     for r in rows:
@@ -329,8 +336,13 @@ async def sums(
     where: Mapping[str, Any] | None = None,
     order: str | None = None,
     limit: int | None = None,
+    condition: sql.Composable | None = None,
 ) -> list[Row]:
     """Aggregates over ``<module>_sums`` per `group`: `exprs` are ours.
+
+    `condition`: one of ours (its parameters among ``%(srvid)s``,
+    ``%(from)s`` and ``%(to)s``) on ``<module>_sums``'s columns: only the
+    entries it holds for are ranked and summed.
 
     A ranking (`order` and `limit`) is read in two passes: the `order`
     expression alone over every group, then every expression for the
@@ -342,6 +354,11 @@ async def sums(
     """
     cond, params = _filters(where)
     params.update(srvid=srvid, **{"from": start, "to": end})
+    if condition is not None:
+        # In both passes: it may leave out some of a winner's entries (a
+        # condition on a column not grouped by), which the second pass must
+        # not sum either.
+        cond = sql.Composed([cond, sql.SQL(" AND ("), condition, sql.SQL(")")])
     if group and order and limit:
         winners = await _fetch(
             conn,
@@ -426,6 +443,18 @@ _QUERY_EXPRS = {
 }
 
 
+# The statements pgfleet itself ran on the server (their text is marked: see
+# snapshot.model.mark()): by queryid, whatever the database and the role
+# (the same queryid elsewhere is the same statement, on the same catalogs),
+# found once per query (an InitPlan), and left out inside <m>_sums, before
+# any window is decoded.  The mark is at the start: left() decompresses no
+# more of a long text than that.
+_NOT_OWN = sql.SQL(
+    "queryid <> ALL (ARRAY(SELECT o.queryid FROM pgfleet.pg_stat_statements_once o"
+    " WHERE o.srvid = %(srvid)s AND left(o.query, 64) ~ {}))"
+).format(sql.Literal(MARKED))
+
+
 async def top_queries(
     conn: Conn,
     srvid: int,
@@ -436,9 +465,17 @@ async def top_queries(
     datname: str | None = None,
     limit: int = 50,
     text_chars: int = 160,
+    own: bool = False,
 ) -> list[Row]:
     """The statements of a server (or one database) that did the most, per
-    database and queryid, with the start of their text."""
+    database and queryid, with the start of their text.
+
+    pgfleet's own statements (a text marked as ours: see MARKED) are
+    left out unless `own`, before the ranking: up to `limit` of the
+    server's others come back.  Texts stored before pgfleet marked its
+    statements have no marker: those stay in.  With `own`, each row's
+    ``own`` says whether it is one of ours.
+    """
     where = {"datname": datname} if datname is not None else None
     rows = await sums(
         conn,
@@ -451,6 +488,7 @@ async def top_queries(
         where=where,
         order=QUERY_SORTS.get(sort, "total_time"),
         limit=limit,
+        condition=None if own else _NOT_OWN,
     )
     rows = [r for r in rows if r["calls"] or r["total_time"]]
     if rows:
@@ -469,6 +507,7 @@ async def top_queries(
             t = by_key.get((r["datname"], r["queryid"]))
             r["query"] = t["query"] if t else None
             r["query_truncated"] = bool(t and t["query_length"] > text_chars)
+            r["own"] = bool(r["query"] and re.match(MARKED, r["query"]))
     return rows
 
 

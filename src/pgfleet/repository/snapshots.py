@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgfleet.snapshot.model import Failure, FailureKind, RegisteredSource, ServerInfo
+from pgfleet.snapshot.model import Failure, FailureKind, RegisteredSource, ServerInfo, mark
 
 # The server's clock, read between statements of a multi-statement query to
 # time each phase where it runs.
@@ -166,9 +166,13 @@ async def seed_state(
 
 async def local_info(repo: psycopg.AsyncConnection[Any]) -> ServerInfo:
     """The repository's own instance, as the local mode's server (srvid 0)."""
+    # Marked, as a remote snapshot's statements are on their server: here
+    # the repository is the server (see snapshot.model.mark()).
     cur = await repo.execute(
-        """SELECT current_setting('server_version_num')::int, pg_is_in_recovery(),
-                  ARRAY(SELECT extname::text FROM pg_extension)"""
+        mark(
+            """SELECT current_setting('server_version_num')::int, pg_is_in_recovery(),
+                      ARRAY(SELECT extname::text FROM pg_extension)"""
+        )
     )
     row = await cur.fetchone()
     assert row is not None
@@ -180,7 +184,9 @@ async def take_local_snapshot(
 ) -> list[Failure]:
     """Snapshot srvid 0 in one transaction; return the failures it recorded."""
     async with repo.transaction():
-        await repo.execute("SELECT pgfleet.take_snapshot(0, %s)", (modules,))
+        # Marked: see local_info().  With pg_stat_statements.track = top, the
+        # sources' queries run inside it are not counted on their own.
+        await repo.execute(mark("SELECT pgfleet.take_snapshot(0, %s)"), (modules,))
         cur = await repo.execute(
             "SELECT source, message FROM pgfleet.snapshot_errors WHERE srvid = 0 AND ts = now()"
         )

@@ -38,6 +38,7 @@ from pgfleet.snapshot.model import (
     SnapshotResult,
     Staged,
     StreamTarget,
+    mark,
     new_spool,
 )
 
@@ -50,7 +51,9 @@ SPARE_SLOTS = 2
 # from PostgreSQL 16, reserved_connections are not for us; walsenders and
 # background workers have slots of their own), and its clock.  A role
 # without pg_read_all_stats sees another role's backend_type as NULL.
-_INFO = """
+# Every statement sent to the server is marked as ours (see model.mark()).
+_INFO = mark(
+    """
 SELECT pg_catalog.current_setting('server_version_num')::int,
        pg_catalog.pg_is_in_recovery(),
        ARRAY(SELECT extname::text FROM pg_catalog.pg_extension),
@@ -63,6 +66,7 @@ SELECT pg_catalog.current_setting('server_version_num')::int,
              WHERE coalesce(backend_type = 'client backend', datid IS NOT NULL))::int,
        pg_catalog.date_part('epoch', pg_catalog.clock_timestamp())
 """
+)
 
 
 def connection_budget(configured: int, free_slots: int | None) -> int:
@@ -189,9 +193,11 @@ def needs_schemas(query: str) -> bool:
 async def extension_schemas(conn: psycopg.AsyncConnection[Any]) -> dict[str, str]:
     """Each extension of the connection's database, and its schema as an identifier."""
     cur = await conn.execute(
-        """SELECT e.extname::text, pg_catalog.quote_ident(n.nspname::text)
-             FROM pg_catalog.pg_extension e
-             JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace"""
+        mark(
+            """SELECT e.extname::text, pg_catalog.quote_ident(n.nspname::text)
+                 FROM pg_catalog.pg_extension e
+                 JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace"""
+        )
     )
     return {name: schema for name, schema in await cur.fetchall()}
 
@@ -214,10 +220,12 @@ def qualify(query: str, schemas: Mapping[str, str]) -> str | None:
     return None if missing else out
 
 
+# The SELECT too: with pg_stat_statements.track = all it is counted on its own.
+_COPY = mark("COPY (" + mark("SELECT {}::integer AS srvid, * FROM ({}) s") + ") TO STDOUT")
+
+
 def _copy_stmt(srvid: int, query: sql.Composable) -> sql.Composed:
-    return sql.SQL("COPY (SELECT {}::integer AS srvid, * FROM ({}) s) TO STDOUT").format(
-        sql.Literal(srvid), query
-    )
+    return sql.SQL(_COPY).format(sql.Literal(srvid), query)
 
 
 # Types whose text may hold a backslash, tab, newline or carriage return,
@@ -251,8 +259,10 @@ def _agg_template(module: str) -> str:
     # no field is NULL, which it would skip.
     return (
         sql.SQL(
-            "SELECT pg_catalog.string_agg(pg_catalog.concat_ws(E'\\t', {{srvid}}, {}), E'\\n')"
-            " FROM ({{query}}) s"
+            mark(
+                "SELECT pg_catalog.string_agg(pg_catalog.concat_ws(E'\\t', {{srvid}}, {}), E'\\n')"
+                " FROM ({{query}}) s"
+            )
         )
         .format(sql.SQL(", ").join(fields))
         .as_string(None)
@@ -646,7 +656,7 @@ async def _fetch_alone(
             conn = await session.conn()
             assert src.query_source is not None
             cur = await conn.execute(
-                "SELECT to_regprocedure(%s) IS NOT NULL", (src.query_source + "(integer)",)
+                mark("SELECT to_regprocedure(%s) IS NOT NULL"), (src.query_source + "(integer)",)
             )
             row = await cur.fetchone()
             if not row or not row[0]:
@@ -662,7 +672,8 @@ async def _fetch_alone(
             await wire.copy_out(conn, _copy_stmt(srvid, call), spool)
         if src.query_cleanup:
             conn = await session.conn()
-            await conn.execute(src.query_cleanup.encode())
+            # Only its first statement is marked, if it holds several.
+            await conn.execute(mark(src.query_cleanup).encode())
     except psycopg.Error as e:
         spool.close()
         if conn is not None and conn.broken:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import IO, Protocol
@@ -26,6 +27,36 @@ SPOOL_MEMORY = 4 * 1024 * 1024
 # per row costs more than reading the row, and a streamed source goes to the
 # repository a chunk at a time.
 CHUNK = 64 * 1024
+
+# Every statement pgfleet sends to a server it snapshots carries this
+# comment after its first word (see mark()).  pg_stat_statements has no
+# application_name, but it keeps a statement's text as sent, comments
+# included, constants aside: the web UI tells our own statements from the
+# server's workload by it (see repository.reads.top_queries).  Not before
+# the first word: from PostgreSQL 18 on, a statement's text starts at its
+# first token, and a leading comment is lost.  Never change it: the texts
+# already stored carry it.
+STATEMENT_MARKER = "/* pgfleet */"
+# A marked text, as a regular expression that Python and PostgreSQL (ARE)
+# read alike: the marker after the first keyword, or in front (see mark()).
+MARKED = r"^(\(*[A-Za-z]+ )?" + re.escape(STATEMENT_MARKER)
+# A statement's first keyword (after any opening parentheses), and what
+# follows it: the marker goes between them.
+_FIRST_WORD = re.compile(r"\(*[A-Za-z]+(?=[\s(])")
+
+
+def mark(statement: str) -> str:
+    """``statement`` marked as pgfleet's: ``SELECT /* pgfleet */ ...``.
+
+    One that does not start with a keyword (a comment first...) gets the
+    marker in front, which pg_stat_statements keeps before PostgreSQL 18
+    only.
+    """
+    text = statement.lstrip()
+    m = _FIRST_WORD.match(text)
+    if m is None:
+        return f"{STATEMENT_MARKER} {text}"
+    return f"{text[: m.end()]} {STATEMENT_MARKER}{text[m.end() :]}"
 
 
 def new_spool() -> IO[bytes]:

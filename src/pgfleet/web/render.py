@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from pgfleet.repository.usage import human_bytes
+from pgfleet.snapshot.model import STATEMENT_MARKER
 
 # -- Names in URLs.  Database names may hold anything, "/" and "." included:
 # like Datasette, encode every byte outside [A-Za-z0-9_-] as ~XX, so a segment
@@ -163,6 +164,8 @@ def templates() -> jinja2.Environment:
         number=_number, bytes=_bytes, ms=_ms, age=_age, when=_when, pgversion=_version,
         sql=_sql, tilde=tilde_encode,
     )  # fmt: skip
+    # Named where the top queries say what they hide.
+    env.globals["statement_marker"] = STATEMENT_MARKER
     return env
 
 

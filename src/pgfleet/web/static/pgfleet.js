@@ -215,11 +215,15 @@
         if (local && local.value) form.elements[name].value = Math.floor(Date.parse(local.value + ":00Z") / 1000);
         if (local) local.disabled = true;
       }
-      const sort = new URL(window.location.href).searchParams.get("sort");
-      if (sort && !form.elements.sort) {
-        const h = document.createElement("input");
-        h.type = "hidden"; h.name = "sort"; h.value = sort;
-        form.appendChild(h);
+      // The top queries' sort and whether they show pgfleet's own statements.
+      const here = new URL(window.location.href).searchParams;
+      for (const name of ["sort", "own"]) {
+        const value = here.get(name);
+        if (value && !form.elements[name]) {
+          const h = document.createElement("input");
+          h.type = "hidden"; h.name = name; h.value = value;
+          form.appendChild(h);
+        }
       }
     });
   }

@@ -8,7 +8,7 @@ from pgfleet.repository import reads
 from pgfleet.web.page import Ctx, NotFound, Page, buckets_for, chart, concurrently, line, values
 from pgfleet.web.render import tilde_decode
 from pgfleet.web.views import workload
-from pgfleet.web.views.server import load_server, sort_of
+from pgfleet.web.views.server import load_server, own_of, sort_of
 
 
 async def _charts(ctx: Ctx, srvid: int, b: reads.Buckets, datname: str) -> list[dict[str, Any]]:
@@ -49,11 +49,12 @@ async def build(ctx: Ctx) -> dict[str, Any]:
     b = buckets_for(ctx, srv)
     tr = ctx.range
     sort = sort_of(ctx)
+    own = own_of(ctx)
     data = await ctx.gather({
         "charts": _charts(ctx, srvid, b, datname),
         "markers": ctx.read(reads.settings_changes, srvid, tr.start, tr.end),
         "top_queries": ctx.read(reads.top_queries, srvid, tr.start, tr.end, sort=sort,
-                                datname=datname),
+                                datname=datname, own=own),
         "tables": ctx.read(reads.tables, srvid, datname, tr.start, tr.end),
         "indexes": ctx.read(reads.indexes, srvid, datname, tr.start, tr.end),
         "sessions_waiting": ctx.read(reads.sessions_waiting, srvid, b, datname),
@@ -63,6 +64,7 @@ async def build(ctx: Ctx) -> dict[str, Any]:
         "database": datname,
         "range": tr.as_json(),
         "sort": sort,
+        "own": own,
         "x": b.x() if ctx.wants("charts") else None,
         "bucket_seconds": b.width,
         **data,

@@ -10,7 +10,8 @@ from pgfleet.web.views import workload
 
 
 async def load_server(ctx: Ctx) -> dict[str, Any]:
-    srvid = path_int(ctx, "srvid", "server", INT4_MAX, 1)
+    # 0: the repository itself, when it has snapshotted itself (local mode).
+    srvid = path_int(ctx, "srvid", "server", INT4_MAX)
     srv = await ctx.read(reads.server, srvid)
     if srv is None:
         raise NotFound(f"no server with srvid {srvid}")
@@ -22,16 +23,22 @@ def sort_of(ctx: Ctx) -> str:
     return sort if sort in reads.QUERY_SORTS else "total_time"
 
 
+def own_of(ctx: Ctx) -> bool:
+    """Whether the top queries include pgfleet's own statements (``?own=1``)."""
+    return ctx.request.query_params.get("own") == "1"
+
+
 async def build(ctx: Ctx) -> dict[str, Any]:
     srv = await load_server(ctx)
     srvid = srv["srvid"]
     b = buckets_for(ctx, srv)
     tr = ctx.range
     sort = sort_of(ctx)
+    own = own_of(ctx)
     data = await ctx.gather({
         "charts": workload.server_charts(ctx, srvid, b),
         "markers": ctx.read(reads.settings_changes, srvid, tr.start, tr.end),
-        "top_queries": ctx.read(reads.top_queries, srvid, tr.start, tr.end, sort=sort),
+        "top_queries": ctx.read(reads.top_queries, srvid, tr.start, tr.end, sort=sort, own=own),
         "databases": ctx.read(reads.databases, srvid, tr.start, tr.end),
         "wait_events": ctx.read(reads.wait_events, srvid, b),
         "sessions_waiting": ctx.read(reads.sessions_waiting, srvid, b, None),
@@ -42,6 +49,7 @@ async def build(ctx: Ctx) -> dict[str, Any]:
         "server": srv,
         "range": tr.as_json(),
         "sort": sort,
+        "own": own,
         "x": b.x() if ctx.wants("charts") else None,
         "bucket_seconds": b.width,
         **data,
