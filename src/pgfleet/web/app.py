@@ -63,11 +63,13 @@ def _read_secret(path: str, what: str) -> str:
 
 
 def uplot_dir() -> Path | None:
-    """uPlot's dist directory: copied into our static files, or in node_modules."""
-    candidates = [os.environ.get("PGFLEET_UPLOT_DIR", "")]
+    """uPlot's files: vendored (committed) in our static files, unless
+    $PGFLEET_UPLOT_DIR names others."""
     here = Path(__file__).resolve()
-    candidates.append(str(here.parent / "static" / "vendor" / "uplot"))
-    candidates += [str(p / "node_modules" / "uplot" / "dist") for p in here.parents]
+    candidates = [
+        os.environ.get("PGFLEET_UPLOT_DIR", ""),
+        str(here.parent / "static" / "vendor" / "uplot"),
+    ]
     for c in candidates:
         if c and (Path(c) / "uPlot.iife.min.js").is_file():
             return Path(c)
@@ -92,7 +94,7 @@ def create_app(config: Config) -> Starlette:
     up = uplot_dir()
     state = WebState(config, sessions, render.templates(), up is not None)
     if up is None:
-        logger.warning("uPlot not found (run 'make venv', which runs npm ci): no charts")
+        logger.warning("uPlot not found in pgfleet/web/static/vendor/uplot: no charts")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
