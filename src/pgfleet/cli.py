@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _ctl_parser(sub)
     _user_parser(sub)
+    _backup_parser(sub)
 
     demo = sub.add_parser("demo", help="run a self-contained demo on embedded PostgreSQL")
     demo.add_argument("--seconds", type=_positive_int, default=60)
@@ -313,6 +314,133 @@ def _ctl_parser(sub: Any) -> None:
 # pgmoneta's compression types, in frame.Compression's order (not imported
 # here: its codecs would load for every pgfleet command).
 _COMPRESSIONS = ("none", "gzip", "zstd", "lz4", "bzip2")
+
+
+def _target_time(text: str) -> datetime:
+    """An ISO 8601 time; without a zone, the local one."""
+    try:
+        t = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid time {_show(text)}: use ISO 8601, e.g. '2026-12-07 04:31:00+00:00'"
+        ) from None
+    return t if t.tzinfo is not None else t.astimezone()
+
+
+def _alias(text: str) -> str:
+    """A server's alias, as the registry allows them (it names a directory too)."""
+    try:
+        servers.validate({"alias": text})
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _backup_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "backup",
+        help="base backups, WAL streaming, verify and restore (see docs/backup.md)",
+    )
+    _config_option(p)
+
+    def common(q: argparse.ArgumentParser, *, top: bool = False) -> None:
+        # Before the action or after it; SUPPRESS keeps a value given before.
+        default = None if top else argparse.SUPPRESS
+        if not top:
+            _config_option(q)
+        q.add_argument(
+            "--directory",
+            metavar="DIR",
+            type=_path,
+            default=default,
+            help="where backups are (default [backup] directory)",
+        )
+        q.add_argument(
+            "--key-file",
+            metavar="FILE",
+            type=_path,
+            default=default,
+            help="the AES-256 key of encrypted backups (default [backup] encryption_key_file)",
+        )
+
+    common(p, top=True)
+    bsub = p.add_subparsers(dest="backup_action", required=True, metavar="ACTION")
+    q = bsub.add_parser("create", help="take a base backup of a registered server now")
+    q.add_argument(
+        "server", type=_alias, help="alias of a registered server (its role must replicate)"
+    )
+    q.add_argument(
+        "--incremental",
+        action="store_true",
+        help="against the latest valid backup (PostgreSQL 17+, summarize_wal = on)",
+    )
+    q.add_argument("--label", default="", help="the backup's label")
+    q.add_argument(
+        "--max-rate", metavar="RATE", help="pg_basebackup's transfer limit, e.g. 100M (kB/s)"
+    )
+    q.add_argument("--json", action="store_true")
+    common(q)
+    q = bsub.add_parser("ls", help="a server's backups")
+    q.add_argument("server", type=_alias)
+    q.add_argument("--json", action="store_true")
+    common(q)
+    q = bsub.add_parser("info", help="one backup in detail")
+    q.add_argument("server", type=_alias)
+    q.add_argument("id", nargs="?", default="latest", help="an ID, latest (default) or oldest")
+    q.add_argument("--json", action="store_true")
+    common(q)
+    q = bsub.add_parser("verify", help="read a backup back and check it against its manifest")
+    q.add_argument("server", type=_alias)
+    q.add_argument("id", nargs="?", default="latest", help="an ID, latest (default) or oldest")
+    common(q)
+    q = bsub.add_parser(
+        "restore", help="restore a backup into a new data directory (or a tar.zst file)"
+    )
+    q.add_argument("server", type=_alias)
+    q.add_argument("id", help="an ID, latest or oldest")
+    q.add_argument("dir", nargs="?", type=_path, help="an empty or new directory")
+    g = q.add_mutually_exclusive_group()
+    g.add_argument(
+        "--target-time",
+        metavar="TIME",
+        type=_target_time,
+        help="recover up to this time (ISO 8601; with 'latest': the newest backup before it)",
+    )
+    g.add_argument("--target-lsn", metavar="LSN", help="recover up to this WAL position")
+    q.add_argument(
+        "--archive", metavar="FILE", type=_path, help="write a tar.zst file instead of DIR"
+    )
+    q.add_argument(
+        "--pgfleet-command",
+        metavar="CMD",
+        help="how the restored server's restore_command runs pgfleet (default: this pgfleet)",
+    )
+    common(q)
+    q = bsub.add_parser("retain", help="apply [backup] retention now (backups, then WAL)")
+    q.add_argument("server", type=_alias)
+    common(q)
+    q = bsub.add_parser("expunge", help="remove the archived WAL no valid backup needs")
+    q.add_argument("server", type=_alias)
+    common(q)
+    q = bsub.add_parser("delete", help="delete one backup")
+    q.add_argument("server", type=_alias)
+    q.add_argument("id")
+    q.add_argument(
+        "--force", action="store_true", help="even the only valid one, or one others need"
+    )
+    common(q)
+    q = bsub.add_parser(
+        "wal-get", help="copy an archived WAL file out of the store (restore_command)"
+    )
+    q.add_argument("server", type=_alias)
+    q.add_argument("file", help="%%f: the WAL file's name")
+    q.add_argument("dest", type=_path, help="%%p: where to write it")
+    common(q)
+    q = bsub.add_parser(
+        "receive", help="stream a registered server's WAL into the store, until interrupted"
+    )
+    q.add_argument("server", type=_alias)
+    common(q)
 
 
 def _user_parser(sub: Any) -> None:
@@ -838,6 +966,12 @@ def cmd_user(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace, cfg: Config) -> int:
+    from pgfleet.backup import cli as backup_cli
+
+    return backup_cli.run(args, cfg, _repo_dsn(args, cfg))
+
+
 def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
     # Said before anything is done (the demo wipes and remakes its workdir):
     # a production install has no embedded PostgreSQL.
@@ -862,6 +996,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "web": cmd_web,
     "ctl": cmd_ctl,
     "user": cmd_user,
+    "backup": cmd_backup,
 }
 
 
@@ -908,3 +1043,6 @@ def _repository_error(e: psycopg.Error) -> str:
 
 
 __all__ = ["ConfigError", "main"]
+
+if __name__ == "__main__":  # the restore_command of a restored server may run us so
+    sys.exit(main())

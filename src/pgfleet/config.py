@@ -230,6 +230,79 @@ class ManagementConfig:
     encryption_key_file: str = ""
 
 
+BACKUP_COMPRESSIONS = ("none", "gzip", "lz4", "zstd", "bzip2")
+BACKUP_ENCRYPTIONS = ("none", "aes-256-gcm")
+
+
+@dataclass(frozen=True)
+class BackupServer:
+    """One server's backup settings ([[backup.servers]]); "" keeps [backup]'s."""
+
+    alias: str
+    # Listing a server turns its backups on, whatever [backup] enabled says;
+    # enabled = false turns them off.
+    enabled: bool = True
+    schedule: str = ""
+    retention: str = ""
+    compression: str = field(default="", metadata={"choices": ("", *BACKUP_COMPRESSIONS)})
+
+
+@dataclass(frozen=True)
+class ServerBackupSettings:
+    """What applies to one server once [[backup.servers]] overrides [backup]."""
+
+    alias: str
+    enabled: bool
+    schedule: str
+    retention: str
+    compression: str
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    """Base backups and WAL streaming (see docs/backup.md)."""
+
+    # Where every server's backups and WAL go (a directory per server).
+    # 'pgfleet backup create SERVER' needs nothing else.
+    directory: str = ""
+    # The collector backs up (on schedule) and streams the WAL of every
+    # server when true; of those listed in [[backup.servers]] only when false.
+    enabled: bool = False
+    # Stream each enabled server's WAL into the store (pg_receivewal, through
+    # a replication slot): point-in-time recovery between backups.
+    wal_streaming: bool = True
+    # An interval ("1d", "6h") or a five-field cron line ("30 2 * * *");
+    # "" is on demand only.
+    schedule: str = "1d"
+    # pgmoneta's: days[,weeks[,months[,years]]], "-" for none ("7", "7,4,12,-").
+    retention: str = "7"
+    compression: str = field(default="zstd", metadata={"choices": BACKUP_COMPRESSIONS})
+    # 0 is the compression's own default level.
+    compression_level: int = field(default=0, metadata={"range": (0, 22)})
+    encryption: str = field(default="none", metadata={"choices": BACKUP_ENCRYPTIONS})
+    # The AES-256-GCM key (32 bytes, raw or hex); restore needs it too.
+    encryption_key_file: str = ""
+    # Where pg_basebackup, pg_receivewal and pg_combinebackup are; by default
+    # the lowest PostgreSQL at or above the server's found in the usual places.
+    bin_dir: str = ""
+    servers: tuple[BackupServer, ...] = ()
+
+    def for_server(self, alias: str) -> ServerBackupSettings:
+        """The settings of ``alias``, its [[backup.servers]] entry over [backup]'s."""
+        entry = next((s for s in self.servers if s.alias == alias), None)
+        if entry is None:
+            return ServerBackupSettings(
+                alias, self.enabled, self.schedule, self.retention, self.compression
+            )
+        return ServerBackupSettings(
+            alias,
+            entry.enabled,
+            entry.schedule or self.schedule,
+            entry.retention or self.retention,
+            entry.compression or self.compression,
+        )
+
+
 @dataclass(frozen=True)
 class Config:
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
@@ -240,6 +313,7 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     exporter: ExporterConfig = field(default_factory=ExporterConfig)
     management: ManagementConfig = field(default_factory=ManagementConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
     source: str = "<defaults>"  # where it was read from, for messages
 
 
@@ -349,6 +423,53 @@ def check(cfg: Config, origin: str) -> None:
                 "admins_file", "encryption_key_file"):  # fmt: skip
         if "\x00" in getattr(m, key):
             bad(key, "a file name cannot hold a NUL character")
+    check_backup(cfg.backup, origin)
+
+
+def check_backup(b: BackupConfig, origin: str) -> None:
+    """[backup]'s rules: schedules and retentions parse, encryption has its key."""
+    if b == BackupConfig():
+        return  # valid, and every command is spared loading the backup modules
+    from pgfleet.backup import retention, schedule
+
+    def bad(key: str, message: str) -> NoReturn:
+        raise ConfigError(f"invalid configuration {origin!r}: backup.{key}: {message}")
+
+    for key in ("directory", "encryption_key_file", "bin_dir"):
+        if "\x00" in getattr(b, key):
+            bad(key, "a file name cannot hold a NUL character")
+    if b.encryption != "none" and not b.encryption_key_file:
+        bad("encryption_key_file", f"encryption {b.encryption!r} needs the key's file")
+    if (b.enabled or any(s.enabled for s in b.servers)) and not b.directory:
+        bad("directory", "backups are enabled but have nowhere to go")
+
+    def check_schedule(key: str, text: str) -> None:
+        try:
+            schedule.parse(text)
+        except ValueError as e:
+            bad(key, str(e))
+
+    def check_retention(key: str, text: str) -> None:
+        try:
+            retention.parse(text)
+        except ConfigError as e:
+            # "invalid retention '...': why": the key path says the first part.
+            bad(key, str(e).partition(": ")[2] or str(e))
+
+    if b.schedule:
+        check_schedule("schedule", b.schedule)
+    check_retention("retention", b.retention)
+    seen: set[str] = set()
+    for i, s in enumerate(b.servers):
+        if not s.alias or "/" in s.alias or s.alias.startswith(".") or "\x00" in s.alias:
+            bad(f"servers[{i}].alias", f"{s.alias!r} cannot name a server")
+        if s.alias in seen:
+            bad(f"servers[{i}].alias", f"{s.alias!r} is listed twice")
+        seen.add(s.alias)
+        if s.schedule:
+            check_schedule(f"servers[{i}].schedule", s.schedule)
+        if s.retention:
+            check_retention(f"servers[{i}].retention", s.retention)
 
 
 def setting(cfg: Config, dotted: str) -> Any:
