@@ -515,6 +515,15 @@ def main() -> None:
                 " VALUES ('mon', %s, %s, 'postgres', 'bench', %s, %s)",
                 (mon.host, mon.port, args.frequency, args.coalesce),
             )
+            # The daemon spreads a new server's aggregations over its cycle
+            # (a fleet added at once would aggregate on the same snapshot);
+            # starting this one's at 0, as PoWA's is, makes both phases end
+            # at the same point of their cycles: the growth measured is
+            # that of whole cycles, not of one product mid-cycle.
+            conn.execute(
+                "INSERT INTO pgfleet.snapshot_state (srvid, coalesce_seq, aggregates)"
+                " SELECT srvid, 0, 0 FROM pgfleet.servers WHERE alias = 'mon'"
+            )
         stop = threading.Event()
         loader = threading.Thread(
             target=load,
