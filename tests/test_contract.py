@@ -7,11 +7,22 @@ local and in remote mode, aggregated, purged by retention and unregistered.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
 from psycopg.rows import TupleRow
 
 from pgfleet.demo.cluster import Cluster
+from tests.collector.exporter import get
+from tests.collector.exporter import value as scraped
 from tests.fix_clusters import NewDatabase
+from tests.fix_daemon import DaemonFactory, wait_until
 from tests.fix_repository import RunCli, add_server, connect, one_row, scalar
+
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
 # What a monitored server needs: the counter and the query_source function.
 MONITORED_SQL = """
@@ -347,3 +358,148 @@ def test_query_cleanup_runs_on_the_server_after_the_source(
 def _rows(dsn: str, query: str) -> list[TupleRow]:
     with connect(dsn) as conn:
         return conn.execute(query).fetchall()
+
+
+# -- A user's source in Prometheus: pgfleet.export_source (migration 0014) ---------
+
+# A source with an entry per queue: its depth (a gauge), jobs processed (a
+# counter), when it last ran (a timestamp), whether it is paused (a boolean),
+# and a note (text, not exportable but as a label).
+QUEUE_MONITORED_SQL = """
+CREATE TABLE public.my_queues (
+    queue text PRIMARY KEY, depth integer, processed bigint, last_run timestamptz,
+    paused boolean, note text);
+INSERT INTO public.my_queues VALUES
+    ('mail', 3, 100, '2026-12-01 10:00:00+00', false, 'x'),
+    ('sms', 0, 7, NULL, true, 'y');
+CREATE FUNCTION public.my_queue_src(srvid integer)
+RETURNS TABLE (ts timestamptz, queue text, depth integer, processed bigint,
+               last_run timestamptz, paused boolean, note text) LANGUAGE sql AS
+$$ SELECT now(), queue, depth, processed, last_run, paused, note FROM public.my_queues $$;
+"""
+
+QUEUE_REPOSITORY_SQL = """
+CREATE UNLOGGED TABLE public.my_queue_src_tmp (
+    srvid integer NOT NULL, ts timestamptz NOT NULL, queue text NOT NULL, depth integer,
+    processed bigint, last_run timestamptz, paused boolean, note text);
+CREATE FUNCTION public.my_queue_src(_srvid integer)
+RETURNS TABLE (ts timestamptz, queue text, depth integer, processed bigint,
+               last_run timestamptz, paused boolean, note text) LANGUAGE sql AS $$
+    SELECT t.ts, t.queue, t.depth, t.processed, t.last_run, t.paused, t.note
+      FROM public.my_queue_src_tmp t WHERE t.srvid = _srvid
+$$;
+SELECT pgfleet.create_metric_source(
+    'my_queue', 'public.my_queue_src', _keys => '{queue}', _counters => '{processed}',
+    _deltas => '{}', _gauges => '{depth,last_run,paused}', _onces => '{note}');
+"""
+
+
+def _export_error(conn: psycopg.Connection[TupleRow], call: str) -> str:
+    with pytest.raises(psycopg.Error) as e, conn.transaction():
+        conn.execute(call)
+    return str(e.value)
+
+
+def test_export_declarations_are_checked(repo: str) -> None:
+    with connect(repo) as conn:
+        conn.execute(QUEUE_REPOSITORY_SQL)
+        # Built-in sources have families of their own; unknown sources none.
+        assert "no source \"pg_stat_database\" of yours" in _export_error(
+            conn, "SELECT pgfleet.export_source('pg_stat_database', _gauges => '{numbackends}')"
+        )
+        assert "no source \"nope\"" in _export_error(
+            conn, "SELECT pgfleet.export_source('nope', _gauges => '{x}')"
+        )
+        assert 'has no column "missing"' in _export_error(
+            conn, "SELECT pgfleet.export_source('my_queue', _gauges => '{missing}')"
+        )
+        assert 'column "note" of source "my_queue" is text' in _export_error(
+            conn, "SELECT pgfleet.export_source('my_queue', _counters => '{note}')"
+        )
+        assert "exported twice" in _export_error(
+            conn, "SELECT pgfleet.export_source('my_queue', '{depth}', _gauges => '{depth}')"
+        )
+        # Names Prometheus or pgfleet would misread, written straight into the table.
+        for column, kind in (
+            ("server", "label"),  # pgfleet's own label
+            ("Depth", "gauge"),  # not what an unquoted identifier gives
+            ("depth-2", "gauge"),
+            ("depth_total", "gauge"),  # a counter's sample
+            ("x_bucket", "counter"),
+        ):
+            with pytest.raises(psycopg.errors.CheckViolation), conn.transaction():
+                conn.execute(
+                    "INSERT INTO pgfleet.metric_exports (module, column_name, kind)"
+                    " VALUES ('my_queue', %s, %s)",
+                    (column, kind),
+                )
+
+        conn.execute(
+            """SELECT pgfleet.export_source('my_queue', _labels => '{queue,note}',
+                   _counters => '{processed}', _gauges => '{depth,last_run,paused}',
+                   _help => '{"depth": "Jobs waiting."}')"""
+        )
+        # Where each column is in the rows the collector fetches (srvid first).
+        assert conn.execute(
+            'SELECT column_name, "position", kind, type, help FROM pgfleet.exported_columns()'
+        ).fetchall() == [
+            ("queue", 2, "label", "text", ""),
+            ("depth", 3, "gauge", "integer", "Jobs waiting."),
+            ("processed", 4, "counter", "bigint", ""),
+            ("last_run", 5, "gauge", "timestamp with time zone", ""),
+            ("paused", 6, "gauge", "boolean", ""),
+            ("note", 7, "label", "text", ""),
+        ]
+        # Declared again: replaced; without values: exported no more.
+        conn.execute("SELECT pgfleet.export_source('my_queue', '{queue}', '{processed}')")
+        assert one_row(conn, "SELECT count(*) FROM pgfleet.exported_columns()")[0] == 2
+        conn.execute("UPDATE pgfleet.functions SET enabled = false WHERE module = 'my_queue'")
+        assert one_row(conn, "SELECT count(*) FROM pgfleet.exported_columns()")[0] == 0
+        conn.execute("UPDATE pgfleet.functions SET enabled = true WHERE module = 'my_queue'")
+        conn.execute("SELECT pgfleet.export_source('my_queue', '{queue}')")
+        assert one_row(conn, "SELECT count(*) FROM pgfleet.metric_exports")[0] == 0
+        # Unregistering the source forgets its declaration.
+        conn.execute("SELECT pgfleet.export_source('my_queue', '{queue}', '{processed}')")
+        conn.execute("SELECT pgfleet.unregister_module('my_queue')")
+        assert one_row(conn, "SELECT count(*) FROM pgfleet.metric_exports")[0] == 0
+
+
+def test_user_source_exported_by_the_collector(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, pg18: Cluster, new_database: NewDatabase
+) -> None:
+    """Declared columns reach /metrics: labels, counters (through a reset), gauges."""
+    with connect(repo) as conn:
+        conn.execute(QUEUE_REPOSITORY_SQL)
+        conn.execute(
+            """SELECT pgfleet.export_source('my_queue', _labels => '{queue}',
+                   _counters => '{processed}', _gauges => '{depth,last_run,paused}',
+                   _help => '{"depth": "Jobs waiting in the queue."}')"""
+        )
+    mon = new_database(pg18)
+    with connect(mon) as conn:
+        conn.execute(QUEUE_MONITORED_SQL)
+    add_server(run_cli, "mon", mon, "--frequency", "1")
+    d = daemon(repo)
+    url = d.exporter_url
+
+    def processed(queue: str) -> float | None:
+        return scraped(url, "pgfleet_custom_my_queue_processed_total", server="mon", queue=queue)
+
+    wait_until(lambda: processed("mail") == 100, 30, "the user source's counter")
+    assert scraped(url, "pgfleet_custom_my_queue_depth", server="mon", queue="mail") == 3
+    assert scraped(url, "pgfleet_custom_my_queue_paused", server="mon", queue="sms") == 1
+    when = datetime(2026, 12, 1, 10, tzinfo=UTC).timestamp()
+    assert scraped(url, "pgfleet_custom_my_queue_last_run", server="mon", queue="mail") == when
+    # NULL: no sample.
+    assert scraped(url, "pgfleet_custom_my_queue_last_run", server="mon", queue="sms") is None
+    _, _, body = get(url, "/metrics")
+    text = body.decode()
+    assert "# HELP pgfleet_custom_my_queue_depth Jobs waiting in the queue.\n" in text
+    assert "# TYPE pgfleet_custom_my_queue_processed_total counter\n" in text
+    res = subprocess.run([PROMTOOL, "check", "metrics"], input=body, capture_output=True)
+    assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
+    # The counter restarts on the server: the exported one goes on.
+    with connect(mon) as conn:
+        conn.execute("UPDATE public.my_queues SET processed = 5 WHERE queue = 'mail'")
+    wait_until(lambda: processed("mail") == 105, 30, "the counter past its reset")
+    assert d.stop() == 0

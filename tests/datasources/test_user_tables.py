@@ -35,7 +35,7 @@ VIEWS = {
                t.n_tup_ins, t.n_tup_upd, t.n_tup_del, t.n_tup_hot_upd,
                t.vacuum_count, t.autovacuum_count, t.analyze_count, t.autoanalyze_count,
                io.heap_blks_read, io.heap_blks_hit, io.idx_blks_read, io.idx_blks_hit,
-               io.toast_blks_read, io.toast_blks_hit
+               io.toast_blks_read, io.toast_blks_hit, t.last_vacuum, t.last_analyze
           FROM pg_catalog.pg_stat_user_tables t
           LEFT JOIN pg_catalog.pg_statio_user_tables io USING (relid)""",
     "pg_stat_user_indexes": """

@@ -264,6 +264,10 @@ class Worker:
         failure = Failure("connection", kind, message)
         self.stats.fail(self.server.alias, failure)
         self.reachable = False
+        if self.latest is not None:
+            # Its last values are not current: out of the scrape until a
+            # snapshot reaches it again (pgfleet_up says why meanwhile).
+            self.latest.down(self.server.alias)
         self.last_error = (time.time(), "connection", message)
         await self._close()
         self.log.warning("server unreachable", error=message)

@@ -1,4 +1,11 @@
-"""pg_stat_database joined with pg_stat_database_conflicts, one row per database."""
+"""pg_stat_database joined with pg_stat_database_conflicts, one row per database.
+
+``xid_age`` and ``mxid_age`` come from pg_database: the age, in transactions
+and in multixacts, of the oldest ID not frozen yet in the database
+(``datfrozenxid``, ``datminmxid``), which reaching 2^31 would be wraparound.
+A catalog read, as cheap as the rest.  New columns go last: the repository's
+transient tables, COPYed into by position, gain them at the end.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,9 @@ _COUNTERS = (
     "sessions", "sessions_abandoned", "sessions_fatal", "sessions_killed",
     "confl_tablespace", "confl_lock", "confl_snapshot", "confl_bufferpin",
     "confl_deadlock", "confl_active_logicalslot",
-)
+)  # fmt: skip
 _TIMES = ("blk_read_time", "blk_write_time", "session_time", "active_time",
-          "idle_in_transaction_time")
+          "idle_in_transaction_time")  # fmt: skip
 
 DATASOURCE = Datasource(
     module="pg_stat_database",
@@ -23,8 +30,10 @@ DATASOURCE = Datasource(
         Column("numbackends", "integer", "gauge"),
         *(Column(n, "bigint", "counter") for n in _COUNTERS),
         *(Column(n, "double precision", "counter") for n in _TIMES),
+        Column("xid_age", "integer", "gauge"),
+        Column("mxid_age", "integer", "gauge"),
     ),
     queries={140000: "pg_stat_database.sql", 160000: "pg_stat_database_post_160000.sql"},
     priority=1,
-    description="transactions, tuples, blocks, temp files, deadlocks and conflicts per database",
+    description="transactions, tuples, blocks, temp files, deadlocks, conflicts, xid ages",
 )

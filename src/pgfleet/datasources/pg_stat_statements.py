@@ -33,6 +33,11 @@ _TIMES = (
     "jit_generation_time",
 )  # fmt: skip
 
+# Execution time statistics over the entry's life (min and max since the last
+# pg_stat_statements_reset(minmax_only => true) on 17+): they move with every
+# call, but not per interval; the mean is total_exec_time / calls.
+_LIFETIME = ("min_exec_time", "max_exec_time", "stddev_exec_time")
+
 DATASOURCE = Datasource(
     module="pg_stat_statements",
     columns=(
@@ -46,6 +51,8 @@ DATASOURCE = Datasource(
         *(Column(n, "bigint", "counter") for n in _COUNTERS),
         Column("wal_bytes", "numeric", "counter"),
         *(Column(n, "double precision", "counter") for n in _TIMES),
+        # Milliseconds, over the entry's life: added later, so last.
+        *(Column(n, "double precision", "gauge") for n in _LIFETIME),
     ),
     queries={
         140000: "pg_stat_statements.sql",

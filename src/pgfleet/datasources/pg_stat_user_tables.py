@@ -36,6 +36,9 @@ DATASOURCE = Datasource(
         Column("last_autoanalyze", "timestamptz", "gauge"),
         Column("size", "bigint", "gauge"),
         *(Column(n, "bigint", "counter") for n in _COUNTERS),
+        # Added later: last, as the transient table has them.
+        Column("last_vacuum", "timestamptz", "gauge"),
+        Column("last_analyze", "timestamptz", "gauge"),
     ),
     queries={140000: "pg_stat_user_tables.sql"},
     per_database=True,

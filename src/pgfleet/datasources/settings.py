@@ -13,6 +13,12 @@ extension's ``*.password`` or ``*.secret``, a value with ``password=`` or a
 URI's password -- is sent as ``redacted sha256:`` and 12 hex digits of its
 value's SHA-256 keyed with the server's system identifier: a change still
 shows, the value does not (see settings.sql, docs/security.md).
+
+A numeric or boolean setting is also sent as a number in base units, in one
+of ``value_bytes`` (memory), ``value_seconds`` (time) or ``value`` (others;
+booleans as 1 and 0), so that the exporter reads numbers, not PostgreSQL's
+unit names.  They change with the setting, so cost the repository nothing
+between changes.
 """
 
 from __future__ import annotations
@@ -27,6 +33,11 @@ DATASOURCE = Datasource(
         Column("unit", "text", "gauge"),
         Column("source", "text", "gauge"),
         Column("pending_restart", "boolean", "gauge"),
+        # The setting as a number in base units (see settings.sql): what the
+        # exporter shows.  Added later, so last.
+        Column("value", "double precision", "gauge"),
+        Column("value_bytes", "double precision", "gauge"),
+        Column("value_seconds", "double precision", "gauge"),
     ),
     queries={140000: "settings.sql"},
     priority=30,

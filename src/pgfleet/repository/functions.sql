@@ -357,6 +357,82 @@ BEGIN
 END;
 $function$;
 
+-- last (re)defined by 0014_exported_columns.sql
+CREATE OR REPLACE FUNCTION pgfleet.export_source(_module text, _labels text[] DEFAULT '{}'::text[], _counters text[] DEFAULT '{}'::text[], _gauges text[] DEFAULT '{}'::text[], _help jsonb DEFAULT '{}'::jsonb)
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    src text;
+    tmp regclass;
+    c text;
+    typ regtype;
+    every text[] := coalesce(_labels, '{}') || coalesce(_counters, '{}') || coalesce(_gauges, '{}');
+BEGIN
+    SELECT f.query_source INTO src FROM pgfleet.functions f
+     WHERE f.module = _module AND f.operation = 'snapshot' AND f.added_manually;
+    IF src IS NULL THEN
+        RAISE EXCEPTION 'no source "%" of yours is registered with a query_source function', _module
+              USING HINT = 'Built-in sources have families of their own (docs/metrics.md).';
+    END IF;
+    tmp := to_regclass(src || '_tmp');
+    IF tmp IS NULL THEN
+        RAISE EXCEPTION 'source "%" has no transient table %_tmp', _module, src;
+    END IF;
+    IF (SELECT count(DISTINCT x) FROM unnest(every) x) <> cardinality(every) THEN
+        RAISE EXCEPTION 'a column of source "%" is exported twice', _module;
+    END IF;
+    IF _help IS NOT NULL AND jsonb_typeof(_help) <> 'object' THEN
+        RAISE EXCEPTION 'help texts of source "%" must be a JSON object: column -> text', _module;
+    END IF;
+    FOREACH c IN ARRAY every LOOP
+        SELECT a.atttypid::regtype INTO typ FROM pg_attribute a
+         WHERE a.attrelid = tmp AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped;
+        IF typ IS NULL THEN
+            RAISE EXCEPTION 'transient table % has no column "%"', tmp, c;
+        END IF;
+        IF c <> ALL (coalesce(_labels, '{}'))
+           AND typ <> ALL ('{smallint,integer,bigint,real,double precision,numeric,boolean}'::regtype[])
+           AND NOT (c = ANY (coalesce(_gauges, '{}')) AND typ = 'timestamptz'::regtype) THEN
+            RAISE EXCEPTION 'column "%" of source "%" is %: a counter or gauge must be a number or boolean (a gauge may be a timestamptz)',
+                  c, _module, typ;
+        END IF;
+    END LOOP;
+    DELETE FROM pgfleet.metric_exports WHERE module = _module;
+    IF coalesce(cardinality(_counters), 0) + coalesce(cardinality(_gauges), 0) = 0 THEN
+        RETURN;
+    END IF;
+    INSERT INTO pgfleet.metric_exports (module, column_name, kind, help)
+    SELECT _module, x.c, x.kind, coalesce(_help ->> x.c, '')
+      FROM (SELECT unnest(coalesce(_labels, '{}')) AS c, 'label' AS kind
+            UNION ALL SELECT unnest(coalesce(_counters, '{}')), 'counter'
+            UNION ALL SELECT unnest(coalesce(_gauges, '{}')), 'gauge') x;
+END;
+$function$;
+
+-- last (re)defined by 0014_exported_columns.sql
+CREATE OR REPLACE FUNCTION pgfleet.exported_columns()
+ RETURNS TABLE(module text, column_name text, "position" integer, kind text, type text, help text)
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT e.module, e.column_name, a.position, e.kind, a.type, e.help
+      FROM pgfleet.metric_exports e
+      JOIN pgfleet.functions f
+        ON f.module = e.module AND f.operation = 'snapshot' AND f.added_manually AND f.enabled
+      JOIN LATERAL (
+          SELECT t.attname::text AS attname, t.type, t.position
+            FROM (SELECT a.attname, format_type(a.atttypid, NULL) AS type,
+                         (row_number() OVER (ORDER BY a.attnum) - 1)::integer AS position
+                    FROM pg_attribute a
+                   WHERE a.attrelid = to_regclass(f.query_source || '_tmp')
+                     AND a.attnum > 0 AND NOT a.attisdropped) t
+      ) a ON a.attname = e.column_name
+     ORDER BY e.module, a.position;
+$function$;
+
 -- last (re)defined by 0010_nothing_lost.sql
 CREATE OR REPLACE FUNCTION pgfleet.grant_admin()
  RETURNS void
@@ -1670,7 +1746,7 @@ BEGIN
 END;
 $function$;
 
--- last (re)defined by 0009_search_path.sql
+-- last (re)defined by 0014_exported_columns.sql
 CREATE OR REPLACE FUNCTION pgfleet.unregister_module(_module text)
  RETURNS void
  LANGUAGE plpgsql
@@ -1685,6 +1761,7 @@ BEGIN
         EXECUTE format('SELECT %s(0)', fn::regproc);
     END IF;
     DELETE FROM pgfleet.functions WHERE module = _module;
+    DELETE FROM pgfleet.metric_exports WHERE module = _module;
 END;
 $function$;
 

@@ -16,7 +16,14 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgfleet.snapshot.model import Failure, FailureKind, RegisteredSource, ServerInfo, mark
+from pgfleet.snapshot.model import (
+    ExportedColumn,
+    Failure,
+    FailureKind,
+    RegisteredSource,
+    ServerInfo,
+    mark,
+)
 
 # The server's clock, read between statements of a multi-statement query to
 # time each phase where it runs.
@@ -44,14 +51,30 @@ def stored_already(e: BaseException) -> bool:
 
 
 async def registered_sources(repo: psycopg.AsyncConnection[Any]) -> list[RegisteredSource]:
-    """The enabled snapshot sources, in the order they run."""
+    """The enabled snapshot sources, in the order they run, with what user sources export."""
     cur = await repo.execute(
-        """SELECT module, query_source, query_cleanup, added_manually, priority
+        """SELECT module, query_source, query_cleanup, added_manually, priority,
+                  pg_catalog.to_regprocedure('pgfleet.exported_columns()') IS NOT NULL
              FROM pgfleet.functions
             WHERE operation = 'snapshot' AND enabled
             ORDER BY priority, module"""
     )
-    return [RegisteredSource(*row) for row in await cur.fetchall()]
+    rows = await cur.fetchall()
+    exports: dict[str, list[ExportedColumn]] = {}
+    # Users' sources' declarations (migration 0014): nothing to read without a
+    # user's source, nor in a repository left at an older version (the upgrade
+    # tests stop the migrations half-way).
+    if any(manual and declared for *_, manual, _, declared in rows):
+        cur = await repo.execute(
+            """SELECT module, column_name, "position", kind, type, help
+                 FROM pgfleet.exported_columns()"""
+        )
+        for module, *column in await cur.fetchall():
+            exports.setdefault(module, []).append(ExportedColumn(*column))
+    return [
+        RegisteredSource(module, source, cleanup, manual, priority, tuple(exports.get(module, ())))
+        for module, source, cleanup, manual, priority, _ in rows
+    ]
 
 
 def snapshot_count(srvid: int) -> sql.Composed:

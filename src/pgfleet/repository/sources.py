@@ -56,16 +56,20 @@ def install_builtin(conn: psycopg.Connection[Any]) -> None:
 # function signatures) keep their TOAST table.
 SHORT_ROWS = frozenset(
     {
+        "database_size",
+        "pg_locks",
         "pg_stat_activity",
         "pg_stat_archiver",
         "pg_stat_bgwriter",
         "pg_stat_database",
         "pg_stat_io",
         "pg_stat_kcache",
+        "pg_stat_progress_vacuum",
         "pg_stat_user_indexes",
         "pg_stat_user_tables",
         "pg_stat_wal",
         "pg_wait_sampling",
+        "postmaster",
         "replication",
         "replication_slots",
         "wal_receiver",

@@ -89,6 +89,20 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class ExportedColumn:
+    """A column of a user's source the exporter shows (pgfleet.metric_exports, 0014).
+
+    As the repository says it: the exporter checks the names again.
+    """
+
+    column: str
+    position: int  # in the source's fetched rows: srvid is 0
+    kind: str  # label, counter or gauge
+    type: str  # the transient table's, as format_type() names it
+    help: str
+
+
+@dataclass(frozen=True)
 class RegisteredSource:
     """A snapshot row of the registry (pgfleet.functions)."""
 
@@ -97,6 +111,8 @@ class RegisteredSource:
     query_cleanup: str | None
     added_manually: bool
     priority: int
+    # What the exporter shows of a user's source; none for a built-in one.
+    exports: tuple[ExportedColumn, ...] = ()
 
     @property
     def tmp_table(self) -> sql.Composable | None:
@@ -169,6 +185,7 @@ class StreamTarget(Protocol):
 __all__ = [
     "CHUNK",
     "SPOOL_MEMORY",
+    "ExportedColumn",
     "Failure",
     "FailureKind",
     "RegisteredSource",

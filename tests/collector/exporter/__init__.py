@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import shutil
 import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import conninfo_to_dict
 
 from pgfleet.collector.exporter.fleet import FleetCollector
@@ -100,18 +102,44 @@ def registry(latest: Latest) -> CollectorRegistry:
 
 
 PROMETHEUS = shutil.which("prometheus")
-Query = Callable[[str], list[dict[str, Any]]]
+
+
+class Query:
+    """A running Prometheus's HTTP API: ``query(q)`` an instant query's result,
+    ``query.api(path)`` what a path under /api/v1 says ([] until it answers)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def api(self, path: str, params: dict[str, str] | None = None) -> Any:
+        url = f"http://127.0.0.1:{self.port}/api/v1{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                data = json.load(r)
+        except OSError:
+            return []
+        assert data["status"] == "success", (path, params, data)
+        return data["data"]
+
+    def __call__(self, q: str) -> list[dict[str, Any]]:
+        data = self.api("/query", {"query": q})
+        result: list[dict[str, Any]] = data["result"] if data else []
+        return result
 
 
 @contextlib.contextmanager
-def running_prometheus(workdir: Path, target: str) -> Iterator[Query]:
-    """A real Prometheus scraping ``target`` (host:port) every second; yields a
-    function running an instant query through its HTTP API ([] until it answers)."""
+def running_prometheus(workdir: Path, target: str, rules: Collection[Path] = ()) -> Iterator[Query]:
+    """A real Prometheus scraping ``target`` (host:port) every second, evaluating
+    the ``rules`` files as often."""
     assert PROMETHEUS is not None
     port = _free_port()
+    rule_files = "".join(f"  - '{path}'\n" for path in rules)
     (workdir / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
-        "scrape_configs:\n  - job_name: pgfleet\n"
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
+        + (f"rule_files:\n{rule_files}" if rules else "")
+        + "scrape_configs:\n  - job_name: pgfleet\n"
         f"    static_configs:\n      - targets: ['{target}']\n"
     )
     log = (workdir / "prometheus.log").open("wb")
@@ -125,21 +153,52 @@ def running_prometheus(workdir: Path, target: str) -> Iterator[Query]:
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-
-    def query(q: str) -> list[dict[str, Any]]:
-        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                data = json.load(r)
-        except OSError:
-            return []
-        assert data["status"] == "success", (q, data)
-        result: list[dict[str, Any]] = data["data"]["result"]
-        return result
-
     try:
-        yield query
+        yield Query(port)
     finally:
         prom.terminate()
         prom.wait(30)
         log.close()
+
+
+# -- Scraping a running daemon's exporter ----------------------------------------
+
+
+def get(
+    url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of one request, on a fresh connection."""
+    u = urllib.parse.urlsplit(url)
+    assert u.hostname is not None, url
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    try:
+        conn.request(method, path, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+def samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a scrape, by name and sorted labels; none before it listens."""
+    try:
+        status, _, body = get(url, "/metrics")
+    except ConnectionRefusedError:
+        return {}
+    assert status == 200
+    out = {}
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            out[s.name, tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def value(url: str, name: str, **labels: str) -> float | None:
+    for (n, ls), v in samples(url).items():
+        if n == name and all((k, val) in ls for k, val in labels.items()):
+            return v
+    return None
+
+
+def servers_in(url: str) -> set[str]:
+    return {dict(ls).get("server", "") for (_, ls) in samples(url)} - {""}

@@ -6,70 +6,37 @@ answers a query about it; a removed server's series leave the next scrape.
 
 from __future__ import annotations
 
-import http.client
+import functools
+import re
 import shutil
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from pgfleet.demo.cluster import Cluster
-from tests.collector.exporter import PROMETHEUS, running_prometheus
-from tests.fix_clusters import NewDatabase
+from tests.collector.exporter import (
+    PROMETHEUS,
+    get,
+    running_prometheus,
+    samples,
+    servers_in,
+    value,
+)
+from tests.fix_clusters import NewCluster, NewDatabase
 from tests.fix_daemon import DaemonFactory, wait_until
 from tests.fix_repository import RunCli, add_server, new_repository
 
 PROMTOOL = shutil.which("promtool")
+RULES = Path(__file__).parents[3] / "contrib" / "prometheus" / "pgfleet.rules.yml"
 
 
 @pytest.fixture
 def repo(repo_cluster: Cluster, new_database: NewDatabase) -> str:
     return new_repository(repo_cluster, new_database)
-
-
-def get(
-    url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """(status, headers, body) of one request, on a fresh connection."""
-    u = urllib.parse.urlsplit(url)
-    assert u.hostname is not None, url
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
-    try:
-        conn.request(method, path, headers=headers or {})
-        r = conn.getresponse()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
-    finally:
-        conn.close()
-
-
-def samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a scrape, by name and sorted labels; none before it listens."""
-    try:
-        status, _, body = get(url, "/metrics")
-    except ConnectionRefusedError:
-        return {}
-    assert status == 200
-    out = {}
-    for fam in text_string_to_metric_families(body.decode()):
-        for s in fam.samples:
-            out[s.name, tuple(sorted(s.labels.items()))] = s.value
-    return out
-
-
-def value(url: str, name: str, **labels: str) -> float | None:
-    for (n, ls), v in samples(url).items():
-        if n == name and all((k, val) in ls for k, val in labels.items()):
-            return v
-    return None
-
-
-def servers_in(url: str) -> set[str]:
-    return {dict(ls).get("server", "") for (_, ls) in samples(url)} - {""}
 
 
 def test_metrics_overview_and_refusals(
@@ -203,10 +170,12 @@ def test_removed_server_leaves_the_scrape(
 def test_real_prometheus_scrapes_the_collector(
     repo: str, run_cli: RunCli, daemon: DaemonFactory, mon: Cluster, tmp_path: Path
 ) -> None:
+    """Prometheus scrapes a collector and evaluates contrib/prometheus's rules on it."""
     add_server(run_cli, "main", mon.dsn(), "--frequency", "1")
+    add_server(run_cli, "bad", mon.dsn(), "--frequency", "1", "--dbname", "no_such_database")
     d = daemon(repo)
     target = d.exporter_url.removeprefix("http://")
-    with running_prometheus(tmp_path, target) as query:
+    with running_prometheus(tmp_path, target, rules=[RULES]) as query:
         found = wait_until(
             lambda: query('pgfleet_up{server="main"}'), 60, "Prometheus to have pgfleet_up"
         )
@@ -218,6 +187,74 @@ def test_real_prometheus_scrapes_the_collector(
             lambda: query('pgfleet_database_xact_commit_total{server="main"}'), 30, "commits"
         )
         assert float(commits[0]["value"][1]) > 0
+
+        # Every rule loaded and evaluated without an error, on real series.
+        def evaluated() -> list[dict[str, Any]]:
+            groups = query.api("/rules") or {"groups": []}
+            rules: list[dict[str, Any]] = [r for g in groups["groups"] for r in g["rules"]]
+            # Not evaluated yet: the zero time.
+            done = rules and all(not r["lastEvaluation"].startswith("0001") for r in rules)
+            return rules if done else []
+
+        rules = wait_until(evaluated, 30, "every rule to be evaluated")
+        assert len(rules) == len(re.findall(r"^\s+- alert: ", RULES.read_text(), re.M))
+        assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
+        # The unreachable server's alert is on its way (it fires after 5 minutes).
+        pending = wait_until(
+            lambda: query('ALERTS{alertname="PgfleetServerDown"}'), 30, "PgfleetServerDown"
+        )
+        assert [(a["metric"]["server"], a["metric"]["alertstate"]) for a in pending] == [
+            ("bad", "pending")
+        ]
+        # Settings, postmaster and the collector's own process made it through.
+        for q in (
+            'pgfleet_setting{server="main", name="max_connections"}',
+            'pgfleet_postmaster_start_timestamp_seconds{server="main"}',
+            f'process_resident_memory_bytes{{instance="{target}"}}',
+        ):
+            assert wait_until(functools.partial(query, q), 30, q)
+    assert d.stop() == 0
+
+
+def test_stopped_server_leaves_its_health_alone(
+    repo: str, run_cli: RunCli, daemon: DaemonFactory, new_cluster: NewCluster
+) -> None:
+    """A server that stops answering: its statistics leave the scrape at once,
+    pgfleet_up says 0, its last snapshot's time stays; back, they are back."""
+    server = new_cluster("stops")
+    add_server(run_cli, "stops", server.dsn(), "--frequency", "1")
+    d = daemon(repo)
+    url = d.exporter_url
+
+    def statistics() -> set[str]:
+        return {
+            n
+            for (n, ls) in samples(url)
+            if ("server", "stops") in ls
+            and n.startswith(
+                ("pgfleet_database_", "pgfleet_server_", "pgfleet_setting", "pgfleet_backends")
+            )
+        }
+
+    wait_until(lambda: "pgfleet_database_xact_commit_total" in statistics(), 30, "statistics")
+    assert value(url, "pgfleet_up", server="stops") == 1
+    assert value(url, "pgfleet_snapshot_interval_seconds", server="stops") == 1
+    # The collector's own process.
+    assert (value(url, "process_cpu_seconds_total") or 0) > 0
+    assert (value(url, "process_resident_memory_bytes") or 0) > 0
+
+    server.stop()
+    wait_until(lambda: value(url, "pgfleet_up", server="stops") == 0, 30, "pgfleet_up to be 0")
+    assert statistics() == set()
+    last = value(url, "pgfleet_last_snapshot_timestamp_seconds", server="stops")
+    assert last is not None and last > 0
+    time.sleep(2)  # and they stay away
+    assert statistics() == set()
+    assert value(url, "pgfleet_last_snapshot_timestamp_seconds", server="stops") == last
+
+    server.start()
+    wait_until(lambda: "pgfleet_database_xact_commit_total" in statistics(), 60, "statistics back")
+    assert value(url, "pgfleet_up", server="stops") == 1
     assert d.stop() == 0
 
 

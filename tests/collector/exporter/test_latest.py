@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import shutil
@@ -18,10 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from pgfleet.collector.exporter import custom
 from pgfleet.collector.exporter.latest import Latest, copy_text, copy_time
 from pgfleet.datasources import builtin
 from pgfleet.demo.cluster import Cluster
-from pgfleet.snapshot.model import RegisteredSource, ServerInfo, Staged
+from pgfleet.snapshot.model import ExportedColumn, RegisteredSource, ServerInfo, Staged
 from tests.collector.exporter import registry, snapshot
 from tests.fix_clusters import NewCluster, NewDatabase
 from tests.fix_repository import one_row
@@ -423,3 +425,208 @@ def test_the_top_keeps_the_most_active_and_ties_go_to_the_later_row() -> None:
         ("pgfleet_statement_info", "3"),
         ("pgfleet_statement_info", "7"),
     ]
+
+
+# -- A server down: its series go, its counters' state stays ------------------------
+
+
+def test_a_failed_snapshot_drops_the_server_and_keeps_its_counters() -> None:
+    latest = Latest()
+    labels = {"server": "s", "dbname": "db", "schema": "public", "table": "t"}
+    latest.update("s", 1.0, INFO, [spool("pg_stat_user_tables", [table("t", seq_scan=5)])])
+    latest.update("k", 1.0, INFO, [spool("pg_stat_user_tables", [table("t", seq_scan=1)])])
+    assert registry(latest).get_sample_value("pgfleet_table_seq_scans_total", labels) == 5
+    latest.down("s")
+    assert set(latest.generations()) == {"k"}
+    assert [v.alias for v in latest.servers()] == ["k"]
+    assert 'server="s"' not in generate_latest(registry(latest)).decode()
+    latest.down("never-seen")  # not an error
+    # Back, its statistics reset meanwhile: the counter goes on from 5.
+    latest.update("s", 2.0, INFO, [spool("pg_stat_user_tables", [table("t", seq_scan=2)])])
+    assert registry(latest).get_sample_value("pgfleet_table_seq_scans_total", labels) == 7
+
+
+def test_a_failed_snapshot_drops_the_one_pending() -> None:
+    latest = Latest()
+    latest.update("s", 1.0, INFO, [spool("pg_stat_user_tables", [table("t", seq_scan=1)])])
+    assert latest.get_stats()["pending_bytes"] > 0
+    latest.down("s")
+    assert latest.generations() == {} and latest.get_stats()["pending_bytes"] == 0
+
+
+def test_a_vacuums_phase_is_read_at_every_snapshot() -> None:
+    """The statement text is kept from the entry's first snapshot; a vacuum's phase moves."""
+    latest = Latest()
+
+    def vacuum(phase: str) -> dict[str, str]:
+        return {
+            "datname": "db",
+            "schemaname": "public",
+            "relname": "t",
+            "phase": phase,
+            "heap_blks_total": "10",
+        }
+
+    for n, phase in enumerate(("scanning heap", "vacuuming indexes"), 1):
+        latest.update("s", float(n), INFO, [spool("pg_stat_progress_vacuum", [vacuum(phase)])])
+        info = _samples(latest, "pgfleet_vacuum_info", table="t")
+        assert [s.labels["phase"] for s in info] == [phase]
+
+
+# -- Users' sources: declared columns, names checked ----------------------------------
+
+
+def user_source(module: str, *exports: tuple[str, int, str, str]) -> RegisteredSource:
+    """A user's source exporting (column, position, kind, type) columns."""
+    return RegisteredSource(
+        module,
+        f"public.{module}_src",
+        None,
+        True,
+        10,
+        tuple(ExportedColumn(c, p, k, t, "") for c, p, k, t in exports),
+    )
+
+
+def user_spool(source: RegisteredSource, rows: list[str]) -> Staged:
+    """Rows as fetch() leaves them (srvid, then the source's columns, tab-separated)."""
+    buf = io.BytesIO("".join(f"1\t{row}\n" for row in rows).encode())
+    buf.seek(0, io.SEEK_END)
+    return Staged(source, buf)
+
+
+QUEUE = (
+    ("queue", 2, "label", "text"),
+    ("depth", 3, "gauge", "integer"),
+    ("processed", 4, "counter", "bigint"),
+    ("paused", 5, "gauge", "boolean"),
+    ("last_run", 6, "gauge", "timestamp with time zone"),
+)
+TS = "2026-12-01 00:00:00+00"
+
+
+def test_user_source_families() -> None:
+    latest = Latest()
+    src = user_source("my_queue", *QUEUE)
+    latest.update(
+        "s",
+        1.0,
+        INFO,
+        [
+            spool("pg_stat_user_tables", [table("t", seq_scan=1)]),
+            user_spool(
+                src,
+                [
+                    f"{TS}\tmail\t3\t100\tf\t{TS}",
+                    f"{TS}\tsms\t0\t7\tt\t\\N",
+                    # Rows sharing their labels are summed.
+                    f"{TS}\tmail\t1\t1\tf\t{TS}",
+                    # What does not parse is no sample; a short row is no row.
+                    f"{TS}\tweird\tmany\tlots\tmaybe\tyesterday",
+                    f"{TS}\tshort",
+                ],
+            ),
+        ],
+    )
+    reg = registry(latest)
+
+    def value(name: str, queue: str) -> float | None:
+        return reg.get_sample_value(
+            f"pgfleet_custom_my_queue_{name}", {"server": "s", "queue": queue}
+        )
+
+    assert value("depth", "mail") == 4
+    assert value("processed_total", "mail") == 101
+    assert value("paused", "sms") == 1
+    assert value("last_run", "mail") == 2 * datetime(2026, 12, 1, tzinfo=UTC).timestamp()
+    assert value("last_run", "sms") is None
+    assert value("depth", "weird") is None and value("processed_total", "weird") is None
+    assert value("depth", "short") is None
+    body = generate_latest(reg)
+    res = subprocess.run([PROMTOOL, "check", "metrics"], input=body, capture_output=True)
+    assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
+    # Counters see through a reset, as the built-in sources' do.
+    latest.update("s", 2.0, INFO, [user_spool(src, [f"{TS}\tmail\t0\t5\tf\t{TS}"])])
+    assert value("processed_total", "mail") == 106
+    assert value("processed_total", "sms") is None  # gone from the source
+
+
+@pytest.mark.parametrize(
+    "exports",
+    [
+        (("queue", 2, "label", "text"), ("Depth", 3, "gauge", "integer")),
+        (("queue", 2, "label", "text"), ("de pth", 3, "gauge", "integer")),
+        (("queue", 2, "label", "text"), ('x"} 1\nevil{a="', 3, "gauge", "integer")),
+        (("server", 2, "label", "text"), ("depth", 3, "gauge", "integer")),
+        (("__name__", 2, "label", "text"), ("depth", 3, "gauge", "integer")),
+        (("queue", 2, "label", "text"), ("depth_total", 3, "gauge", "integer")),
+        (("queue", 2, "label", "text"), ("depth", 3, "gauge", "text")),
+        (("queue", 2, "label", "text"), ("depth", 3, "histogram", "integer")),
+        (("queue", 2, "label", "text"), ("depth", 0, "gauge", "integer")),
+        (("queue", 2, "label", "text"), ("depth", 3, "gauge", "integer"),
+         ("depth", 4, "counter", "bigint")),
+        (("queue", 2, "label", "text"),),
+    ],
+)  # fmt: skip
+def test_user_source_names_are_checked(exports: tuple[tuple[str, int, str, str], ...]) -> None:
+    """Whatever the repository says, the exporter writes nothing a user's names would break."""
+    latest = Latest()
+    src = user_source("my_queue", *exports)
+    latest.update("s", 1.0, INFO, [user_spool(src, [f"{TS}\tmail\t3\t100"])])
+    body = generate_latest(registry(latest)).decode()
+    assert "pgfleet_custom" not in body
+
+
+def test_user_source_bad_module_name_and_collisions() -> None:
+    latest = Latest()
+    evil = user_source('evil"', ("depth", 3, "gauge", "integer"))
+    # pgfleet_custom_a_b_c twice: the first module by name keeps it.
+    a = user_source("a", ("b_c", 2, "gauge", "integer"))
+    a_b = user_source("a_b", ("c", 2, "gauge", "integer"), ("d", 3, "gauge", "integer"))
+    # A built-in source's rows with a declaration: the declaration is ignored.
+    builtin_rows = spool("pg_stat_database", [{"datname": "db", "xact_commit": "1"}])
+    builtin_rows.source = dataclasses.replace(builtin_rows.source, exports=a.exports)
+    latest.update(
+        "s", 1.0, INFO, [user_spool(s, [f"{TS}\t1\t2"]) for s in (evil, a_b, a)] + [builtin_rows]
+    )
+    reg = registry(latest)
+    assert reg.get_sample_value("pgfleet_custom_a_b_c", {"server": "s"}) == 1
+    assert reg.get_sample_value("pgfleet_custom_a_b_d", {"server": "s"}) is None
+    assert reg.get_sample_value(
+        "pgfleet_database_xact_commit_total", {"server": "s", "dbname": "db"}
+    )
+    body = generate_latest(reg).decode()
+    assert "evil" not in body and "custom_pg_stat_database" not in body
+
+
+def test_user_source_entries_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(custom, "MAX_ENTRIES", 3)
+    latest = Latest()
+    src = user_source("my_queue", *QUEUE[:3])
+    rows = [f"{TS}\tq{i}\t{i}\t{i}" for i in range(10)]
+    latest.update("s", 1.0, INFO, [user_spool(src, rows)])
+    depths = _samples(latest, "pgfleet_custom_my_queue_depth")
+    assert sorted(s.labels["queue"] for s in depths) == ["q0", "q1", "q2"]
+
+
+def test_user_source_failing_drops_its_series_alone() -> None:
+    latest = Latest()
+    src = user_source("my_queue", *QUEUE[:3])
+    latest.update(
+        "s",
+        1.0,
+        INFO,
+        [
+            spool("pg_stat_user_tables", [table("t", seq_scan=1)]),
+            user_spool(src, [f"{TS}\tq\t1\t9"]),
+        ],
+    )
+    assert _samples(latest, "pgfleet_custom_my_queue_processed_total")
+    # Its query failed on the server this time: no spool of it.
+    latest.update("s", 2.0, INFO, [spool("pg_stat_user_tables", [table("t", seq_scan=2)])])
+    assert not _samples(latest, "pgfleet_custom_my_queue_processed_total")
+    assert _samples(latest, "pgfleet_table_seq_scans_total")
+    # Back after a reset: goes on from 9.
+    latest.update("s", 3.0, INFO, [user_spool(src, [f"{TS}\tq\t1\t2"])])
+    (s,) = _samples(latest, "pgfleet_custom_my_queue_processed_total")
+    assert s.value == 11

@@ -4,6 +4,7 @@ would have said of the whole fleet at once, in both formats."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 import time
@@ -18,6 +19,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from pgfleet.collector.exporter.custom import CustomView, Value
 from pgfleet.collector.exporter.fleet import families
 from pgfleet.collector.exporter.latest import Latest, Row, ServerView
 from pgfleet.collector.exporter.rendered import Rendered, split
@@ -221,3 +223,48 @@ def test_nothing_rendered_until_a_scrape_and_unchanged_servers_not_again() -> No
     text = b"".join(asyncio.run(rendered.pieces(content_type, encoder)))
     assert rendered.get_stats()["renders"] == 6
     assert b'server="s3"' not in text and b'server="s4"' in text
+
+
+def with_users(view: ServerView, seed: int) -> ServerView:
+    """``view`` with two users' sources, one of them with awkward label values."""
+    queue = CustomView(
+        "my_queue",
+        ("queue",),
+        (2,),
+        (
+            Value("pgfleet_custom_my_queue_processed", True, "Jobs.", 4, "num"),
+            Value("pgfleet_custom_my_queue_depth", False, "Waiting\nnow.", 3, "num"),
+        ),
+        1,
+        5,
+    )
+    disk = CustomView(
+        "disk", (), (), (Value("pgfleet_custom_disk_free_bytes", False, "Free.", 2, "num"),), 0, 3
+    )
+    rnd = random.Random(seed)
+    rows = [
+        Row((name,), array("d", (rnd.choice(AWKWARD_VALUES), float(seed))), None, None, None, 0.0)
+        for name in ("mail", 'we"ird\\n', "line\nbreak")[: 1 + seed % 3]
+    ]
+    disk_rows = [Row((), array("d", (float(seed),)), None, None, None, 0.0)]
+    return dataclasses.replace(view, custom=((queue, rows), (disk, disk_rows)))
+
+
+def test_users_sources_rendered_as_prometheus_client_would() -> None:
+    views = Views()
+    rendered = Rendered(views)
+    for accept in ("", OPENMETRICS):
+        encoder, content_type = choose_encoder(accept)
+        eof = b"# EOF\n" if accept else b""
+        for seed in range(6):
+            views.put(with_users(made_up("s1", seed), seed))
+            pieces = b"".join(asyncio.run(rendered.pieces(content_type, encoder)))
+            assert pieces + eof == whole(encoder, views)
+        # Several servers, one without users' sources: each family together.
+        views.put(with_users(made_up("s2", 7), 7))
+        views.put(made_up("s3", 8))
+        pieces = b"".join(asyncio.run(rendered.pieces(content_type, encoder)))
+        text = whole(encoder, views)
+        assert samples(pieces + eof) == samples(text)
+        assert len(pieces) + len(eof) == len(text)
+        del views.views["s2"], views.views["s3"]

@@ -12,6 +12,7 @@ Which datasource column becomes which family is declared in
 to know which columns to parse.  Counters are ``_total`` and never go backwards (see
 ``latest.py``), times are converted from PostgreSQL's milliseconds to
 seconds.  The list of families, with their meaning, is docs/metrics.md.
+Users' sources that declare exported columns come last (see :mod:`.custom`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.samples import Sample
 
+from pgfleet.collector.exporter import custom
 from pgfleet.collector.exporter.views import PREFIX, VIEWS, View
 
 if TYPE_CHECKING:
@@ -130,6 +132,12 @@ def families(servers: list[ServerView]) -> Iterator[Metric]:
             yield fam
     for vi, plan in enumerate(PLANS):
         yield from _view(vi, plan, servers)
+    yield from custom_families(servers)
+
+
+def custom_families(servers: list[ServerView]) -> Iterator[Metric]:
+    """The families of the users' sources of these servers' views."""
+    return custom.families((srv.alias, srv.custom) for srv in servers if srv.custom)
 
 
 def _view(vi: int, plan: _Plan, servers: list[ServerView]) -> Iterator[Metric]:

@@ -8,6 +8,11 @@ forgotten) is absent from the next scrape.
 Counter kinds of :mod:`pgfleet.collector.stats` map to the ``kind`` label of
 ``pgfleet_errors_total``; those label values never change meaning once
 shipped (alerts depend on them).
+
+The process's own figures (``process_cpu_seconds_total``, memory, open
+files, start time) come from prometheus_client's ProcessCollector, asked
+from here rather than registered on its own: the daemon builds a private
+registry (no global one), holding this collector.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING
 
+from prometheus_client import ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -65,6 +71,8 @@ class HealthCollector:
             "python": platform.python_version(),
             "psycopg": metadata.version("psycopg"),
         }
+        # registry=None: not the global registry, which nobody scrapes.
+        self._process = ProcessCollector(registry=None)
 
     def describe(self) -> Iterable[Metric]:
         # Registering must not call collect(): the daemon may not be running yet.
@@ -84,13 +92,20 @@ class HealthCollector:
             "When the server's last snapshot stored or spooled was taken (Unix time).",
             labels=["server"],
         )
+        interval = GaugeMetricFamily(
+            "pgfleet_snapshot_interval_seconds",
+            "The server's snapshot frequency: seconds between two scheduled snapshots.",
+            labels=["server"],
+        )
         for w in workers:
             if w.reachable is not None:
                 up.add_metric([w.server.alias], 1.0 if w.reachable else 0.0)
             if w.last_success is not None:
                 last.add_metric([w.server.alias], w.last_success)
+            interval.add_metric([w.server.alias], w.server.frequency)
         yield up
         yield last
+        yield interval
 
         yield GaugeMetricFamily(
             "pgfleet_servers", "Servers this collector snapshots.", value=len(workers)
@@ -192,6 +207,8 @@ class HealthCollector:
         info = InfoMetricFamily("pgfleet_build", "pgfleet's version and what it runs on.")
         info.add_metric([], {**self._build, "collector": f.collector})
         yield info
+        # Linux only (/proc): nothing elsewhere.
+        yield from self._process.collect()
 
 
 # Per-server event counters: Stats (source, kind) -> (family, label value).

@@ -28,10 +28,18 @@ by cumulative activity (View.rank).  Counter state is kept only for entries
 exported: those that stop being exported -- out of the top, vanished from the
 server, or their source failed this time -- keep their state for
 :data:`RETAIN` seconds so that a return, even after a reset, does not drop.
+
+A server whose snapshot failed altogether (:meth:`Latest.down`: unreachable,
+timed out) shows nothing until its next snapshot: its last values are not
+fresh, and the collector's health families (``pgfleet_up``, the last
+snapshot's time) say why.  Its counter state is kept, as for a source that
+failed.  Users' sources that declare exported columns are parsed alongside
+the built-in ones (see :mod:`.custom`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import itertools
@@ -46,6 +54,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from pgfleet.collector.exporter import custom
+from pgfleet.collector.exporter.custom import CustomView
 from pgfleet.collector.exporter.views import VIEWS, View
 from pgfleet.datasources import builtin
 from pgfleet.log import EventLogger
@@ -98,6 +108,8 @@ class ServerView:
     version_num: int
     in_recovery: bool
     rows: tuple[list[Row], ...]
+    # Users' sources: each exporting one's declaration and rows, by module.
+    custom: tuple[tuple[CustomView, list[Row]], ...] = ()
 
 
 # -- COPY text format ---------------------------------------------------------
@@ -152,12 +164,14 @@ class _Compiled:
     ncols: int
     labels: tuple[int, ...]
     values: tuple[tuple[int, float, Callable[[bytes], float]], ...]
+    # (value index, divisor column): Series.divide.
+    ratios: tuple[tuple[int, int], ...]
     ncounters: int
     maxed: tuple[bool, ...]  # per value: merged with max rather than sum
     epoch: int | None
     where: tuple[int, bytes, bool] | None
     rank: tuple[int, ...]
-    info: tuple[int, int] | None  # column, characters kept
+    info: tuple[int, int, bool] | None  # column, characters kept, read at every snapshot
     # Label columns do not identify a row: rows sharing them merge.
     merge: bool
     # A split row's label fields, and its value fields, as tuples.
@@ -165,7 +179,11 @@ class _Compiled:
     raw_values: Callable[[list[bytes]], tuple[bytes, ...]]
 
     def parse(self, f: list[bytes]) -> list[float]:
-        return [p(f[i]) * scale for i, scale, p in self.values]
+        vals = [p(f[i]) * scale for i, scale, p in self.values]
+        for j, d in self.ratios:
+            divisor = _num(f[d])
+            vals[j] = vals[j] / divisor if divisor else NAN
+        return vals
 
 
 def _getter(columns: Sequence[int]) -> Callable[[list[bytes]], tuple[bytes, ...]]:
@@ -193,22 +211,27 @@ def _compile(index: int, view: View) -> _Compiled:
     epoch = ds.names("epoch")
     info = None
     if view.info is not None:
-        info = (pos[view.info[2]], view.info[4])
+        info = (pos[view.info[2]], view.info[4], view.info_moves)
     if view.cap is not None and not view.rank:
         raise ValueError(f"{view.module}: a capped view needs rank columns")
+    merge = not set(ds.names("key")) <= identified
+    ratios = tuple((j, pos[s.divide]) for j, s in enumerate(view.series) if s.divide)
+    if ratios and (merge or any(j < len(view.counters) for j, _ in ratios)):
+        raise ValueError(f"{view.module}: a ratio is a gauge of a view that merges nothing")
     return _Compiled(
         index=index,
         view=view,
         ncols=2 + len(ds.columns),
         labels=labels,
         values=tuple((pos[s.column], s.scale, _PARSERS[s.parse]) for s in view.series),
+        ratios=ratios,
         ncounters=len(view.counters),
         maxed=tuple(s.merge == "max" for s in view.series),
         epoch=pos[epoch[0]] if epoch else None,
         where=where,
         rank=tuple(pos[c] for c in view.rank),
         info=info,
-        merge=not set(ds.names("key")) <= identified,
+        merge=merge,
         key=_getter(labels),
         raw_values=_getter([pos[s.column] for s in view.series]),
     )
@@ -336,6 +359,8 @@ class _Pending:
     spools: dict[str, bytes]  # per module the exporter reads
     caps: dict[str, int]  # at the time of the update
     size: int
+    # Users' sources that export columns: each one's declaration and bytes.
+    custom: dict[str, tuple[CustomView, bytes]]
 
 
 class Latest:
@@ -355,8 +380,9 @@ class Latest:
         self._pending: dict[str, _Pending] = {}
         self._pending_bytes = 0
         # Per server, per view: the rows exported, and those retired that
-        # still have counter state worth keeping.
+        # still have counter state worth keeping; for users' sources, per module.
         self._kept: dict[str, list[dict[tuple[str, ...], Row]]] = {}
+        self._kept_custom: dict[str, dict[str, dict[tuple[str, ...], Row]]] = {}
         self._generation = itertools.count(1)
         self._stats: Counter[str] = Counter()
         # Guards the dictionaries above; held briefly, never while parsing.
@@ -385,7 +411,9 @@ class Latest:
                 )
                 self._servers[alias] = (
                     next(self._generation),
-                    ServerView(srv.alias, srv.taken_at, srv.version_num, srv.in_recovery, rows),
+                    ServerView(
+                        srv.alias, srv.taken_at, srv.version_num, srv.in_recovery, rows, srv.custom
+                    ),
                 )
 
     def forget(self, alias: str) -> None:
@@ -393,9 +421,23 @@ class Latest:
         with self._parsing, self._lock:
             self._servers.pop(alias, None)
             self._kept.pop(alias, None)
+            self._kept_custom.pop(alias, None)
             pending = self._pending.pop(alias, None)
             if pending is not None:
                 self._pending_bytes -= pending.size
+
+    def down(self, alias: str) -> None:
+        """The server's snapshot failed: its series vanish until its next snapshot.
+
+        Its counter state stays (for :data:`RETAIN` seconds), so that its
+        counters go on from where they were when it is back.
+        """
+        with self._parsing, self._lock:
+            self._servers.pop(alias, None)
+            pending = self._pending.pop(alias, None)
+            if pending is not None:
+                self._pending_bytes -= pending.size
+                self._stats["skipped"] += 1
 
     def generations(self) -> dict[str, int]:
         """Every server's generation, by alias: it changes whenever its view does.
@@ -440,10 +482,16 @@ class Latest:
             and not st.source.added_manually
             and st.source.module in known
         }
-        size = sum(map(len, spools.values()))
+        declared = custom.views(tuple(st.source for st in staged if st.source.exports))
+        users = {
+            st.source.module: (declared[st.source.module], _read(st))
+            for st in staged
+            if st.source.module in declared
+        }
+        size = sum(map(len, spools.values())) + sum(len(data) for _, data in users.values())
         with self._lock:
             pending = _Pending(
-                next(self._generation), taken_at, info, spools, dict(self._caps), size
+                next(self._generation), taken_at, info, spools, dict(self._caps), size, users
             )
             old = self._pending.pop(alias, None)
             if old is not None:
@@ -467,15 +515,23 @@ class Latest:
                 # Lowering a cap applies at once, raising one at the next snapshot.
                 caps = {k: min(v, self._caps[k]) for k, v in pending.caps.items()}
                 kept = self._kept.get(alias) or [{} for _ in VIEWS]
+                kept_custom = self._kept_custom.get(alias, {})
             try:
                 view, new_kept = _parse(alias, pending, caps, kept)
             except Exception:
                 # The exporter's loss, not the snapshot's: the previous view stays.
                 log.exception("latest values not parsed for the exporter", server=alias)
                 return
+            users, new_custom = _parse_custom(alias, pending, kept_custom)
+            if users:
+                view = dataclasses.replace(view, custom=users)
             with self._lock:
                 self._servers[alias] = (pending.generation, view)
                 self._kept[alias] = new_kept
+                if new_custom:
+                    self._kept_custom[alias] = new_custom
+                else:
+                    self._kept_custom.pop(alias, None)
                 self._stats["parsed"] += 1
 
 
@@ -510,6 +566,83 @@ def _parse(
     info = pending.info
     view = ServerView(alias, taken_at, info.version_num, info.in_recovery, tuple(rows))
     return view, new_kept
+
+
+def _parse_custom(
+    alias: str, pending: _Pending, kept: dict[str, dict[tuple[str, ...], Row]]
+) -> tuple[tuple[tuple[CustomView, list[Row]], ...], dict[str, dict[tuple[str, ...], Row]]]:
+    """The users' sources of a snapshot: their rows, and the counter state to keep.
+
+    Each source on its own: one whose rows do not parse is left out (and
+    said), not the server's other sources.
+    """
+    out: list[tuple[CustomView, list[Row]]] = []
+    new_kept: dict[str, dict[tuple[str, ...], Row]] = {}
+    taken_at = pending.taken_at
+    for module, (cv, data) in sorted(pending.custom.items()):
+        old = kept.get(module, {})
+        try:
+            rows = _custom_rows(cv, data, old, taken_at)
+        except Exception:
+            log.exception("user source not parsed for the exporter", server=alias, source=module)
+            rows = []
+        new = {r.labels: r for r in rows}
+        if cv.ncounters:
+            _retire(old, new, taken_at, custom.MAX_ENTRIES)
+        new_kept[module] = new
+        if rows:
+            out.append((cv, rows))
+    # A source no longer declared or fetched keeps its state a while, too.
+    for module, old in kept.items():
+        if module not in new_kept:
+            retired: dict[tuple[str, ...], Row] = {}
+            _retire(old, retired, taken_at, custom.MAX_ENTRIES)
+            if retired:
+                new_kept[module] = retired
+    return tuple(out), new_kept
+
+
+def _custom_rows(
+    cv: CustomView, data: bytes, kept: dict[tuple[str, ...], Row], taken_at: float
+) -> list[Row]:
+    """A user's source's rows: entries per label values, their values summed."""
+    parsers = [(v.position, _SAFE[v.parse]) for v in cv.values]
+    positions = cv.label_positions
+    width = cv.width
+    entries: dict[tuple[bytes, ...], list[float]] = {}
+    maxed = (False,) * len(parsers)
+    for line in _lines(data):
+        f = line.split(b"\t")
+        if len(f) < width:
+            continue  # not the shape declared: the repository's COPY refuses it too
+        key = tuple(f[i] for i in positions)
+        vals = [p(f[i]) for i, p in parsers]
+        seen = entries.get(key)
+        if seen is not None:
+            _merge(seen, vals, maxed)
+        elif len(entries) < custom.MAX_ENTRIES:
+            entries[key] = vals
+    out = []
+    for key, vals in entries.items():
+        labels = tuple(map(_label, key))
+        values, raw = _monotonic(cv.ncounters, False, vals, None, kept.get(labels))
+        out.append(Row(labels, values, raw, None, None, taken_at))
+    return out
+
+
+def _safe(parse: Callable[[bytes], float]) -> Callable[[bytes], float]:
+    """``parse``, NaN (no sample) for what does not parse: users' values are anybody's."""
+
+    def safe(field: bytes) -> float:
+        try:
+            return parse(field)
+        except ValueError:
+            return NAN
+
+    return safe
+
+
+_SAFE = {kind: _safe(parse) for kind, parse in _PARSERS.items()}
 
 
 def _retire(
@@ -573,8 +706,9 @@ def _rows(
         prev = kept.get(labels)
         info = None
         if cv.info is not None:
-            info = prev.info if prev is not None else _info(f[cv.info[0]], cv.info[1])
-        values, raw = _monotonic(cv, vals, epoch, prev)
+            col, chars, moves = cv.info
+            info = prev.info if prev is not None and not moves else _info(f[col], chars)
+        values, raw = _monotonic(cv.ncounters, cv.epoch is not None, vals, epoch, prev)
         if sparse and not any(v for v in values if v == v):
             continue
         out.append(Row(labels, values, raw, epoch, info, taken_at))
@@ -582,13 +716,13 @@ def _rows(
 
 
 def _monotonic(
-    cv: _Compiled, vals: list[float], epoch: bytes | None, prev: Row | None
+    n: int, epochs: bool, vals: list[float], epoch: bytes | None, prev: Row | None
 ) -> tuple[array[float], array[float] | None]:
-    """The exported values for raw ``vals``, and the raw counters when they differ."""
-    n = cv.ncounters
+    """The exported values for raw ``vals`` (``n`` counters first), and the raw
+    counters when they differ; ``epochs``: the entries have an epoch column."""
     if prev is None or n == 0:
         return array("d", vals), None
-    reset = cv.epoch is not None and epoch != prev.epoch
+    reset = epochs and epoch != prev.epoch
     last_raw = prev.raw if prev.raw is not None else prev.values
     out = list(vals)
     differs = False

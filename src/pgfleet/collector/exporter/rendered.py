@@ -23,6 +23,10 @@ kept pieces out family by family (the formats want each family's samples
 together, after one HELP and TYPE): nothing of the format is written here,
 only cut and put in order.
 
+Users' sources (:mod:`.custom`) are rendered whole by prometheus_client
+each time, after the built-in families: they are few, and their names are
+anybody's, so nothing is assumed of their lines.
+
 Rendering runs on the event loop one server at a time, yielding between
 servers: a first scrape renders the whole fleet, which must not hold up the
 workers for seconds.  (A thread does worse: rendering is pure Python, and
@@ -45,7 +49,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from pgfleet.collector.exporter.fleet import PLANS, families
+from pgfleet.collector.exporter.fleet import PLANS, custom_families, families
 from pgfleet.collector.exporter.latest import Row, ServerView
 from pgfleet.log import EventLogger
 
@@ -77,15 +81,18 @@ class Views(Protocol):
 
 
 class _One:
-    """A collector of one server's view."""
+    """A collector of one server's view (``custom``: its users' sources only)."""
 
-    def __init__(self, view: ServerView) -> None:
+    def __init__(self, view: ServerView, custom: bool = False) -> None:
         self.view = view
+        self.custom = custom
 
     def describe(self) -> list[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
+        if self.custom:
+            return custom_families([self.view])
         return families([self.view])
 
 
@@ -109,10 +116,11 @@ def split(text: bytes) -> list[Piece]:
     return out
 
 
-def _render(encoder: Encoder, view: ServerView) -> list[Piece]:
-    """One server's families, rendered alone by prometheus_client, cut at each family."""
+def _render(encoder: Encoder, view: ServerView, custom: bool = False) -> list[Piece]:
+    """One server's families (``custom``: its users' only), rendered alone by
+    prometheus_client, cut at each family."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_One(view))
+    registry.register(_One(view, custom))
     return split(encoder(registry))
 
 
@@ -233,8 +241,11 @@ class Rendered:
                 got_family = by_family.get(name)
                 if got_family is None:
                     by_family[name] = [header, samples]
-                else:
+                elif got_family[0] == header:  # the same object, but for users' families
                     got_family.append(samples)
+                # else: a user's family declared otherwise for another server
+                # (a declaration changed between their snapshots): left out
+                # until this server's next snapshot, lest one family have two types.
         return [piece for pieces in by_family.values() for piece in pieces]
 
     def _render(
@@ -248,6 +259,9 @@ class Rendered:
                     raise _Mismatch(str(e)) from e
                 shown = self._lines(fmt, view, lines)
                 pieces, layout, hidden = _compose(fmt, view, shown)
+                if view.custom:
+                    # After the built-in ones: _recover reads those alone.
+                    pieces += _render(fmt.encoder, view, custom=True)
                 # Entries no longer shown often come back (the top moves,
                 # backends change state): keep the prefixes of a few.
                 spare: dict[_Key, _Lines] = {}

@@ -37,6 +37,11 @@ class Series:
     labels: tuple[tuple[str, str], ...] = ()
     # How entries merged into one (see View.labels) combine.
     merge: Literal["sum", "max"] = "sum"
+    # A gauge that is ``column`` divided by this column, both as the source
+    # says them (not the exported counters): pg_stat_statements' mean time is
+    # total_exec_time / calls, so it need not be fetched nor stored.  NaN
+    # (no sample) when the divisor is 0 or NULL.  Not in a merged view.
+    divide: str = ""
 
 
 def _c(column: str, help: str, family: str = "", **labels: str) -> Series:
@@ -74,6 +79,10 @@ class View:
     # (family, help, column, label, max characters): a gauge of 1 per entry
     # whose label carries a text too long or varied to repeat on every series.
     info: tuple[str, str, str, str, int] | None = None
+    # The info text of an entry is kept from its first snapshot (a statement's
+    # text never changes), unless it moves on: read again at every one (a
+    # vacuum's phase).
+    info_moves: bool = False
     # Entries whose values are all 0 or NULL are left out until one is not
     # (as counters are monotonic, they do not come and go).
     sparse: bool = False
@@ -133,7 +142,57 @@ VIEWS: tuple[View, ...] = (
                 "idle_in_transaction_seconds",
             ),
         ),
-        gauges=(_c("numbackends", "Backends connected to the database.", "backends"),),
+        gauges=(
+            _c("numbackends", "Backends connected to the database.", "backends"),
+            _c("xid_age", "Transactions since the oldest unfrozen one (datfrozenxid)."),
+            _c("mxid_age", "Multixacts since the oldest unfrozen one (datminmxid)."),
+        ),
+    ),
+    View(
+        "database_size",
+        "database_",
+        (("dbname", "datname"),),
+        gauges=(
+            _c("size", "Pages of its relations, as of their last VACUUM/ANALYZE, in bytes.",
+               "size_bytes"),
+        ),
+    ),
+    View(
+        "pg_locks",
+        "locks_",
+        (("dbname", "datname"), ("mode", "mode")),
+        gauges=(
+            _c("granted", "Locks held, per database and mode.", "held"),
+            _c("waiting", "Locks awaited, per database and mode."),
+            _c("longest_wait_seconds", "How long the oldest wait for such a lock has lasted."),
+        ),
+    ),
+    View(
+        "postmaster",
+        "",
+        (),
+        gauges=(
+            _ts("start_time", "When the server started.", "postmaster_start_timestamp_seconds"),
+            _ts(
+                "conf_load_time",
+                "When the server last loaded its configuration files.",
+                "config_load_timestamp_seconds",
+            ),
+        ),
+    ),
+    View(
+        "settings",
+        "",
+        (("name", "name"),),
+        gauges=(
+            _c("value", "A numeric or boolean (1: on) setting not at its default.", "setting"),
+            _c("value_bytes", "A memory setting not at its default, in bytes.", "setting_bytes"),
+            _c("value_seconds", "A time setting not at its default, in seconds.",
+               "setting_seconds"),
+        ),
+        # About 270 numeric and boolean settings: those at PostgreSQL's
+        # built-in default would be most of a server's series.
+        where=("source", "default", False),
     ),
     View(
         "pg_stat_activity",
@@ -315,6 +374,8 @@ VIEWS: tuple[View, ...] = (
             _c("n_tup_hot_upd", "Tuples updated without index changes (HOT).", "tup_hot_updated"),
             _c("vacuum_count", "Manual vacuums.", "vacuums"),
             _c("autovacuum_count", "Autovacuums.", "autovacuums"),
+            _c("analyze_count", "Manual analyzes.", "analyzes"),
+            _c("autoanalyze_count", "Autoanalyzes.", "autoanalyzes"),
             _c("heap_blks_read", "Heap blocks read from outside shared buffers."),
             _c("heap_blks_hit", "Heap blocks found in shared buffers."),
         ),
@@ -322,7 +383,10 @@ VIEWS: tuple[View, ...] = (
             _c("n_live_tup", "Estimated live tuples.", "live_tuples"),
             _c("n_dead_tup", "Estimated dead tuples.", "dead_tuples"),
             _c("size", "Size with TOAST and maps, in bytes.", "size_bytes"),
+            _ts("last_vacuum", "Last manual vacuum.", "last_vacuum_timestamp_seconds"),
             _ts("last_autovacuum", "Last autovacuum.", "last_autovacuum_timestamp_seconds"),
+            _ts("last_analyze", "Last manual analyze.", "last_analyze_timestamp_seconds"),
+            _ts("last_autoanalyze", "Last autoanalyze.", "last_autoanalyze_timestamp_seconds"),
         ),
         cap="tables",
         rank=("seq_tup_read", "idx_tup_fetch", "n_tup_ins", "n_tup_upd", "n_tup_del"),
@@ -348,6 +412,29 @@ VIEWS: tuple[View, ...] = (
         rank=("idx_scan", "idx_tup_read"),
     ),
     View(
+        "pg_stat_progress_vacuum",
+        "vacuum_",
+        (("dbname", "datname"), ("schema", "schemaname"), ("table", "relname")),
+        gauges=(
+            _c("heap_blks_total", "Blocks of the table to scan.", "heap_blocks"),
+            _c("heap_blks_scanned", "Blocks scanned so far.", "heap_blocks_scanned"),
+            _c("heap_blks_vacuumed", "Blocks vacuumed so far.", "heap_blocks_vacuumed"),
+            _c("index_vacuum_count", "Passes over the indexes so far.", "index_passes"),
+            _c("indexes_total", "Indexes to process (17+).", "indexes"),
+            _c("indexes_processed", "Indexes processed so far (17+)."),
+            _c("dead_tuples", "Dead tuples (item IDs on 17+) collected since the last index pass."),
+            _c("max_dead_tuples", "Dead tuples that fit before an index pass (before 17)."),
+            _c("dead_tuple_bytes", "Memory the dead tuples take (17+)."),
+            _c("max_dead_tuple_bytes", "Memory they may take before an index pass (17+)."),
+            _ts("started", "When the vacuum of the table started.", "start_timestamp_seconds"),
+            Series("autovacuum", "1 for an autovacuum worker, 0 for a VACUUM command.",
+                   parse="bool"),
+            Series("wraparound", "1 for an autovacuum to prevent wraparound.", parse="bool"),
+        ),
+        info=("vacuum_info", "1 per vacuum running; phase is where it is.", "phase", "phase", 64),
+        info_moves=True,
+    ),
+    View(
         "pg_stat_statements",
         "statement_",
         (("dbname", "datname"), ("user", "rolname"), ("queryid", "queryid")),
@@ -361,6 +448,15 @@ VIEWS: tuple[View, ...] = (
             _c("shared_blks_written", "Shared blocks written."),
             _c("temp_blks_written", "Temporary blocks written."),
             _c("wal_bytes", "WAL generated, in bytes."),
+        ),
+        # Over the entry's life, not per interval (docs/metrics.md).
+        gauges=(
+            _ms("min_exec_time", "Shortest execution.", "exec_min_seconds"),
+            _ms("max_exec_time", "Longest execution.", "exec_max_seconds"),
+            Series(
+                "total_exec_time", "Mean execution time.", "exec_mean_seconds", MS, divide="calls"
+            ),
+            _ms("stddev_exec_time", "Standard deviation of execution time.", "exec_stddev_seconds"),
         ),
         # Nested statements' time is already in their top-level caller's:
         # keeping top-level entries only keeps sums over statements true.

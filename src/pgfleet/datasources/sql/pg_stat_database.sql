@@ -7,7 +7,11 @@ SELECT pg_catalog.now() AS ts, d.datname, d.stats_reset, d.numbackends,
        c.confl_tablespace, c.confl_lock, c.confl_snapshot, c.confl_bufferpin,
        c.confl_deadlock, NULL::bigint AS confl_active_logicalslot,
        d.blk_read_time, d.blk_write_time, d.session_time, d.active_time,
-       d.idle_in_transaction_time
+       d.idle_in_transaction_time,
+       -- Transactions and multixacts since the oldest not frozen yet: how
+       -- close the database is to wraparound (pg_database: no file read).
+       pg_catalog.age(b.datfrozenxid) AS xid_age, pg_catalog.mxid_age(b.datminmxid) AS mxid_age
   FROM pg_catalog.pg_stat_database d
   LEFT JOIN pg_catalog.pg_stat_database_conflicts c USING (datid)
+  JOIN pg_catalog.pg_database b ON b.oid = d.datid
  WHERE d.datname IS NOT NULL

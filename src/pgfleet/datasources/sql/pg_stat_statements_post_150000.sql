@@ -34,7 +34,10 @@ SELECT pg_catalog.now() AS ts, d.datname, r.rolname, s.toplevel, s.queryid,
        s.total_exec_time, s.total_plan_time,
        s.blk_read_time, s.blk_write_time,
        s.temp_blk_read_time, s.temp_blk_write_time,
-       s.jit_generation_time
+       s.jit_generation_time,
+       -- Over the entry's life (since stats_since; min and max since the last
+       -- minmax-only reset on 17+), not per snapshot: gauges.
+       s.min_exec_time, s.max_exec_time, s.stddev_exec_time
   FROM @extschema:pg_stat_statements@.pg_stat_statements s
   JOIN pg_catalog.pg_database d ON d.oid = s.dbid
   JOIN pg_catalog.pg_roles r ON r.oid = s.userid

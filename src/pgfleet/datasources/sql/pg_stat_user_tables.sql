@@ -35,7 +35,9 @@ SELECT pg_catalog.now() AS ts, pg_catalog.current_database() AS datname,
        CASE WHEN c.relkind <> 'p'::pg_catalog."char" THEN i.idx_blks_hit END AS idx_blks_hit,
        pg_catalog.pg_stat_get_blocks_fetched(t.oid) - pg_catalog.pg_stat_get_blocks_hit(t.oid)
          AS toast_blks_read,
-       pg_catalog.pg_stat_get_blocks_hit(t.oid) AS toast_blks_hit
+       pg_catalog.pg_stat_get_blocks_hit(t.oid) AS toast_blks_hit,
+       pg_catalog.pg_stat_get_last_vacuum_time(c.oid) AS last_vacuum,
+       pg_catalog.pg_stat_get_last_analyze_time(c.oid) AS last_analyze
   FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN pg_catalog.pg_class t ON t.oid = c.reltoastrelid
