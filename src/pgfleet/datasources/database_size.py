@@ -26,7 +26,7 @@ DATASOURCE = Datasource(
         Column("datname", "text", "key"),
         Column("size", "bigint", "gauge"),
     ),
-    queries={140000: "database_size.sql"},
+    queries={130000: "database_size.sql"},
     per_database=True,
     scope="datname",
     priority=20,

@@ -28,7 +28,7 @@ DATASOURCE = Datasource(
         Column("waiting", "integer", "gauge"),
         Column("longest_wait_seconds", "double precision", "gauge"),
     ),
-    queries={140000: "pg_locks.sql"},
+    queries={130000: "pg_locks_post_130000.sql", 140000: "pg_locks.sql"},
     priority=3,
     description="locks held and awaited per database and lock mode",
 )

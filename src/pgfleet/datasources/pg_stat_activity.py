@@ -21,7 +21,7 @@ DATASOURCE = Datasource(
         Column("count", "integer", "gauge"),
         Column("oldest_xact_seconds", "double precision", "gauge"),
     ),
-    queries={140000: "pg_stat_activity.sql"},
+    queries={130000: "pg_stat_activity.sql"},
     priority=3,
     description="backends per database, user, state and wait event",
 )

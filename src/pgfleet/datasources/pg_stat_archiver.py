@@ -15,7 +15,7 @@ DATASOURCE = Datasource(
         Column("last_failed_wal", "text", "gauge"),
         Column("last_failed_time", "timestamptz", "gauge"),
     ),
-    queries={140000: "pg_stat_archiver.sql"},
+    queries={130000: "pg_stat_archiver.sql"},
     priority=5,
     description="WAL files archived and archiving failures",
 )

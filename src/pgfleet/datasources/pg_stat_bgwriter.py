@@ -33,7 +33,7 @@ DATASOURCE = Datasource(
         *(Column(n, "double precision", "counter") for n in _TIMES),
     ),
     queries={
-        140000: "pg_stat_bgwriter.sql",
+        130000: "pg_stat_bgwriter.sql",
         170000: "pg_stat_bgwriter_post_170000.sql",
         180000: "pg_stat_bgwriter_post_180000.sql",
     },

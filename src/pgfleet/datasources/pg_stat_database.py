@@ -33,7 +33,11 @@ DATASOURCE = Datasource(
         Column("xid_age", "integer", "gauge"),
         Column("mxid_age", "integer", "gauge"),
     ),
-    queries={140000: "pg_stat_database.sql", 160000: "pg_stat_database_post_160000.sql"},
+    queries={
+        130000: "pg_stat_database_post_130000.sql",
+        140000: "pg_stat_database.sql",
+        160000: "pg_stat_database_post_160000.sql",
+    },
     priority=1,
     description="transactions, tuples, blocks, temp files, deadlocks, conflicts, xid ages",
 )

@@ -44,7 +44,7 @@ DATASOURCE = Datasource(
         Column("indexes_processed", "bigint", "gauge"),
     ),
     queries={
-        140000: "pg_stat_progress_vacuum.sql",
+        130000: "pg_stat_progress_vacuum.sql",
         170000: "pg_stat_progress_vacuum_post_170000.sql",
     },
     per_database=True,

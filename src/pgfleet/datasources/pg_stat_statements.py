@@ -55,6 +55,7 @@ DATASOURCE = Datasource(
         *(Column(n, "double precision", "gauge") for n in _LIFETIME),
     ),
     queries={
+        130000: "pg_stat_statements_post_130000.sql",
         140000: "pg_stat_statements.sql",
         150000: "pg_stat_statements_post_150000.sql",
         170000: "pg_stat_statements_post_170000.sql",

@@ -22,7 +22,7 @@ DATASOURCE = Datasource(
         Column("total_time", "double precision", "counter"),
         Column("self_time", "double precision", "counter"),
     ),
-    queries={140000: "pg_stat_user_functions.sql"},
+    queries={130000: "pg_stat_user_functions.sql"},
     per_database=True,
     scope="datname",
     priority=20,

@@ -26,7 +26,7 @@ DATASOURCE = Datasource(
         Column("idx_blks_read", "bigint", "counter"),
         Column("idx_blks_hit", "bigint", "counter"),
     ),
-    queries={140000: "pg_stat_user_indexes.sql"},
+    queries={130000: "pg_stat_user_indexes.sql"},
     per_database=True,
     scope="datname",
     priority=20,

@@ -40,7 +40,7 @@ DATASOURCE = Datasource(
         Column("last_vacuum", "timestamptz", "gauge"),
         Column("last_analyze", "timestamptz", "gauge"),
     ),
-    queries={140000: "pg_stat_user_tables.sql"},
+    queries={130000: "pg_stat_user_tables.sql"},
     per_database=True,
     scope="datname",
     priority=20,

@@ -18,7 +18,7 @@ DATASOURCE = Datasource(
         Column("start_time", "timestamptz", "gauge"),
         Column("conf_load_time", "timestamptz", "gauge"),
     ),
-    queries={140000: "postmaster.sql"},
+    queries={130000: "postmaster.sql"},
     priority=3,
     description="when the server started, and when its configuration was last loaded",
 )

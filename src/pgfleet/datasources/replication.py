@@ -29,7 +29,7 @@ DATASOURCE = Datasource(
         Column("flush_lag", "double precision", "gauge"),
         Column("replay_lag", "double precision", "gauge"),
     ),
-    queries={140000: "replication.sql"},
+    queries={130000: "replication.sql"},
     priority=5,
     description="state and lag of each standby streaming from this server",
 )

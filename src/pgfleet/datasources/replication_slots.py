@@ -31,7 +31,7 @@ DATASOURCE = Datasource(
         Column("inactive_since", "timestamptz", "gauge"),
         Column("invalidation_reason", "text", "gauge"),
     ),
-    queries={140000: "replication_slots.sql", 170000: "replication_slots_post_170000.sql"},
+    queries={130000: "replication_slots.sql", 170000: "replication_slots_post_170000.sql"},
     priority=5,
     description="replication slots: activity, WAL retained, xmin held back",
 )

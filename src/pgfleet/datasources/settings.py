@@ -39,7 +39,7 @@ DATASOURCE = Datasource(
         Column("value_bytes", "double precision", "gauge"),
         Column("value_seconds", "double precision", "gauge"),
     ),
-    queries={140000: "settings.sql"},
+    queries={130000: "settings.sql"},
     priority=30,
     description="configuration parameters and their changes",
 )

@@ -22,7 +22,7 @@ DATASOURCE = Datasource(
         Column("replay_lag_bytes", "bigint", "gauge"),
         Column("replay_lag", "double precision", "gauge"),
     ),
-    queries={140000: "wal_receiver.sql"},
+    queries={130000: "wal_receiver.sql"},
     priority=5,
     description="state and lag of this standby's WAL receiver",
 )
