@@ -10,13 +10,17 @@ One asyncio event loop runs:
 - the command listener and handler (:mod:`pgfleet.collector.commands`);
 - the management listeners (:mod:`pgfleet.management.server`): ``pgfleet ctl``
   over a private Unix socket, and remotely over SCRAM/TLS when a port is set;
-  :class:`ManagementCommands` is what their commands do here.
+  :class:`ManagementCommands` is what their commands do here;
+- the backups of the servers it holds (:mod:`pgfleet.backup.service`): WAL
+  receivers, scheduled base backups (in threads, a few at once), retention,
+  told after every lease round which servers are ours.
 
 Signals: SIGTERM and SIGINT stop taking snapshots and exit within
 ``shutdown_timeout`` seconds, whatever the repository does meanwhile: the
 snapshots in flight get most of it, then are cancelled (what they fetched
-goes to the spool), the leases are given back if the repository answers in
-time, and every await on the way out is under that one deadline (see
+goes to the spool), the WAL receivers stop and the running base backups are
+cancelled (left INVALID), the leases are given back if the repository answers
+in time, and every await on the way out is under that one deadline (see
 :meth:`Daemon._shutdown`).  SIGHUP rereads the configuration and the fleet;
 settings that need a restart are named in the log and keep their old value.
 systemd hears about all of it (:mod:`pgfleet.collector.systemd`).
@@ -41,7 +45,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,8 @@ import psycopg
 from prometheus_client.registry import CollectorRegistry
 
 from pgfleet import __version__, asgi, config, log
+from pgfleet.backup.metrics import BackupCollector
+from pgfleet.backup.service import BackupRequestError, BackupService
 from pgfleet.collector import commands, systemd
 from pgfleet.collector.discovery import Discovery
 from pgfleet.collector.exporter.endpoint import Endpoint, Row
@@ -107,6 +113,8 @@ RESTART_SETTINGS = (
     "management.unix_socket_dir",
     "management.host",
     "management.port",
+    # Receivers and backups in flight hold files there (see backup/service.py).
+    "backup.directory",
 )
 # Settings whose value ``conf get`` never shows.
 SECRET_SETTINGS = ("web.token",)
@@ -230,10 +238,14 @@ class Daemon:
         self.discovery = Discovery(cfg.discovery, cfg.source, self.stats)
         self.limiter = Limiter(cfg.collector.max_in_flight)
         self.requests = commands.Requests(self.channel)
+        self.backups = BackupService(
+            cfg, self.stats, collector=self.name, log=self.log.bind(component="backup")
+        )
 
     async def _run(self) -> int:
         cfg = self.cfg
         self.prepare()
+        self.backups.start()  # its key file read: a ConfigError before anything starts
         # Bound before anything starts, so that a busy port is one clear
         # error at start rather than a collector without its endpoint.
         servers = self._http_servers()
@@ -298,6 +310,7 @@ class Daemon:
             registry.register(
                 HealthCollector(Fleet(self.name, self.workers, self.stats, self.spool))
             )
+            registry.register(BackupCollector(self.backups))
             rendered = Rendered(self.latest)
             app = Endpoint(registry, self._overview, rendered)
             sock = asgi.bind(cfg.exporter.listen, cfg.exporter.port, "the exporter")
@@ -385,6 +398,8 @@ class Daemon:
         if self.management is not None:
             # No new command once stopping; one being answered gets a moment.
             await self.management.close(timeout=min(1.0, reserve))
+        # Receivers stopped, base backups cancelled (INVALID), alongside the snapshots.
+        backups = asyncio.create_task(self.backups.close(deadline - reserve), name="backups")
         workers = list(self.workers.values())
         for w in workers:
             w.stop()
@@ -403,11 +418,14 @@ class Daemon:
                 )
             await _settle(running, deadline - reserve / 2)
         await service
+        await backups
         # Let the others take our servers now rather than when our leases
         # expire; keep those whose snapshots wait in our spool.
         leave = asyncio.create_task(self._leave(), name="leave")
         await _settle([leave], deadline - 0.1, cancel=False)
-        left = [t for t in (*running, *self._tasks, *self._background, leave) if not t.done()]
+        left = [
+            t for t in (*running, *self._tasks, *self._background, backups, leave) if not t.done()
+        ]
         if left:
             self.log.warning(
                 "tasks still running at the shutdown deadline",
@@ -596,6 +614,8 @@ class Daemon:
             if w.server != self.fleet[srvid] or w.cfg != self.cfg.collector:
                 await w.update(self.fleet[srvid], self.cfg.collector)
         await self._balance(rr)
+        # A server's receiver and backups run where it is collected.
+        self.backups.reconcile(self.fleet, set(self.workers))
         systemd.notify(f"STATUS=collecting {len(self.workers)} server(s)")
 
     def _start_worker(self, server: Server) -> None:
@@ -628,7 +648,9 @@ class Daemon:
             (
                 w
                 for srvid, w in self.workers.items()
-                if w.state in ("waiting", "backoff") and not self.spool.has(srvid)
+                if w.state in ("waiting", "backoff")
+                and not self.spool.has(srvid)
+                and not self.backups.busy(srvid)
             ),
             key=lambda w: w.next_run or 0.0,
             reverse=True,
@@ -680,6 +702,7 @@ class Daemon:
         a ConfigError leaves the configuration as it was.
         """
         mgmt = management.prepare(new.management) if self.management is not None else None
+        backup_setup = self.backups.prepare(new)
         self.discovery.configure(new.discovery, new.source)
         restart = [k for k in RESTART_SETTINGS if _setting(new, k) != _setting(self.cfg, k)]
         if restart:
@@ -699,6 +722,7 @@ class Daemon:
         )
         if self.management is not None and mgmt is not None:
             self.management.configure(mgmt)
+        self.backups.configure(dataclasses.replace(backup_setup, cfg=new))
         self._fleet_wake.set()  # rediscover now; workers get new settings there
         return restart
 
@@ -994,7 +1018,9 @@ class ManagementCommands:
     Everything is read from the daemon's memory, but the ``server``
     commands, which go to the repository as ``pgfleet server`` does, in a
     thread (the registry's functions are synchronous) under
-    ``[management] timeout``.
+    ``[management] timeout``, and the ``backup`` commands, which are the
+    :class:`~pgfleet.backup.service.BackupService`'s (the backup directory
+    read in threads; backups and verifications started, not waited for).
     """
 
     def __init__(self, daemon: Daemon) -> None:
@@ -1200,3 +1226,40 @@ class ManagementCommands:
         d._summary_totals = {}
         d.log.info("statistics cleared", origin="management", series=cleared)
         return {"Cleared": cleared}
+
+    # The backup commands: the BackupService's, its refusals as management errors.
+
+    @contextlib.contextmanager
+    def _backups(self) -> Iterator[BackupService]:
+        try:
+            yield self.d.backups
+        except BackupRequestError as e:
+            raise ManagementError(ErrorCode[e.reason], str(e)) from None
+
+    async def backup_status(self, server: str | None) -> dict[str, Any]:
+        with self._backups() as b:
+            return b.status(server)
+
+    async def backup_create(self, server: str, incremental: bool) -> dict[str, Any]:
+        with self._backups() as b:
+            return b.create(server, incremental=incremental)
+
+    async def backup_ls(self, server: str) -> dict[str, Any]:
+        with self._backups() as b:
+            return await b.ls(server)
+
+    async def backup_info(self, server: str, backup: str) -> dict[str, Any]:
+        with self._backups() as b:
+            return await b.info(server, backup)
+
+    async def backup_verify(self, server: str, backup: str) -> dict[str, Any]:
+        with self._backups() as b:
+            return await b.verify(server, backup)
+
+    async def backup_retain(self, server: str) -> dict[str, Any]:
+        with self._backups() as b:
+            return await b.retain(server)
+
+    async def backup_delete(self, server: str, backup: str, force: bool) -> dict[str, Any]:
+        with self._backups() as b:
+            return await b.delete(server, backup, force=force)

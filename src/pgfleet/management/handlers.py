@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,6 +34,12 @@ CONFIG_KEY = "ConfigKey"
 CONFIG_VALUE = "ConfigValue"
 SETTINGS = "Settings"
 PURGE = "Purge"
+BACKUP = "Backup"
+INCREMENTAL = "Incremental"
+FORCE = "Force"
+
+# A backup's ID (its start, UTC), or the newest/oldest valid one.
+_BACKUP_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z|latest|newest|oldest")
 
 
 class Target(Protocol):
@@ -60,6 +67,21 @@ class Target(Protocol):
     async def server_rm(self, alias: str, purge: bool) -> dict[str, Any]: ...
 
     def clear_prometheus(self) -> dict[str, Any]: ...
+
+    async def backup_status(self, server: str | None) -> dict[str, Any]: ...
+
+    async def backup_create(self, server: str, incremental: bool) -> dict[str, Any]: ...
+
+    async def backup_ls(self, server: str) -> dict[str, Any]: ...
+
+    async def backup_info(self, server: str, backup: str) -> dict[str, Any]: ...
+
+    async def backup_verify(self, server: str, backup: str) -> dict[str, Any]:
+        """Start reading the backup back; the verdict comes in status and info."""
+
+    async def backup_retain(self, server: str) -> dict[str, Any]: ...
+
+    async def backup_delete(self, server: str, backup: str, force: bool) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -205,6 +227,52 @@ async def _clear(t: Target, args: dict[str, Any], who: Caller) -> Outcome:
     return Outcome(t.clear_prometheus())
 
 
+def _backup_id(args: dict[str, Any]) -> str:
+    value: str = args[BACKUP]
+    if not _BACKUP_ID.fullmatch(value):
+        raise ManagementError(
+            ErrorCode.BAD_ARGUMENTS,
+            f"argument {BACKUP!r} must be a backup ID (YYYYMMDDTHHMMSSZ), latest or oldest, "
+            f"not {value[:64]!r}",
+        )
+    return value
+
+
+async def _backup_status(t: Target, args: dict[str, Any], who: Caller) -> Outcome:
+    a = _args(args, {}, {SERVER: str})
+    return Outcome(await t.backup_status(a.get(SERVER)))
+
+
+async def _backup_create(t: Target, args: dict[str, Any], who: Caller) -> Outcome:
+    a = _args(args, {SERVER: str}, {INCREMENTAL: bool})
+    return Outcome(await t.backup_create(a[SERVER], a.get(INCREMENTAL, False)))
+
+
+async def _backup_ls(t: Target, args: dict[str, Any], who: Caller) -> Outcome:
+    a = _args(args, {SERVER: str})
+    return Outcome(await t.backup_ls(a[SERVER]))
+
+
+async def _backup_info(t: Target, args: dict[str, Any], who: Caller) -> Outcome:
+    a = _args(args, {SERVER: str, BACKUP: str})
+    return Outcome(await t.backup_info(a[SERVER], _backup_id(a)))
+
+
+async def _backup_verify(t: Target, args: dict[str, Any], who: Caller) -> Outcome:
+    a = _args(args, {SERVER: str, BACKUP: str})
+    return Outcome(await t.backup_verify(a[SERVER], _backup_id(a)))
+
+
+async def _backup_retain(t: Target, args: dict[str, Any], who: Caller) -> Outcome:
+    a = _args(args, {SERVER: str})
+    return Outcome(await t.backup_retain(a[SERVER]))
+
+
+async def _backup_delete(t: Target, args: dict[str, Any], who: Caller) -> Outcome:
+    a = _args(args, {SERVER: str, BACKUP: str}, {FORCE: bool})
+    return Outcome(await t.backup_delete(a[SERVER], _backup_id(a), a.get(FORCE, False)))
+
+
 COMMANDS: dict[str, Handler] = {
     "ping": _ping,
     "status": _status,
@@ -218,6 +286,13 @@ COMMANDS: dict[str, Handler] = {
     "server add": _server_add,
     "server rm": _server_rm,
     "clear prometheus": _clear,
+    "backup status": _backup_status,
+    "backup create": _backup_create,
+    "backup ls": _backup_ls,
+    "backup info": _backup_info,
+    "backup verify": _backup_verify,
+    "backup retain": _backup_retain,
+    "backup delete": _backup_delete,
 }
 
 

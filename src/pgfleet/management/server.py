@@ -73,7 +73,10 @@ _FATAL = {
 }
 # Commands that change something are logged at info, the others at debug:
 # a monitoring script pinging every second is not news.
-_QUIET = {"ping", "status", "conf ls", "conf get", "server ls"}
+_QUIET = {
+    "ping", "status", "conf ls", "conf get", "server ls",
+    "backup status", "backup ls", "backup info",
+}  # fmt: skip
 # Warnings about refused connections: so many per window (seconds), then a count.
 _WARNINGS_PER_WINDOW = 20
 _WARNING_WINDOW = 10.0
