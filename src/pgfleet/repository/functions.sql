@@ -1578,6 +1578,48 @@ BEGIN
 END;
 $function$;
 
+-- last (re)defined by 0015_extension_presence.sql
+CREATE OR REPLACE FUNCTION pgfleet.on_extension_ddl()
+ RETURNS event_trigger
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    exts text[];
+    mods text[];
+BEGIN
+    IF NOT EXISTS (SELECT FROM pgfleet.servers WHERE srvid = 0) THEN
+        RETURN;
+    END IF;
+    IF TG_EVENT = 'sql_drop' THEN
+        SELECT array_agg(coalesce(object_name, address_names[1])) INTO exts
+          FROM pg_event_trigger_dropped_objects() WHERE object_type = 'extension';
+        -- DROP SCHEMA pgfleet CASCADE, or the extension's own objects.
+        IF exts IS NULL OR to_regclass('pgfleet.source_extensions') IS NULL THEN
+            RETURN;
+        END IF;
+        SELECT array_agg(module) INTO mods FROM pgfleet.source_extensions
+         WHERE extension = ANY (exts);
+        IF mods IS NOT NULL THEN
+            PERFORM pgfleet.source_presence(0, mods, '{}');
+        END IF;
+    ELSE
+        SELECT array_agg(e.extname::text) INTO exts
+          FROM pg_event_trigger_ddl_commands() c
+          JOIN pg_extension e ON e.oid = c.objid
+         WHERE c.object_type = 'extension';
+        SELECT array_agg(module) INTO mods FROM pgfleet.source_extensions
+         WHERE extension = ANY (exts);
+        IF mods IS NOT NULL THEN
+            PERFORM pgfleet.source_presence(0, '{}', mods);
+        END IF;
+    END IF;
+EXCEPTION WHEN OTHERS THEN
+    -- Never in the way of the user's DDL: the next local snapshot tells.
+    RAISE WARNING 'pgfleet: extension presence not recorded: %', SQLERRM;
+END;
+$function$;
+
 -- last (re)defined by 0009_search_path.sql
 CREATE OR REPLACE FUNCTION pgfleet.record_error(_srvid integer, _source text, _message text, _kind text)
  RETURNS void
@@ -1700,6 +1742,44 @@ CREATE OR REPLACE FUNCTION pgfleet.snapshot_try_lock()
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
     SELECT pg_try_advisory_xact_lock(hashtext('pgfleet.snapshot'));
+$function$;
+
+-- last (re)defined by 0015_extension_presence.sql
+CREATE OR REPLACE FUNCTION pgfleet.source_presence(_srvid integer, _absent text[], _present text[])
+ RETURNS integer
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    m record;
+    n integer := 0;
+BEGIN
+    IF cardinality(_present) > 0 THEN
+        DELETE FROM pgfleet.source_absence WHERE srvid = _srvid AND module = ANY (_present);
+    END IF;
+    IF cardinality(_absent) = 0 THEN
+        RETURN 0;
+    END IF;
+    FOR m IN
+        INSERT INTO pgfleet.source_absence AS a (srvid, module, extension)
+        SELECT _srvid, u.module, coalesce(e.extension, '')
+          FROM unnest(_absent) AS u(module)
+          LEFT JOIN pgfleet.source_extensions e ON e.module = u.module
+        ON CONFLICT DO NOTHING
+        RETURNING a.module
+    LOOP
+        n := n + 1;
+        -- A metric source's delta base for this server; a source of the
+        -- user's own making has none we know of.
+        IF to_regclass('pgfleet.' || quote_ident(m.module || '_last')) IS NOT NULL
+           AND EXISTS (SELECT FROM pgfleet.metric_sources s WHERE s.module = m.module) THEN
+            EXECUTE format('DELETE FROM pgfleet.%I WHERE srvid = $1', m.module || '_last')
+              USING _srvid;
+            DELETE FROM pgfleet.metric_state WHERE srvid = _srvid AND module = m.module;
+        END IF;
+    END LOOP;
+    RETURN n;
+END;
 $function$;
 
 -- last (re)defined by 0010_nothing_lost.sql

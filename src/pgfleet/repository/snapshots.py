@@ -103,6 +103,15 @@ def take_snapshot(
     )
 
 
+def presence(srvid: int, absent: list[str], present: list[str]) -> sql.Composed:
+    """Sources unregistered for the server because it lacks their extension
+    now (``absent``), and those it ran (``present``, registered again if they
+    were not): see migration 0015."""
+    return sql.SQL("SELECT pgfleet.source_presence({}, {}::text[], {}::text[])").format(
+        sql.Literal(srvid), sql.Literal(absent), sql.Literal(present)
+    )
+
+
 def claim(srvid: int, key: str) -> sql.Composed:
     """Claim ``key`` as the server's last stored snapshot; fails with
     :data:`STORED_ALREADY` if it is (the snapshot was stored already)."""
@@ -203,10 +212,19 @@ async def local_info(repo: psycopg.AsyncConnection[Any]) -> ServerInfo:
 
 
 async def take_local_snapshot(
-    repo: psycopg.AsyncConnection[Any], info: ServerInfo, modules: list[str]
+    repo: psycopg.AsyncConnection[Any],
+    info: ServerInfo,
+    modules: list[str],
+    *,
+    absent: list[str] | None = None,
 ) -> list[Failure]:
-    """Snapshot srvid 0 in one transaction; return the failures it recorded."""
+    """Snapshot srvid 0 in one transaction; return the failures it recorded.
+
+    ``absent``: the sources skipped because the repository lacks their
+    extension, unregistered for srvid 0 (see :func:`presence`)."""
     async with repo.transaction():
+        if absent is not None:
+            await repo.execute(presence(0, absent, modules))
         # Marked: see local_info().  With pg_stat_statements.track = top, the
         # sources' queries run inside it are not counted on their own.
         await repo.execute(mark("SELECT pgfleet.take_snapshot(0, %s)"), (modules,))

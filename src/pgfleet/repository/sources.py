@@ -144,6 +144,15 @@ def install(conn: psycopg.Connection[Any], ds: Datasource, version: int) -> None
         ),
         args,
     )
+    # The extension it needs, for the per-server unregistration when the
+    # extension goes (migration 0015; older repositories have no table).
+    row = conn.execute("SELECT to_regclass('pgfleet.source_extensions') IS NOT NULL").fetchone()
+    if ds.extension and row and row[0]:
+        conn.execute(
+            "INSERT INTO pgfleet.source_extensions (module, extension) VALUES (%s, %s)"
+            " ON CONFLICT (module) DO UPDATE SET extension = excluded.extension",
+            (ds.module, ds.extension),
+        )
 
 
 def _src_function(ds: Datasource, version: int) -> sql.Composed:

@@ -305,6 +305,10 @@ async def _store_script(
     if extra.clock is not None and with_rows:
         sources = [st.source.query_source for st in with_rows if st.source.query_source]
         stmts.append(("clamp", q.clamp(sources, extra.clock)))
+    # Sources unregistered for this server while it lacks their extension,
+    # registered again once they run (migration 0015).
+    present = [st.source.module for st in loaded]
+    stmts.append(("presence", q.presence(srvid, extension_absent(result), present)))
     stmts.append(("take_snapshot", q.take_snapshot(srvid, modules, extra.purge_interval)))
     stmts.append(("mark", q.MARK))
     stmts.append(("count", count))
@@ -376,6 +380,23 @@ async def _stage(repo: psycopg.AsyncConnection[Any], st: Staged) -> int:
     return max(cp.cursor.rowcount, 0)
 
 
+def extension_absent(result: SnapshotResult) -> list[str]:
+    """The built-in sources the snapshot skipped because no database of the
+    server has their extension (not one it could not reach)."""
+    known = builtin()
+    out = []
+    for module, why in result.skipped:
+        ds = known.get(module)
+        if (
+            ds is not None
+            and ds.extension
+            and why.startswith(f"extension {ds.extension} is not installed")
+            and "could not be" not in why
+        ):
+            out.append(module)
+    return out
+
+
 async def snapshot_local(repo: psycopg.AsyncConnection[Any]) -> SnapshotResult:
     """Take one local snapshot (srvid 0): the repository monitors itself.
 
@@ -397,7 +418,9 @@ async def snapshot_local(repo: psycopg.AsyncConnection[Any]) -> SnapshotResult:
                 result.skipped.append((src.module, why))
                 continue
         modules.append(src.module)
-    result.failures.extend(await q.take_local_snapshot(repo, info, modules))
+    result.failures.extend(
+        await q.take_local_snapshot(repo, info, modules, absent=extension_absent(result))
+    )
     failed = {f.source for f in result.failures}
     result.stored = [m for m in modules if m not in failed]
     result.seconds = time.perf_counter() - t0
