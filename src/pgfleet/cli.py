@@ -317,6 +317,26 @@ def _ctl_parser(sub: Any) -> None:
     q = srvsub.add_parser("rm", help="unregister a server")
     q.add_argument("alias")
     q.add_argument("--purge", action="store_true", help="also delete its collected data now")
+    bk = csub.add_parser("backup", help="the collector's backups (see docs/management.md)")
+    bksub = bk.add_subparsers(dest="backup_action", required=True, metavar="ACTION")
+    q = bksub.add_parser("status", help="receivers, running and scheduled backups")
+    q.add_argument("server", nargs="?", help="alias or srvid")
+    q = bksub.add_parser("create", help="a base backup now (in the background)")
+    q.add_argument("server", help="alias or srvid")
+    q.add_argument("--incremental", action="store_true", help="PostgreSQL 17+")
+    for action, text in (("ls", "its backups"), ("retain", "apply its retention now")):
+        q = bksub.add_parser(action, help=text)
+        q.add_argument("server", help="alias or srvid")
+    for action, text in (
+        ("info", "one backup"),
+        ("verify", "read a backup back (in the background: see status)"),
+        ("delete", "delete a backup"),
+    ):
+        q = bksub.add_parser(action, help=text)
+        q.add_argument("server", help="alias or srvid")
+        q.add_argument("id", help="a backup ID, latest or oldest")
+        if action == "delete":
+            q.add_argument("--force", action="store_true", help="even the only valid one")
     clear = csub.add_parser("clear", help="reset counters")
     clear.add_argument(
         "what", choices=("prometheus",), help="the collector's own /metrics counters"
@@ -872,6 +892,16 @@ def _ctl_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "server ls", {}
     if c == "clear":
         return "clear prometheus", {}
+    if c == "backup":
+        a = args.backup_action
+        request: dict[str, Any] = {"Server": args.server} if args.server else {}
+        if a == "create" and args.incremental:
+            request["Incremental"] = True
+        if a in ("info", "verify", "delete"):
+            request["Backup"] = args.id
+        if a == "delete" and args.force:
+            request["Force"] = True
+        return f"backup {a}", request
     return c, {}
 
 

@@ -119,6 +119,11 @@ def test_ctl_commands_output_and_exit_codes(
     assert rc == 1 and json.loads(out)["Outcome"]["Error"] == 16
     rc, out, err = ctl(run_cli, m, "clear", "prometheus")
     assert rc == 0 and out.endswith("counter series cleared\n")
+    # Backups: this collector has no [backup] directory.
+    rc, out, err = ctl(run_cli, m, "backup", "ls", "far")
+    assert rc == 1 and err.count("\n") == 1 and "(error 9, not_allowed)" in err, err
+    rc, out, err = ctl(run_cli, m, "--format", "json", "backup", "status")
+    assert rc in (0, 1) and "Outcome" in json.loads(out), (rc, out, err)
     rc, out, err = ctl(run_cli, m, "reload")
     assert rc == 0 and out.startswith("configuration reloaded from "), err
 
