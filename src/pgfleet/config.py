@@ -88,6 +88,12 @@ class CollectorConfig:
     # Seconds between two purges of a server's old data at most, whatever its
     # coalesce (purges also run every 10 aggregates).
     purge_interval: float = 86400.0
+    # Local mode: also snapshot the repository's own instance (srvid 0,
+    # 'local') at its frequency ('pgfleet server update local --frequency'),
+    # through the same sources as remote servers.  Of collectors sharing a
+    # repository, one at a time does it (the one whose session holds an
+    # advisory lock; another takes over when it stops).
+    local: bool = False
 
 
 @dataclass(frozen=True)

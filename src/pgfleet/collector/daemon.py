@@ -83,9 +83,13 @@ from pgfleet.repository.servers import Server
 from pgfleet.repository.snapshots import registered_sources
 from pgfleet.snapshot import wire
 from pgfleet.snapshot.model import FailureKind, RegisteredSource
+from pgfleet.snapshot.store import snapshot_local
 
 # Settings read once at start: a reload that changes them says so and keeps
 # the old value.
+# pg_try_advisory_lock's key for local mode's snapshots: one collector takes them.
+_LOCAL_LOCK = 0x70_67_66_6C_6C_6F_63  # "pgflloc" in ASCII: arbitrary, and ours
+
 RESTART_SETTINGS = (
     "repository.dsn",
     "collector.name",
@@ -270,6 +274,7 @@ class Daemon:
             (self._command_loop(), "commands"),
             (self.writer.replay(), "replay"),
             (self._watchdog(), "watchdog"),
+            (self._local_loop(), "local"),
             *servers,
         ):
             self._tasks.append(asyncio.create_task(coro, name=name))
@@ -281,6 +286,73 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             await self._shutdown()
         return self.exit_code
+
+    async def _local_loop(self) -> None:
+        """Local mode ([collector] local): snapshot srvid 0, the repository's
+        own instance, at its frequency.
+
+        One collector of those sharing the repository does it: the one whose
+        session holds the advisory lock below (session-level: it goes with
+        the session, and another collector takes over within a period).  A
+        reload turns it on or off.  The snapshot is the repository's own
+        transaction (snapshot_local()): nothing to spool, and a failed one
+        is simply the next period's to take.
+        """
+        conn: psycopg.AsyncConnection[Any] | None = None
+        backoff = Backoff(self.cfg.collector.retry_max)
+        holder = False
+        last_error: str | None = None
+        while not self._stop.is_set():
+            delay = 5.0
+            try:
+                if not self.cfg.collector.local:
+                    if conn is not None:
+                        await conn.close()
+                        conn, holder = None, False
+                elif conn is None or conn.closed:
+                    conn, holder = await connect_repository_async(self.dsn), False
+                if conn is not None:
+                    if not holder:
+                        cur = await conn.execute(
+                            "SELECT pg_catalog.pg_try_advisory_lock(%s)", (_LOCAL_LOCK,)
+                        )
+                        row = await cur.fetchone()
+                        holder = bool(row and row[0])
+                        if holder:
+                            self.log.info("local snapshots: this collector takes them")
+                    cur = await conn.execute(
+                        "SELECT frequency, enabled FROM pgfleet.servers WHERE srvid = 0"
+                    )
+                    row = await cur.fetchone()
+                    delay = float(row[0]) if row else 300.0
+                    if holder and row and row[1]:
+                        started = time.monotonic()
+                        res = await snapshot_local(conn)
+                        self.log.info(
+                            "local snapshot",
+                            server="local",
+                            sources=len(res.stored),
+                            failures=len(res.failures),
+                            skipped=len(res.skipped),
+                            ms=round((time.monotonic() - started) * 1000),
+                        )
+                        delay = max(1.0, delay - (time.monotonic() - started))
+                    elif not holder:
+                        # Another collector has it: look again within a period.
+                        delay = min(delay, self.cfg.collector.lease_period)
+                backoff.reset()
+                last_error = None
+            except (psycopg.Error, RepositoryError, OSError) as e:
+                if first_line(e) != last_error:
+                    last_error = first_line(e)
+                    self.log.warning("local snapshot failed", error=last_error)
+                if conn is not None and (conn.closed or conn.broken):
+                    conn, holder = None, False
+                delay = backoff.next()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+        if conn is not None:
+            await conn.close()
 
     async def _start_management(self) -> None:
         """Bind the management socket (and port); ConfigError if impossible."""
