@@ -1,14 +1,18 @@
 """The web UI's pages over a week of history: server time of each page's JSON.
 
 Fills a repository (embedded PostgreSQL 18) with 7 days of 5-minute snapshots of
-one server with 2,000 statements, as aggregation leaves them (coalesce 100: one
-history row per entry per ~8 hours, partitioned by day, the last hour and a half
-not yet aggregated; written by pgfleet.metric_aggregate() itself, window by
-window, from points put where snapshots leave them), plus 8 databases, 100
-tables, 150 indexes, wait events, I/O, WAL, checkpoints, sessions, settings and
-a standby; then asks the app in-process (no network) for each page's JSON over
-the last day and the last week, 15 times each, and prints the median server
-time per page.  Bar: 300 ms.
+one server with 2,000 statements (pg_stat_statements and pg_stat_kcache), as
+aggregation leaves them (coalesce 100: one history row per entry per ~8 hours,
+partitioned by day, the last hour and a half not yet aggregated; written by
+pgfleet.metric_aggregate() itself, window by window, from points put where
+snapshots leave them), plus 8 databases, 100 tables, 150 indexes, wait events,
+I/O, WAL, checkpoints, sessions, settings and a standby; then asks the app
+in-process (no network) for each page's JSON over the last day and the last
+week, 15 times each, and prints the median server time per page.  The server,
+database and query pages include pg_stat_kcache's charts and tables; the
+period comparisons compare the range with itself (``against=custom``): two
+whole ranges of history read, the worst case.  Index advice and plans ask a
+monitored server, so they are not measured here.  Bar: 300 ms.
 
 Usage: python bench/ui.py [--statements N] [--runs N]
 """
@@ -43,6 +47,16 @@ SOURCES: dict[str, tuple[int, dict[str, str], dict[str, str]]] = {
             "temp_blks_written": "nullif((k * i) % 50, 0)",
             "wal_bytes": "nullif((k % 5) * 100, 0)",
             "total_exec_time": "1.5 + (i % 5) + (k % 13)",
+        },
+    ),
+    "pg_stat_kcache": (
+        0,  # --statements, with pg_stat_statements' keys
+        {"datname": "'app'", "rolname": "'app'", "toplevel": "true", "queryid": "k"},
+        {
+            "exec_user_time": "0.001 * (1 + (k + i) % 5)",
+            "exec_system_time": "0.0002 * (1 + k % 3)",
+            "exec_reads": "nullif((k * i) % 4, 0) * 8192",
+            "exec_writes": "nullif((k * i) % 9, 0) * 8192",
         },
     ),
     "pg_stat_database": (
@@ -204,8 +218,23 @@ def fill(conn: psycopg.Connection[Any], srvid: int, statements: int) -> None:
 
 
 PAGES = ["/fleet.json", "/server/{srvid}.json", "/server/{srvid}/database/app.json",
-         "/server/{srvid}/query/42.json"]  # fmt: skip
+         "/server/{srvid}/query/42.json", "/server/{srvid}/compare.json",
+         "/server/{srvid}/database/app/compare.json"]  # fmt: skip
 RANGES = {"day": "1d", "week": "7d"}
+SPANS = {"1d": datetime.timedelta(days=1), "7d": datetime.timedelta(days=7)}
+
+
+def params_of(path: str, rng: str) -> dict[str, str]:
+    """A page's query string: the range; for a comparison, A is B itself."""
+    params = {"range": rng}
+    if "/compare" in path:
+        now = datetime.datetime.now(datetime.UTC)
+        params.update(
+            against="custom",
+            a_from=f"{(now - SPANS[rng]).timestamp():.0f}",
+            a_to=f"{now.timestamp():.0f}",
+        )
+    return params
 
 
 async def measure(dsn: str, srvid: int, runs: int) -> dict[str, float]:
@@ -233,7 +262,7 @@ async def measure(dsn: str, srvid: int, runs: int) -> dict[str, float]:
                 times = []
                 for n in range(runs + 1):
                     t = time.perf_counter()
-                    r = await client.get(path, params={"range": rng})
+                    r = await client.get(path, params=params_of(path, rng))
                     elapsed = (time.perf_counter() - t) * 1000
                     r.raise_for_status()
                     if n:  # the first warms the caches and the pool

@@ -70,13 +70,19 @@ def fleet(repo: str, run_cli: RunCli, pg18: Cluster, new_database: NewDatabase) 
         res = run_cli("snapshot", "mon")
         assert res.rc == 0, res.err
         time.sleep(1.1)
-    suffix = pg18.port
+    reader, admin = web_roles(repo, pg18.port)
+    return Fleet(repo, srvid, mon, reader, admin)
+
+
+def web_roles(repo: str, suffix: int) -> tuple[tuple[str, str], tuple[str, str]]:
+    """A pgfleet_read role and a pgfleet_admin role of the repository, with
+    their passwords (made again)."""
     reader, admin = (f"web_reader_{suffix}", "r3ader!"), (f"web_admin_{suffix}", "adm1n!")
     with connect(repo) as conn:
         for (name, password), role in ((reader, "pgfleet_read"), (admin, "pgfleet_admin")):
             conn.execute(f"DROP ROLE IF EXISTS {name}")
             conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}' IN ROLE {role}")
-    return Fleet(repo, srvid, mon, reader, admin)
+    return reader, admin
 
 
 def web_config(repo: str, **web: Any) -> Config:

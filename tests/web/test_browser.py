@@ -1,5 +1,6 @@
 """The UI in a real headless Chromium: log in, fleet -> server -> query, change
-the range, charts drawn, no console error, hostile names shown as text.
+the range, charts drawn, no console error, hostile names shown as text; the
+period comparison, a generic plan, pg_stat_kcache's charts and index advice.
 
 Screenshots go to test-artifacts/web/.  Needs Debian's chromium (installed by
 ``make venv`` as root) and Playwright for Python; never downloads a browser.
@@ -15,7 +16,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pgfleet.web.render import tilde_encode
-from tests.web.fix_web import HOSTILE_COMMENT, HOSTILE_DB, Fleet, serving, web_config
+from tests.advice.fix_advice import Shop
+from tests.web.fix_web import HOSTILE_COMMENT, HOSTILE_DB, Fleet, serving, web_config, web_roles
 
 if TYPE_CHECKING:  # imported when the tests run, if it is installed (see `browser`)
     from playwright.sync_api import Browser, Page
@@ -137,4 +139,99 @@ def test_walk_the_ui(fleet: Fleet, browser: Browser) -> None:
         page.screenshot(path=str(ARTIFACTS / "collector.png"), full_page=True)
         assert "Snapshot now" not in page.inner_text("main")  # not an admin
 
+    assert problems == []
+
+
+def _watch(page: Page) -> list[str]:
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    return problems
+
+
+def _log_in(page: Page, base: str, user: tuple[str, str], then: str) -> None:
+    page.goto(f"{base}{then}")
+    page.fill("input[name=username]", user[0])
+    page.fill("input[name=password]", user[1])
+    page.click("form[action='/login'] button")
+    page.wait_for_url(f"**{then.split('?')[0]}*")
+
+
+def test_compare_periods_and_plans(fleet: Fleet, browser: Browser) -> None:
+    """From the server page to the period comparison, and a generic plan
+    asked for on a query page (PostgreSQL 18)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with serving(web_config(fleet.repo)) as base:
+        page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        problems = _watch(page)
+        span = _snapshot_span(fleet)
+        _log_in(page, base, fleet.reader, f"/server/{fleet.srvid}?{span}")
+
+        # Server -> compare: the snapshots' span against the minute before.
+        page.click("#tools a:text('Compare periods')")
+        page.wait_for_url(f"**/server/{fleet.srvid}/compare?*")
+        rows = page.query_selector_all("#compare-statements tbody tr[data-kind]")
+        assert rows and {r.get_attribute("data-kind") for r in rows} == {"new"}
+        assert "FROM work WHERE id <" in page.inner_text("#compare-statements")
+        page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+        # The form: A as the same period a day before.
+        page.select_option("select[name=against]", "1d")
+        page.click("#compare-form button")
+        page.wait_for_url("**against=1d*")
+        assert page.input_value("select[name=against]") == "1d"
+
+        # A query -> its generic plan.
+        page.goto(f"{base}/server/{fleet.srvid}?{span}")
+        page.click("td.query a:has-text('FROM work WHERE id <')")
+        page.wait_for_url(f"**/server/{fleet.srvid}/query/**")
+        page.click("#explain-form button")
+        page.wait_for_selector("#plan-text", timeout=30000)
+        assert "work" in page.inner_text("#plan-text")
+        assert "cost=" in page.inner_text("#plan-text")
+        page.screenshot(path=str(ARTIFACTS / "query_plan.png"), full_page=True)
+        assert page.evaluate("window.__pwned") is None
+    assert problems == []
+
+
+def test_kcache_and_index_advice(shop: Shop, browser: Browser) -> None:
+    """pg_stat_kcache's charts and tables, then index advice asked for on a
+    database of PostgreSQL 15 (pg_qualstats, hypopg): the page follows the
+    run until the suggestions show."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    reader, _ = web_roles(shop.repo, shop.cluster.port)
+    span = f"from={shop.start.timestamp() - 5:.0f}&to={shop.end.timestamp() + 5:.0f}"
+    srv = f"/server/{shop.server.srvid}"
+    with serving(web_config(shop.repo)) as base:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        problems = _watch(page)
+        _log_in(page, base, reader, f"{srv}?{span}")
+        assert _charts_drawn(page) >= 6
+        assert page.query_selector("[data-chart=cpu] canvas") is not None
+        assert page.query_selector("[data-chart=os_io]") is not None  # reads may be none
+        assert page.query_selector_all("#kcache-queries tbody tr td.query")
+        page.screenshot(path=str(ARTIFACTS / "server_kcache.png"), full_page=True)
+
+        page.goto(f"{base}{srv}/database/{tilde_encode(shop.dbname)}?{span}")
+        assert _charts_drawn(page) >= 6
+        assert page.query_selector("[data-chart=cpu] canvas") is not None
+        page.click("#tools a:text('Index advice')")
+        page.wait_for_url("**/advice?*")
+        assert page.query_selector("#advice-none") is not None  # nothing ran on load
+        page.click("#advice-form button")
+        # The page polls its JSON twin, and reloads once the run is over.
+        page.wait_for_selector("#advice-done", timeout=120000)
+        suggested = page.inner_text(".status-suggested code.ddl")
+        assert suggested.startswith("CREATE INDEX ON public.orders USING btree")
+        covered = [e.inner_text() for e in page.query_selector_all(".status-covered")]
+        assert any("orders_status" in c for c in covered)
+        assert all("Covered by" in c for c in covered)
+        assert "gin" in page.inner_text(".status-unverified")
+        page.screenshot(path=str(ARTIFACTS / "advice.png"), full_page=True)
+
+        # A statement it helps -> its page: CPU figures, and no plan before 16.
+        page.click(".status-suggested table.queries td.query a")
+        page.wait_for_url(f"**{srv}/query/**")
+        assert "Over the range: CPU" in page.inner_text("#kcache-totals")
+        assert "PostgreSQL 16 or later" in page.inner_text("#plan-unavailable")
+        page.screenshot(path=str(ARTIFACTS / "query_kcache.png"), full_page=True)
     assert problems == []

@@ -1,4 +1,6 @@
-"""``pgfleet web``: the fleet, a server, a database and a query over any time range.
+"""``pgfleet web``: the fleet, a server, a database and a query over any time
+range; two periods compared; index advice and generic plans asked of a
+monitored server on demand (:mod:`.runs`).
 
 Server-rendered pages (Jinja2, autoescaped) whose charts (uPlot) load the
 page's JSON twin: every page at ``PATH`` has its data at ``PATH.json``, with

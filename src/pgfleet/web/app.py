@@ -10,6 +10,10 @@ too large, 503 repository busy or too slow), never a traceback: inputs are
 checked where they are parsed (:mod:`.timerange`, :func:`.page.path_int`, the
 names of databases against the server's), and nothing taken from the URL
 goes to SQL unchecked.
+
+Every POST form carries the session's CSRF token.  The POSTs that ask a
+monitored server for something (index advice, a plan: ``ACTIONS``) are
+refused to the token (read-only) and bounded by :mod:`.runs`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote, urlencode
 
 import psycopg
@@ -42,11 +47,21 @@ from pgfleet.web import render, timerange
 from pgfleet.web.page import INT4_MAX, Ctx, NotFound, Page, WebState
 from pgfleet.web.pools import Busy, PoolClosed
 from pgfleet.web.sessions import LoginFailed, Sessions, User
-from pgfleet.web.views import collector, database, fleet, query, server
+from pgfleet.web.views import advice, collector, compare, database, fleet, plans, query, server
 
 logger = logging.getLogger("pgfleet.web")
 
-PAGES: list[Page] = [fleet.PAGE, server.PAGE, database.PAGE, query.PAGE, collector.PAGE]
+PAGES: list[Page] = [
+    fleet.PAGE, server.PAGE, database.PAGE, query.PAGE, collector.PAGE,
+    advice.SERVER_PAGE, advice.DATABASE_PAGE, compare.SERVER_PAGE, compare.DATABASE_PAGE,
+]  # fmt: skip
+# What a POST starts on a monitored server: the form's page (see views.advice).
+ACTIONS: list[tuple[str, Callable[[Ctx, dict[str, str]], Awaitable[str]]]] = [
+    (advice.SERVER_PAGE.path, advice.start),
+    (advice.DATABASE_PAGE.path, advice.start),
+    (query.PAGE.path + "/explain", plans.explain),
+]
+T = TypeVar("T")
 COOKIE = "pgfleet_session"
 # Our forms hold a few short fields: a bigger body is refused (413) unread.
 MAX_BODY = 64 * 1024
@@ -105,6 +120,7 @@ def create_app(config: Config) -> Starlette:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            await state.runs.close()
             await sessions.close()
 
     routes: list[BaseRoute] = [
@@ -119,6 +135,8 @@ def create_app(config: Config) -> Starlette:
     ]
     if up is not None:
         routes.insert(-1, Mount("/vendor/uplot", StaticFiles(directory=str(up)), name="uplot"))
+    for path, action in ACTIONS:
+        routes.append(Route(path, _action(action), methods=["POST"]))
     for page in PAGES:
         # The JSON twin first: "NAME.json" must not be taken for a name.
         routes.append(Route(page.path + ".json", _handler(page, as_json=True)))
@@ -283,7 +301,9 @@ async def _logout(request: Request) -> Response:
         await _check_csrf(request)
     except PermissionError as e:
         return PlainTextResponse(str(e), status_code=403)
-    await _state(request).sessions.logout(request.session.get("sid"))
+    sid = request.session.get("sid")
+    await _state(request).runs.forget(sid if isinstance(sid, str) else None)
+    await _state(request).sessions.logout(sid)
     request.session.clear()
     return RedirectResponse("/login", status_code=303)
 
@@ -342,24 +362,9 @@ def _handler(page: Page, *, as_json: bool) -> Callable[[Request], Awaitable[Resp
         else:
             only = page.html_parts
         ctx = Ctx(request, st, user, tr, only)
-        try:
-            data = await page.build(ctx)
-        except NotFound as e:
-            return _error(request, st, as_json, 404, str(e), user)
-        except psycopg.errors.InsufficientPrivilege as e:
-            return _error(request, st, as_json, 403, _first(e), user)
-        except Busy as e:
-            return _error(request, st, as_json, 503, str(e), user)
-        except PoolClosed:  # logged out by another request meanwhile
-            return _error(request, st, as_json, 401, "logged out: log in again", user)
-        except psycopg.errors.QueryCanceled as e:
-            logger.warning("%s %s: %s", request.method, _here(request)[:200], _first(e))
-            return _error(request, st, as_json, 503, "the repository took longer than"
-                          f" [web] statement_timeout ({st.sessions.statement_timeout:g} s):"
-                          " try a shorter range", user)  # fmt: skip
-        except (psycopg.Error, PgfleetError) as e:
-            logger.warning("%s %s: %s", request.method, _here(request)[:200], _first(e))
-            return _error(request, st, as_json, 503, f"repository: {_first(e)}", user)
+        data = await _guarded(ctx, as_json, page.build(ctx))
+        if isinstance(data, Response):
+            return data
         if as_json:
             return render.JSONResponse(data, headers=render.SECURITY_HEADERS)
         return render.render(
@@ -367,6 +372,63 @@ def _handler(page: Page, *, as_json: bool) -> Callable[[Request], Awaitable[Resp
             range=tr, ranges=list(timerange.RANGES), uplot=st.uplot, csrf=_csrf(request),
             json_url=_json_url(request), flash=request.session.pop("flash", None),
         )  # fmt: skip
+
+    return handle
+
+
+async def _guarded(ctx: Ctx, as_json: bool, work: Awaitable[T]) -> T | Response:
+    """What `work` returns, or the error page (or JSON) of what it raised."""
+    request, st, user = ctx.request, ctx.state, ctx.user
+    try:
+        return await work
+    except timerange.BadRange as e:
+        return _error(request, st, as_json, 400, str(e), user)
+    except NotFound as e:
+        return _error(request, st, as_json, 404, str(e), user)
+    except PermissionError as e:
+        return _error(request, st, as_json, 403, str(e), user)
+    except psycopg.errors.InsufficientPrivilege as e:
+        return _error(request, st, as_json, 403, _first(e), user)
+    except Busy as e:
+        return _error(request, st, as_json, 503, str(e), user)
+    except PoolClosed:  # logged out by another request meanwhile
+        return _error(request, st, as_json, 401, "logged out: log in again", user)
+    except psycopg.errors.QueryCanceled as e:
+        logger.warning("%s %s: %s", request.method, _here(request)[:200], _first(e))
+        return _error(request, st, as_json, 503, "the repository took longer than"
+                      f" [web] statement_timeout ({st.sessions.statement_timeout:g} s):"
+                      " try a shorter range", user)  # fmt: skip
+    except (psycopg.Error, PgfleetError) as e:
+        logger.warning("%s %s: %s", request.method, _here(request)[:200], _first(e))
+        return _error(request, st, as_json, 503, f"repository: {_first(e)}", user)
+
+
+def _action(
+    fn: Callable[[Ctx, dict[str, str]], Awaitable[str]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """A POST form that starts something on a monitored server: logged in,
+    its CSRF token right, its range (the form's ``range``, or ``from`` and
+    ``to``) valid; `fn` says where to go next (a refusal goes there too, as
+    a flash message)."""
+
+    async def handle(request: Request) -> Response:
+        st = _state(request)
+        user = current_user(request)
+        if user is None:
+            return RedirectResponse("/login", status_code=303)
+        try:
+            form = await _check_csrf(request)
+        except PermissionError as e:
+            return _error(request, st, False, 403, str(e), user)
+        try:
+            tr = timerange.parse(form)
+        except timerange.BadRange as e:
+            return _error(request, st, False, 400, str(e), user)
+        ctx = Ctx(request, st, user, tr, None)
+        target = await _guarded(ctx, False, fn(ctx, form))
+        if isinstance(target, Response):
+            return target
+        return RedirectResponse(target, status_code=303)
 
     return handle
 

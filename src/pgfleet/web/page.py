@@ -18,6 +18,7 @@ from starlette.requests import Request
 
 from pgfleet.config import Config
 from pgfleet.repository import reads
+from pgfleet.web.runs import Runs
 from pgfleet.web.timerange import TimeRange
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ class WebState:
     sessions: Sessions
     env: jinja2.Environment
     uplot: bool  # whether uPlot's files were found
+    # Index advice and plans, on demand (POST), and what came of them.
+    runs: Runs = field(default_factory=Runs)
 
 
 class NotFound(LookupError):
@@ -45,6 +48,11 @@ class Ctx:
     user: User
     range: TimeRange
     only: frozenset[str] | None  # None: every part
+
+    @property
+    def address(self) -> str:
+        """The client's: the TCP peer (see pgfleet.asgi)."""
+        return self.request.client.host if self.request.client else "unknown"
 
     def wants(self, part: str) -> bool:
         return self.only is None or part in self.only

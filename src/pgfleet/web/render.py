@@ -144,6 +144,41 @@ def _version(num: Any) -> str:
     return f"{n // 10000}.{n % 10000}" if n >= 100000 else f"{n // 10000}.{n // 100 % 100}"
 
 
+def _seconds(v: Any) -> str:
+    """CPU seconds: 0.0123 -> '12.3 ms', 5400 -> '1.5 h'."""
+    if v is None:
+        return ""
+    return _ms(float(v) * 1000)
+
+
+def _duration(seconds: Any) -> str:
+    """A span: 90 -> '1.5 min', 604800 -> '7 d'."""
+    if seconds is None:
+        return ""
+    s = float(seconds)
+    for unit, n in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= n:
+            return f"{s / n:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{s:.0f} s"
+
+
+def _percent(v: Any, digits: int = 0) -> str:
+    """A fraction as a signed percentage: 0.25 -> '+25%'; None -> ''."""
+    if v is None:
+        return ""
+    return f"{float(v) * 100:+.{digits}f}%"
+
+
+def _by_table(indexes: Any) -> list[dict[str, Any]]:
+    """Index advice's candidates per table, in their order (suggested first)."""
+    tables: dict[tuple[str, str], dict[str, Any]] = {}
+    for ix in indexes or []:
+        key = (str(ix.get("schema")), str(ix.get("table")))
+        t = tables.setdefault(key, {"schema": key[0], "table": key[1], "indexes": []})
+        t["indexes"].append(ix)
+    return list(tables.values())
+
+
 _FORMATTER = HtmlFormatter(nowrap=True)
 
 
@@ -162,7 +197,8 @@ def templates() -> jinja2.Environment:
     )
     env.filters.update(
         number=_number, bytes=_bytes, ms=_ms, age=_age, when=_when, pgversion=_version,
-        sql=_sql, tilde=tilde_encode,
+        sql=_sql, tilde=tilde_encode, seconds=_seconds, percent=_percent, by_table=_by_table,
+        duration=_duration,
     )  # fmt: skip
     # Named where the top queries say what they hide.
     env.globals["statement_marker"] = STATEMENT_MARKER

@@ -62,6 +62,20 @@
     };
   }
 
+  // A y axis as wide as its longest label ("0.0010 cores"), 80 pixels at
+  // least; uPlot's own autosize recipe, converging after one more cycle.
+  function axisSize(u, values, axisIdx, cycleNum) {
+    const axis = u.axes[axisIdx];
+    if (cycleNum > 1) return axis._size;
+    let size = axis.ticks.size + axis.gap;
+    const longest = (values || []).reduce((acc, v) => (v.length > acc.length ? v : acc), "");
+    if (longest !== "") {
+      u.ctx.font = axis.font[0];
+      size += u.ctx.measureText(longest).width / devicePixelRatio;
+    }
+    return Math.max(80, Math.ceil(size));
+  }
+
   function zoomTo(from, to) {
     const u = new URL(window.location.href);
     u.searchParams.delete("range");
@@ -96,7 +110,7 @@
                 y2: { range: (u, min, max) => [0, max > 0 ? max * 1.05 : 1] } },
       axes: [
         {},
-        { scale: "y", size: 80, values: (u, vals) => vals.map(v => fmt(v, units[0])) },
+        { scale: "y", size: axisSize, values: (u, vals) => vals.map(v => fmt(v, units[0])) },
       ],
       series: [{ value: (u, v) => (v === null ? "–" : new Date(v * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC") }],
       plugins: [markersPlugin(markers)],
@@ -110,7 +124,7 @@
       },
     };
     if (units.length > 1) {
-      opts.axes.push({ scale: "y2", side: 1, size: 80, grid: { show: false },
+      opts.axes.push({ scale: "y2", side: 1, size: axisSize, grid: { show: false },
                        values: (u, vals) => vals.map(v => fmt(v, units[1])) });
     }
     const data = [x];
@@ -228,7 +242,52 @@
     });
   }
 
+  // -- Index advice and plans: asked for with a POST; a run under way is
+  // polled (the page's JSON twin) until it is over, then the page reloads.
+
+  function followRun(section) {
+    if (section.dataset.state !== "running") return;
+    const src = withParams(section.dataset.src, { _only: "run" });
+    const elapsed = document.getElementById("advice-elapsed");
+    const since = Date.now() - 1000 * (parseFloat(elapsed ? elapsed.textContent : "0") || 0);
+    const tick = setInterval(() => {
+      if (elapsed) elapsed.textContent = String(Math.round((Date.now() - since) / 1000));
+    }, 1000);
+    async function poll() {
+      try {
+        const resp = await fetch(src, { credentials: "same-origin", headers: { Accept: "application/json" } });
+        if (resp.ok) {
+          const run = (await resp.json()).run;
+          if (!run || String(run.id) !== section.dataset.run || run.state !== "running") {
+            clearInterval(tick);
+            window.location.reload();
+            return;
+          }
+        }
+      } catch (e) {
+        // The network or the server hiccupped: ask again.
+      }
+      setTimeout(poll, 2000);
+    }
+    setTimeout(poll, 2000);
+  }
+
+  function submitOnce(form) {
+    form.addEventListener("submit", () => {
+      for (const b of form.querySelectorAll("button")) {
+        b.disabled = true;
+        b.textContent = "Working…";
+      }
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
+    const run = document.getElementById("advice-run");
+    if (run) followRun(run);
+    for (const id of ["advice-form", "explain-form"]) {
+      const f = document.getElementById(id);
+      if (f) submitOnce(f);
+    }
     const form = document.getElementById("range-form");
     if (form) rangeForm(form);
     const charts = document.getElementById("charts");

@@ -7,19 +7,20 @@ from typing import Any
 from pgfleet.repository import reads
 from pgfleet.web.page import Ctx, NotFound, Page, buckets_for, chart, concurrently, line, values
 from pgfleet.web.render import tilde_decode
-from pgfleet.web.views import workload
+from pgfleet.web.views import kcache, workload
 from pgfleet.web.views.server import load_server, own_of, sort_of
 
 
 async def _charts(ctx: Ctx, srvid: int, b: reads.Buckets, datname: str) -> list[dict[str, Any]]:
     n = b.count
-    common, tables, indexes = await concurrently(
+    common, tables, indexes, cpu = await concurrently(
         workload.charts(ctx, srvid, b, datname),
         ctx.read(reads.rollup_series, "pg_stat_user_tables", srvid, b,
                  ["seq_scan", "idx_scan", "n_tup_ins", "n_tup_upd", "n_tup_del"],
                  where={"datname": datname}),
         ctx.read(reads.rollup_series, "pg_stat_user_indexes", srvid, b,
                  ["idx_scan", "idx_blks_read"], where={"datname": datname}),
+        kcache.charts(ctx, srvid, b, datname=datname),
     )  # fmt: skip
     return [
         *common,
@@ -34,6 +35,7 @@ async def _charts(ctx: Ctx, srvid: int, b: reads.Buckets, datname: str) -> list[
             line("index scans/s", values(indexes, None, "idx_scan", n), "/s"),
             line("index blocks read/s", values(indexes, None, "idx_blks_read", n), "/s"),
         ]),
+        *cpu,
     ]  # fmt: skip
 
 
@@ -58,6 +60,7 @@ async def build(ctx: Ctx) -> dict[str, Any]:
         "tables": ctx.read(reads.tables, srvid, datname, tr.start, tr.end),
         "indexes": ctx.read(reads.indexes, srvid, datname, tr.start, tr.end),
         "sessions_waiting": ctx.read(reads.sessions_waiting, srvid, b, datname),
+        "kcache": kcache.part(ctx, srvid, datname=datname, own=own),
     })  # fmt: skip
     return {
         "server": srv,
@@ -76,5 +79,7 @@ PAGE = Page(
     path="/server/{srvid}/database/{datname}",
     template="database.html",
     build=build,
-    html_parts=frozenset({"top_queries", "tables", "indexes", "sessions_waiting", "markers"}),
+    html_parts=frozenset(
+        {"top_queries", "tables", "indexes", "sessions_waiting", "markers", "kcache"}
+    ),
 )

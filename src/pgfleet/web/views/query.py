@@ -18,6 +18,7 @@ from pgfleet.web.page import (
     path_int,
     values,
 )
+from pgfleet.web.views import kcache, plans
 from pgfleet.web.views.server import load_server
 
 _EXPRS = {
@@ -38,12 +39,13 @@ async def _charts(
     ctx: Ctx, srvid: int, b: reads.Buckets, where: dict[str, Any]
 ) -> list[dict[str, Any]]:
     n = b.count
-    s, means, waits = await concurrently(
+    s, means, waits, cpu = await concurrently(
         ctx.read(reads.series, "pg_stat_statements", srvid, b, _EXPRS, where=where),
         ctx.read(reads.series, "pg_stat_statements", srvid, b,
                  {"mean": "sum(total_exec_time) / nullif(sum(calls), 0)"}, where=where, rate=False),
         ctx.read(reads.series, "pg_wait_sampling", srvid, b, {"samples": "sum(count)"},
                  where={"queryid": where["queryid"]}, group="event_type"),
+        kcache.charts(ctx, srvid, b, datname=where.get("datname"), queryid=where["queryid"]),
     )  # fmt: skip
 
     def v(col: str) -> list[float | None]:
@@ -72,7 +74,7 @@ async def _charts(
             line(str(t or "CPU"), values(waits, t, "samples", n), "/s")
             for t in sorted(waits, key=lambda x: x or "")
         ]))  # fmt: skip
-    return out
+    return [*out, *cpu]
 
 
 async def build(ctx: Ctx) -> dict[str, Any]:
@@ -95,7 +97,10 @@ async def build(ctx: Ctx) -> dict[str, Any]:
         "markers": ctx.read(reads.settings_changes, srvid, tr.start, tr.end),
         "wait_events": ctx.read(reads.wait_events, srvid, b, queryid=queryid),
         "qualstats": ctx.read(reads.qualstats, srvid, queryid, tr.start, tr.end),
+        "kcache": kcache.part(ctx, srvid, datname=datname, queryid=queryid),
     })  # fmt: skip
+    if ctx.wants("plan"):
+        data["plan"] = plans.part(ctx, srv, queryid, datname, seen)
     return {
         "server": srv,
         "queryid": queryid,
@@ -115,5 +120,5 @@ PAGE = Page(
     path="/server/{srvid}/query/{queryid}",
     template="query.html",
     build=build,
-    html_parts=frozenset({"wait_events", "qualstats", "markers"}),
+    html_parts=frozenset({"wait_events", "qualstats", "markers", "kcache", "plan"}),
 )

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from pgfleet.repository import reads, usage
-from pgfleet.web.page import INT4_MAX, Ctx, NotFound, Page, buckets_for, path_int
-from pgfleet.web.views import workload
+from pgfleet.web.page import INT4_MAX, Ctx, NotFound, Page, buckets_for, concurrently, path_int
+from pgfleet.web.views import kcache, workload
 
 
 async def load_server(ctx: Ctx) -> dict[str, Any]:
@@ -28,6 +28,13 @@ def own_of(ctx: Ctx) -> bool:
     return ctx.request.query_params.get("own") == "1"
 
 
+async def _charts(ctx: Ctx, srvid: int, b: reads.Buckets) -> list[dict[str, Any]]:
+    common, cpu = await concurrently(
+        workload.server_charts(ctx, srvid, b), kcache.charts(ctx, srvid, b)
+    )
+    return [*common, *cpu]
+
+
 async def build(ctx: Ctx) -> dict[str, Any]:
     srv = await load_server(ctx)
     srvid = srv["srvid"]
@@ -36,7 +43,7 @@ async def build(ctx: Ctx) -> dict[str, Any]:
     sort = sort_of(ctx)
     own = own_of(ctx)
     data = await ctx.gather({
-        "charts": workload.server_charts(ctx, srvid, b),
+        "charts": _charts(ctx, srvid, b),
         "markers": ctx.read(reads.settings_changes, srvid, tr.start, tr.end),
         "top_queries": ctx.read(reads.top_queries, srvid, tr.start, tr.end, sort=sort, own=own),
         "databases": ctx.read(reads.databases, srvid, tr.start, tr.end),
@@ -44,6 +51,7 @@ async def build(ctx: Ctx) -> dict[str, Any]:
         "sessions_waiting": ctx.read(reads.sessions_waiting, srvid, b, None),
         "errors": ctx.read(reads.errors, srvid),
         "repository": ctx.read(usage.server_summary, srvid),
+        "kcache": kcache.part(ctx, srvid, own=own),
     })  # fmt: skip
     return {
         "server": srv,
@@ -70,6 +78,7 @@ PAGE = Page(
             "errors",
             "markers",
             "repository",
+            "kcache",
         }
     ),
 )
