@@ -320,6 +320,32 @@ def test_every_command_locally_and_remotely(
                     assert doc["Outcome"]["Status"] is True, (where, c, e, command, doc)
                     assert doc["Header"]["Command"] == command
                     assert (doc["Header"]["Compression"], doc["Header"]["Encryption"]) == (c, e)
+                # The commands that change something, too, in every combination:
+                # each leaves the daemon as it found it.
+                alias = f"combo-{where}-{int(c)}-{int(e)}"
+                settings = {"host": "127.0.0.1", "port": 1, "frequency": 3600, "enabled": False}
+                changes: list[tuple[str, dict[str, Any], bool]] = [
+                    ("snapshot", {"Server": "db1"}, True),
+                    (
+                        "conf set",
+                        {"ConfigKey": "collector.max_in_flight", "ConfigValue": "10"},
+                        True,
+                    ),
+                    ("server add", {"Server": alias, "Settings": settings}, True),
+                    ("server ls", {}, True),
+                    ("server rm", {"Server": alias}, True),
+                    ("clear prometheus", {}, True),
+                    # Local only, as in pgmoneta.
+                    ("reload", {}, where == "local"),
+                    # No [backup] directory here: refused, in the request's types.
+                    ("backup ls", {"Server": "db1"}, False),
+                ]
+                for command, change, ok in changes:
+                    doc = await client.request(command, change, compression=c, encryption=e)
+                    assert doc["Outcome"]["Status"] is ok, (where, c, e, command, doc)
+                    assert (doc["Header"]["Compression"], doc["Header"]["Encryption"]) == (c, e)
+                    if not ok:
+                        assert doc["Outcome"]["Error"] == ErrorCode.NOT_ALLOWED, doc
                 resp = (
                     await client.request("status", {"Details": True}, compression=c, encryption=e)
                 )["Response"]
