@@ -9,8 +9,6 @@ and remotely (SCRAM over TLS).
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,14 +123,6 @@ def repo(repo_cluster: Cluster, new_database: NewDatabase, server: Cluster) -> s
     dsn = new_repository(repo_cluster, new_database)
     register(dsn, server, "db1")
     return dsn
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short directory for the socket (see test_server.py)."""
-    path = Path(tempfile.mkdtemp(prefix="pgf-"))
-    yield path / "run"
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def start(daemon: DaemonFactory, repo: str, workdir: Path, sockdir: Path, **backup: Any) -> Mgmt:

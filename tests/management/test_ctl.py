@@ -10,35 +10,14 @@ import json
 import os
 import pty
 import select
-import shutil
 import stat
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from pgfleet.demo.cluster import Cluster
 from pgfleet.management import users
-from tests.fix_clusters import NewDatabase
 from tests.fix_daemon import PGFLEET, DaemonFactory
-from tests.fix_repository import RunCli, new_repository
+from tests.fix_repository import RunCli
 from tests.management.test_server import PASSWORD, USER, Mgmt, start_daemon
-
-
-@pytest.fixture
-def repo(repo_cluster: Cluster, new_database: NewDatabase) -> str:
-    """A fresh repository, on this module's own cluster (see fix_daemon)."""
-    return new_repository(repo_cluster, new_database)
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short directory for the socket (see test_server.py)."""
-    path = Path(tempfile.mkdtemp(prefix="pgf-"))
-    yield path / "run"
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def ctl(run_cli: RunCli, m: Mgmt, *args: str, password: str | None = None) -> tuple[int, str, str]:

@@ -24,24 +24,17 @@ import gzip
 import json
 import os
 import random
-import shutil
 import struct
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lz4.frame
-import pytest
 import zstandard
 
-from pgfleet.demo.cluster import Cluster
 from pgfleet.management import frame
 from pgfleet.management.document import request
-from tests.fix_clusters import NewDatabase
 from tests.fix_daemon import DaemonFactory
-from tests.fix_repository import new_repository
 from tests.management.test_server import Mgmt, start_daemon
 
 SEED = int(os.environ.get("PGFLEET_FUZZ_SEED", "20261207"))
@@ -58,19 +51,6 @@ NASTY: list[Any] = [
     "", " ", "\x00", "\ud800", "\u202e", "é" * 50, "a" * 5000, "../../etc/passwd", -1, 0,
     2**63, -(2**63) - 1, 1e308, True, None, [], {}, [[[]]], {"": {}}, "9" * 100,
 ]  # fmt: skip
-
-
-@pytest.fixture
-def repo(repo_cluster: Cluster, new_database: NewDatabase) -> str:
-    return new_repository(repo_cluster, new_database)
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short directory for the socket (see test_server.py)."""
-    path = Path(tempfile.mkdtemp(prefix="pgf-"))
-    yield path / "run"
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _raw(compression: int, encryption: int, body: bytes, length: int | None = None) -> bytes:

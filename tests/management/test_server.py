@@ -16,10 +16,8 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,28 +34,13 @@ from pgfleet.management import auth, frame, users
 from pgfleet.management.client import Client, Unreachable
 from pgfleet.management.document import ErrorCode, ManagementError, request
 from pgfleet.management.frame import Compression, Encryption
-from tests.fix_clusters import NewDatabase
 from tests.fix_daemon import DaemonFactory, DaemonProcess, wait_until
-from tests.fix_repository import RunCli, add_server, new_repository
+from tests.fix_repository import RunCli, add_server
 
 PSQL = Path("/usr/lib/postgresql/15/bin/psql")
 PASSWORD = "Tr0ub4dor&3-management"  # must never reach the daemon's log
 USER = "admin"
 COMBOS = [(c, e) for c in Compression for e in Encryption]
-
-
-@pytest.fixture
-def repo(repo_cluster: Cluster, new_database: NewDatabase) -> str:
-    """A fresh repository, on this module's own cluster (see fix_daemon)."""
-    return new_repository(repo_cluster, new_database)
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short directory for the socket: pytest's are too deep for sun_path's 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="pgf-"))
-    yield path / "run"
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- A CA, a server certificate, an admins file, a frame key
