@@ -51,8 +51,10 @@ DATASOURCE = Datasource(
         *(Column(n, "bigint", "counter") for n in _COUNTERS),
         Column("wal_bytes", "numeric", "counter"),
         *(Column(n, "double precision", "counter") for n in _TIMES),
-        # Milliseconds, over the entry's life: added later, so last.
-        *(Column(n, "double precision", "gauge") for n in _LIFETIME),
+        # Milliseconds, over the entry's life: added later, so last.  For the
+        # exporter only: they move at every call, and stored at every point
+        # they would nearly double the history (see datasources' "export").
+        *(Column(n, "double precision", "export") for n in _LIFETIME),
     ),
     queries={
         130000: "pg_stat_statements_post_130000.sql",
