@@ -107,9 +107,18 @@ def presence(srvid: int, absent: list[str], present: list[str]) -> sql.Composed:
     """Sources unregistered for the server because it lacks their extension
     now (``absent``), and those it ran (``present``, registered again if they
     were not): see migration 0015."""
-    return sql.SQL("SELECT pgfleet.source_presence({}, {}::text[], {}::text[])").format(
+    call = sql.SQL("PERFORM pgfleet.source_presence({}, {}::text[], {}::text[]);").format(
         sql.Literal(srvid), sql.Literal(absent), sql.Literal(present)
     )
+    # In a DO block, run only where the function exists: a repository is
+    # never older than its collector in production (the schema is checked
+    # at connection), but the upgrade tests snapshot into ones stopped
+    # half-way.  PL/pgSQL resolves the call only when it runs.
+    return sql.SQL(
+        "DO $pgfleet$ BEGIN"
+        " IF pg_catalog.to_regprocedure('pgfleet.source_presence(integer,text[],text[])')"
+        " IS NOT NULL THEN {} END IF; END $pgfleet$"
+    ).format(call)
 
 
 def claim(srvid: int, key: str) -> sql.Composed:
