@@ -49,8 +49,8 @@ from pgfleet.backup.base import BaseBackup
 from pgfleet.backup.catalog import BackupInfo, Catalog
 from pgfleet.backup.store import Codec, Compression
 from pgfleet.backup.wal import LAG_SQL, ReceiverState, WalReceiver
+from pgfleet.cluster import Cluster
 from pgfleet.config import CollectorConfig
-from pgfleet.demo.cluster import Cluster
 from pgfleet.repository.servers import Server
 
 SEGMENT = 16 << 20

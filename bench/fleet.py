@@ -41,7 +41,7 @@ from pathlib import Path
 
 import psycopg
 
-from pgfleet.demo.cluster import Cluster, _free_port
+from pgfleet.cluster import Cluster, _free_port
 from pgfleet.repository import schema
 
 PGFLEET = Path(sys.executable).parent / "pgfleet"

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from pgfleet.demo.cluster import Cluster, _free_port
+from pgfleet.cluster import Cluster, _free_port
 from pgfleet.management import auth, frame, users
 from pgfleet.management.client import Client, Unreachable
 from pgfleet.repository import schema

@@ -62,9 +62,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgfleet.cluster import Cluster, _free_port
 from pgfleet.config import CollectorConfig
 from pgfleet.datasources import builtin
-from pgfleet.demo.cluster import Cluster, _free_port
 from pgfleet.repository import schema
 from pgfleet.repository.servers import Server
 from pgfleet.snapshot.fetch import ServerSession, extension_schemas, plan_builtin, qualify

@@ -40,13 +40,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from snapshot import SHAPES, run_queries
 
+from pgfleet.cluster import Cluster
 from pgfleet.collector.exporter.endpoint import Endpoint
 from pgfleet.collector.exporter.fleet import FleetCollector
 from pgfleet.collector.exporter.latest import Latest
 from pgfleet.collector.exporter.rendered import Rendered
 from pgfleet.config import CollectorConfig
 from pgfleet.datasources import builtin
-from pgfleet.demo.cluster import Cluster
 from pgfleet.repository.servers import Server
 from pgfleet.snapshot.fetch import ServerSession, fetch
 from pgfleet.snapshot.model import RegisteredSource, ServerInfo, SnapshotResult, Staged

@@ -22,7 +22,7 @@ import time
 
 import psycopg
 
-from pgfleet.demo.cluster import throwaway
+from pgfleet.cluster import throwaway
 from pgfleet.repository import servers
 
 WINDOWS = 20  # of 100 snapshots, 500 minutes each: the week less its last 80 minutes

@@ -47,8 +47,8 @@ import time
 
 import psycopg
 
+from pgfleet.cluster import Cluster, throwaway
 from pgfleet.config import CollectorConfig
-from pgfleet.demo.cluster import Cluster, throwaway
 from pgfleet.repository import servers
 from pgfleet.snapshot.fetch import ServerSession
 from pgfleet.snapshot.stream import STREAM_HOLD, snapshot_remote

@@ -28,7 +28,7 @@ from typing import Any
 
 import psycopg
 
-from pgfleet.demo.cluster import throwaway
+from pgfleet.cluster import throwaway
 from pgfleet.repository import servers
 
 WINDOWS = 20  # of 100 snapshots, 500 minutes each: a week less the last 80 minutes

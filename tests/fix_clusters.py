@@ -27,13 +27,13 @@ import re
 import shutil
 import stat
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
-from pgfleet.demo.cluster import Cluster, SettingValue
+from pgfleet.cluster import Cluster
 from pgfleet.errors import ClusterError
 
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -230,45 +230,12 @@ def require_pgbuild(major: int) -> Path:
     pytest.skip(message)
 
 
-class BuildCluster(Cluster):
-    """A cluster run by an npm build, which may be older than what `Cluster`
-    assumes (14): initdb 13 has no ``--no-instructions``, 13 has no
-    ``compute_query_id`` (pg_stat_statements computes query ids itself), and
-    hashes passwords with MD5 unless told, when our pg_hba.conf wants SCRAM."""
-
-    def __init__(
-        self,
-        bin_dir: Path,
-        datadir: Path,
-        *,
-        settings: Mapping[str, SettingValue] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        # CACHE/MAJOR/bin (and so type(self)(bin_dir, ...) in Cluster.standby() works).
-        self.major = int(bin_dir.parent.name)
-        if self.major < 14:
-            settings = {"password_encryption": "scram-sha-256", **(settings or {})}
-        super().__init__(bin_dir, datadir, settings=settings, **kwargs)
-
-    def _run(self, program: str, *args: str, timeout: float | None = 120.0) -> str:
-        if program == "initdb" and self.major < 14:
-            args = tuple(a for a in args if a != "--no-instructions")
-        return super()._run(program, *args, timeout=timeout)
-
-    def _write_conf(self) -> None:
-        super()._write_conf()
-        if self.major < 14:
-            conf = self.datadir / "pgfleet.conf"
-            lines = conf.read_text().splitlines(keepends=True)
-            conf.write_text("".join(ln for ln in lines if not ln.startswith("compute_query_id")))
-
-
 def start_pgbuild(
     major: int, datadir: Path, settings: dict[str, str | int] | None = None
 ) -> Cluster:
     """The npm build of `major` started in `datadir`, pg_stat_statements
     preloaded (skip the test if the build was not fetched)."""
-    cluster = BuildCluster(
+    cluster = Cluster(
         require_pgbuild(major),
         datadir,
         shared_preload_libraries=["pg_stat_statements"],

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from pgfleet.demo.cluster import Cluster, _free_port
+from pgfleet.cluster import Cluster, _free_port
 from tests.fix_clusters import _start, _teardown
 
 PGFLEET = Path(sys.executable).parent / "pgfleet"

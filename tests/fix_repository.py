@@ -15,7 +15,7 @@ from psycopg.abc import Params
 from psycopg.rows import TupleRow
 
 from pgfleet import cli
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.repository import schema
 from tests.fix_clusters import NewDatabase
 

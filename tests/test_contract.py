@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg.rows import TupleRow
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from tests.collector.exporter import get
 from tests.collector.exporter import value as scraped
 from tests.fix_clusters import NewDatabase

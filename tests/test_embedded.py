@@ -24,7 +24,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from pgfleet import cli, embedded
-from pgfleet.demo.cluster import _free_port
+from pgfleet.cluster import _free_port
 from pgfleet.embedded import EmbeddedRepository
 from pgfleet.errors import ClusterError
 from tests.fix_daemon import wait_until

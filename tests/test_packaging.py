@@ -34,7 +34,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgfleet.demo.cluster import Cluster, _free_port
+from pgfleet.cluster import Cluster, _free_port
 from tests.fix_clusters import NewDatabase
 from tests.fix_daemon import wait_until
 from tests.fix_repository import scalar_int

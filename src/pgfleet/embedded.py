@@ -17,7 +17,7 @@ What always holds:
   The superuser ``postgres`` connects there without a password, every other
   role with SCRAM (so that roles made for the web UI can log in). When we are
   root, it runs as the OS user ``pgfleet``, as the demo's clusters do
-  (:mod:`pgfleet.demo.cluster`).
+  (:mod:`pgfleet.cluster`).
 - Every process using it holds a shared lock on ``STATE/repository.users`` for
   as long as it does: the holders are its reference count. It is started and
   stopped only under the exclusive lock of ``STATE/repository.lock``, and a
@@ -122,7 +122,7 @@ class EmbeddedRepository:
         durable: bool = True,
         say: Say | None = _stderr,
     ) -> None:
-        from pgfleet.demo.cluster import Cluster
+        from pgfleet.cluster import Cluster
 
         self.state_dir = Path(state_dir if state_dir is not None else state_directory()).absolute()
         # A ClusterError without the [embedded] extra: see available().

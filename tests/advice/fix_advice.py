@@ -26,7 +26,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.repository import servers
 from pgfleet.repository.servers import Server
 from tests.fix_clusters import NewDatabase

@@ -25,9 +25,9 @@ from pgfleet.advice.explain import (
     search_path_of,
     total_cost,
 )
+from pgfleet.cluster import Cluster
 from pgfleet.config import CollectorConfig
 from pgfleet.connections import connect_server
-from pgfleet.demo.cluster import Cluster
 from pgfleet.repository.servers import Server
 from tests.advice.fix_advice import MONITOR, PASSWORD, PW_VAR, ensure_monitor
 from tests.fix_clusters import NewDatabase

@@ -25,8 +25,8 @@ from pgfleet.advice.indexes import (
     IndexAdvice,
     Suggestion,
 )
+from pgfleet.cluster import Cluster
 from pgfleet.config import CollectorConfig
-from pgfleet.demo.cluster import Cluster
 from tests.advice.fix_advice import (
     MONITOR,
     Shop,

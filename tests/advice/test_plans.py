@@ -13,8 +13,8 @@ import pytest
 from pgfleet.advice import plans
 from pgfleet.advice.explain import Format
 from pgfleet.advice.plans import Plan
+from pgfleet.cluster import Cluster
 from pgfleet.config import CollectorConfig
-from pgfleet.demo.cluster import Cluster
 from pgfleet.repository.servers import Server
 from tests.advice.fix_advice import (
     PASSWORD,

@@ -25,8 +25,8 @@ import pytest
 from pgfleet.backup.catalog import Catalog, segment_name
 from pgfleet.backup.store import Codec
 from pgfleet.backup.wal import ReceiverState, WalReceiver
+from pgfleet.cluster import DEFAULT_OS_USER, Cluster
 from pgfleet.config import CollectorConfig
-from pgfleet.demo.cluster import DEFAULT_OS_USER, Cluster
 from pgfleet.repository import servers
 from pgfleet.repository.servers import Server
 

@@ -21,7 +21,7 @@ from pgfleet.backup.manifest import verify_dir
 from pgfleet.backup.store import Codec, Compression
 from pgfleet.backup.tools import find_program, replication_target
 from pgfleet.backup.verify import read_manifest, verify
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.errors import ClusterError
 from tests.backup.helpers import (
     BACKUP_PASSWORD,

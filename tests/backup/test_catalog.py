@@ -27,7 +27,7 @@ from pgfleet.backup.catalog import (
     segment_name,
 )
 from pgfleet.backup.store import Codec, StorageError, copy_in, open_write
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 
 T0 = datetime(2026, 3, 1, 2, 0, 0, tzinfo=UTC)
 

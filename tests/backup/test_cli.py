@@ -11,7 +11,7 @@ import pytest
 
 from pgfleet import config
 from pgfleet.backup import schedule
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.errors import ClusterError, ConfigError
 from tests.backup.helpers import KEY, register, start_cluster
 from tests.fix_repository import RunCli

@@ -26,7 +26,7 @@ from pgfleet.backup.manifest import (
     verify_tar,
 )
 from pgfleet.backup.store import Codec, Compression, StorageError, copy_in, open_read, open_write
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from tests.fix_clusters import NewCluster
 
 KEY = bytes(range(32))

@@ -17,7 +17,7 @@ from pgfleet.backup.base import BaseBackup
 from pgfleet.backup.catalog import BackupInfo, Catalog, Kind, NotFound
 from pgfleet.backup.store import Codec, Compression, StorageError
 from pgfleet.backup.verify import verify
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.errors import ClusterError
 from tests.backup.helpers import (
     BACKUP_PASSWORD,

@@ -33,7 +33,7 @@ from pgfleet.backup import schedule
 from pgfleet.backup.catalog import BackupInfo, Catalog, State
 from pgfleet.backup.service import next_due
 from pgfleet.backup.verify import verify
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.errors import ClusterError
 from pgfleet.management.client import Client, Unreachable
 from pgfleet.management.document import ManagementError

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from pgfleet import config
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.errors import ConfigError
 from pgfleet.repository import schema
 from tests.fix_clusters import NewCluster, NewDatabase

@@ -16,8 +16,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgfleet.cluster import Cluster
 from pgfleet.datasources import builtin, load_sql
-from pgfleet.demo.cluster import Cluster
 from tests.datasources.monitor import ensure_monitor_role, monitor, qualified
 from tests.fix_clusters import NewDatabase
 

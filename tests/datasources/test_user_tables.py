@@ -19,8 +19,8 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
+from pgfleet.cluster import Cluster
 from pgfleet.datasources import builtin
-from pgfleet.demo.cluster import Cluster
 from tests.datasources.monitor import ensure_monitor_role, monitor
 from tests.fix_clusters import NewDatabase
 

@@ -35,8 +35,8 @@ import pytest
 from psycopg import sql
 
 from pgfleet import cli
+from pgfleet.cluster import Cluster
 from pgfleet.datasources import builtin
-from pgfleet.demo.cluster import Cluster
 from pgfleet.repository import schema
 from tests.fix_clusters import PG15_BIN, PGBUILD_MAJORS, PgBuilds, pgbuild_bin
 from tests.fix_repository import CliResult, add_server

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import psycopg
 
+from pgfleet.cluster import Cluster
 from pgfleet.collector import scheduler
-from pgfleet.demo.cluster import Cluster
 from pgfleet.repository import servers
 from tests.fix_daemon import DaemonProcess
 

@@ -24,8 +24,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from pgfleet.cluster import Cluster
 from pgfleet.config import CollectorConfig
-from pgfleet.demo.cluster import Cluster
 from pgfleet.repository import servers
 from pgfleet.snapshot.fetch import ServerSession
 from pgfleet.snapshot.model import FailureKind, SnapshotResult

@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.repository import schema
 from tests.fix_clusters import NewCluster
 from tests.fix_daemon import DaemonFactory, DaemonProcess, wait_until

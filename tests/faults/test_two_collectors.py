@@ -24,7 +24,7 @@ from datetime import datetime
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.repository import schema
 from tests.faults import add_servers, spooled_files
 from tests.fix_clusters import NewCluster

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from tests.fix_clusters import NewDatabase
 from tests.fix_repository import new_repository
 

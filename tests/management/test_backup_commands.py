@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from pgfleet.backup.catalog import Catalog, State
-from pgfleet.demo.cluster import Cluster, _free_port
+from pgfleet.cluster import Cluster, _free_port
 from pgfleet.errors import ClusterError
 from pgfleet.management import frame, handlers, users
 from pgfleet.management.document import ErrorCode, ManagementError

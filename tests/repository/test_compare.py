@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.repository import compare
 from tests.fix_clusters import NewDatabase
 from tests.fix_repository import RunCli, add_server, scalar_int

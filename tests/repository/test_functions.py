@@ -11,8 +11,8 @@ import re
 
 import pytest
 
+from pgfleet.cluster import Cluster
 from pgfleet.datasources import builtin
-from pgfleet.demo.cluster import Cluster
 from pgfleet.repository import functions
 from tests.fix_clusters import NewDatabase
 from tests.fix_repository import connect, new_repository

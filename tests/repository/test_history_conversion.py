@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.repository import schema
 from tests.fix_clusters import NewDatabase
 from tests.fix_repository import RunCli, connect

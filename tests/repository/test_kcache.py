@@ -13,7 +13,7 @@ from typing import TypeVar
 import psycopg
 import pytest
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.repository import kcache
 from pgfleet.repository.reads import Buckets, Conn
 from tests.fix_clusters import NewDatabase

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from psycopg.rows import TupleRow
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from tests.fix_clusters import NewDatabase
 from tests.fix_repository import RunCli, add_server, connect, one_row, scalar, scalar_int
 

@@ -7,8 +7,8 @@ import threading
 import psycopg
 import pytest
 
+from pgfleet.cluster import Cluster
 from pgfleet.datasources import builtin
-from pgfleet.demo.cluster import Cluster
 from pgfleet.errors import RepositoryError
 from pgfleet.repository import schema
 from tests.fix_clusters import NewDatabase

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from tests.fix_clusters import NewDatabase
 from tests.fix_repository import RunCli, add_server, connect, one_row, scalar
 

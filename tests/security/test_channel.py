@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from tests.fix_clusters import NewDatabase
 from tests.fix_daemon import DaemonFactory, wait_until
 from tests.fix_repository import RunCli, add_server, connect, new_repository, scalar

@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
+from pgfleet.cluster import Cluster
 from pgfleet.config import CollectorConfig
 from pgfleet.connections import REFUSE_WEAK_AUTH, resolve_password, server_conninfo
-from pgfleet.demo.cluster import Cluster
 from pgfleet.errors import ConfigError, ServerError
 from pgfleet.repository.servers import Server
 from pgfleet.snapshot.fetch import ServerSession

@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.repository import schema
 from tests.fix_clusters import NewDatabase
 from tests.fix_daemon import DaemonFactory, wait_until

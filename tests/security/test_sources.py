@@ -33,8 +33,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgfleet import datasources
+from pgfleet.cluster import Cluster
 from pgfleet.datasources import builtin
-from pgfleet.demo.cluster import Cluster
 from pgfleet.repository import schema, sources
 from tests.datasources.monitor import ensure_monitor_role, monitor, qualified
 from tests.fix_clusters import NewCluster, NewDatabase

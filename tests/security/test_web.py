@@ -29,7 +29,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.web.app import create_app
 from pgfleet.web.sessions import (
     APPLICATION_NAME,

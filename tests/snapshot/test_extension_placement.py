@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from tests.fix_clusters import PG15_PRELOAD, _teardown, start_pg15
 from tests.fix_repository import CliResult, RunCli, add_server, scalar, scalar_int
 

@@ -10,8 +10,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from pgfleet.cluster import Cluster
 from pgfleet.datasources import builtin
-from pgfleet.demo.cluster import Cluster
 from pgfleet.snapshot.fetch import _copy_stmt, agg_stmt, qualify
 from tests.fix_clusters import NewDatabase
 

@@ -10,7 +10,7 @@ import re
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.snapshot.model import MARKED, STATEMENT_MARKER
 from tests.fix_clusters import NewDatabase
 from tests.fix_repository import RunCli, add_server, connect, scalar

@@ -10,9 +10,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
+from pgfleet.cluster import Cluster
 from pgfleet.config import CollectorConfig
 from pgfleet.datasources import builtin
-from pgfleet.demo.cluster import Cluster
 from pgfleet.repository import servers
 from pgfleet.snapshot.fetch import ServerSession
 from pgfleet.snapshot.model import FailureKind, SnapshotResult

@@ -7,7 +7,7 @@ import asyncio
 
 import psycopg
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.snapshot import wire
 from tests.fix_clusters import NewDatabase
 

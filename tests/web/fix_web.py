@@ -15,8 +15,8 @@ import pytest
 import uvicorn
 from psycopg import sql
 
+from pgfleet.cluster import Cluster
 from pgfleet.config import Config, RepositoryConfig, WebConfig
-from pgfleet.demo.cluster import Cluster
 from pgfleet.web.app import create_app
 from tests.fix_clusters import NewDatabase
 from tests.fix_repository import RunCli, add_server, connect, scalar

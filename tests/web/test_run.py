@@ -10,7 +10,7 @@ import httpx
 import psycopg
 import pytest
 
-from pgfleet.demo.cluster import Cluster, _free_port
+from pgfleet.cluster import Cluster, _free_port
 from tests.fix_clusters import NewDatabase
 from tests.fix_daemon import DaemonFactory, wait_until
 from tests.fix_repository import RunCli, add_server, connect, new_repository, scalar

@@ -12,7 +12,7 @@ import random
 import psycopg
 import pytest
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from pgfleet.repository import schema
 from tests.fix_clusters import NewDatabase
 from tests.fix_repository import RunCli, add_server, connect, one_row, scalar

@@ -42,6 +42,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgfleet.cluster import Cluster
 from pgfleet.config import (
     CollectorConfig,
     Config,
@@ -51,7 +52,6 @@ from pgfleet.config import (
     SpoolConfig,
     WebConfig,
 )
-from pgfleet.demo.cluster import Cluster
 from pgfleet.embedded import EmbeddedRepository
 from pgfleet.errors import ClusterError, ConfigError
 from pgfleet.repository import servers

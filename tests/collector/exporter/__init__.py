@@ -24,11 +24,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import conninfo_to_dict
 
+from pgfleet.cluster import _free_port
 from pgfleet.collector.exporter.fleet import FleetCollector
 from pgfleet.collector.exporter.latest import Latest
 from pgfleet.config import CollectorConfig
 from pgfleet.datasources import builtin
-from pgfleet.demo.cluster import _free_port
 from pgfleet.repository.servers import Server
 from pgfleet.snapshot.fetch import ServerSession, fetch
 from pgfleet.snapshot.model import RegisteredSource, ServerInfo, SnapshotResult, Staged

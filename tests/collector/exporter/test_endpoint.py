@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgfleet.demo.cluster import Cluster
+from pgfleet.cluster import Cluster
 from tests.collector.exporter import (
     PROMETHEUS,
     get,

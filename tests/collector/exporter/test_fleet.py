@@ -15,10 +15,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
+from pgfleet.cluster import Cluster
 from pgfleet.collector.exporter.fleet import FleetCollector, family_labels, family_names
 from pgfleet.collector.exporter.latest import Latest
 from pgfleet.collector.exporter.views import VIEWS
-from pgfleet.demo.cluster import Cluster
 from tests.collector.exporter import PROMETHEUS, registry, running_prometheus, snapshot
 from tests.fix_clusters import NewDatabase
 from tests.fix_repository import one_row

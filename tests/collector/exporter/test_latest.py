@@ -19,10 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from pgfleet.cluster import Cluster
 from pgfleet.collector.exporter import custom
 from pgfleet.collector.exporter.latest import Latest, copy_text, copy_time
 from pgfleet.datasources import builtin
-from pgfleet.demo.cluster import Cluster
 from pgfleet.snapshot.model import ExportedColumn, RegisteredSource, ServerInfo, Staged
 from tests.collector.exporter import registry, snapshot
 from tests.fix_clusters import NewCluster, NewDatabase

@@ -23,8 +23,8 @@ from prometheus_client import generate_latest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from pgfleet.cluster import Cluster
 from pgfleet.collector.exporter.latest import Latest
-from pgfleet.demo.cluster import Cluster
 from tests.collector.exporter import registry, snapshot
 from tests.fix_clusters import NewDatabase
 

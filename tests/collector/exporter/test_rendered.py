@@ -19,12 +19,12 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from pgfleet.cluster import Cluster
 from pgfleet.collector.exporter.custom import CustomView, Value
 from pgfleet.collector.exporter.fleet import families
 from pgfleet.collector.exporter.latest import Latest, Row, ServerView
 from pgfleet.collector.exporter.rendered import Rendered, split
 from pgfleet.collector.exporter.views import VIEWS
-from pgfleet.demo.cluster import Cluster
 from tests.collector.exporter import registry, snapshot
 from tests.fix_clusters import NewDatabase
 

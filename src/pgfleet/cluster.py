@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -43,7 +44,7 @@ DEFAULT_OS_USER = "pgfleet"
 HOST = "127.0.0.1"
 
 _HBA = """\
-# Written by pgfleet.demo.cluster: the superuser and replication need no password,
+# Written by pgfleet.cluster: the superuser and replication need no password,
 # every other role must prove it knows its own.
 local   all          all                      trust
 host    all          postgres     127.0.0.1/32  trust
@@ -139,6 +140,7 @@ class Cluster:
         self.throwaway = throwaway
         self._settings = dict(settings or {})
         self._version_num: int | None = None
+        self._binary_major: int | None = None
         self._primary: Cluster | None = None
         self._standbys: list[Cluster] = []
 
@@ -227,6 +229,21 @@ class Cluster:
         return self._version_num
 
     @property
+    def binary_major(self) -> int:
+        """The major version of the binaries in `bin_dir` (``postgres --version``),
+        known before the cluster exists: initdb and the settings depend on it."""
+        if self._binary_major is None:
+            out = self._run("postgres", "--version", timeout=30)
+            m = re.search(r"\(PostgreSQL\) (\d+)", out)
+            if m is None:
+                raise ClusterError(
+                    f"cluster {self.name!r}: {self._bin_dir}/postgres --version"
+                    f" says {out.strip()!r}"
+                )
+            self._binary_major = int(m.group(1))
+        return self._binary_major
+
+    @property
     def initialized(self) -> bool:
         return (self._datadir / "PG_VERSION").exists()
 
@@ -267,14 +284,15 @@ class Cluster:
             "--encoding=UTF8",
             "--locale=C",
             "--auth=trust",
-            "--no-instructions",
         ]  # fmt: skip
+        if self.binary_major >= 14:  # 13's initdb does not know it
+            args.append("--no-instructions")
         if self.throwaway:
             args.append("--no-sync")
         self._run("initdb", *args, timeout=120)
         self._write_file(self._datadir / "pg_hba.conf", self._hba or _HBA)
         with (self._datadir / "postgresql.conf").open("a") as f:
-            f.write(f"\n# Settings managed by pgfleet.demo.cluster\ninclude '{_CONF_FILE}'\n")
+            f.write(f"\n# Settings managed by pgfleet.cluster\ninclude '{_CONF_FILE}'\n")
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the server and wait until it accepts connections.
@@ -660,10 +678,16 @@ class Cluster:
             # under pytest's temp dirs, and pg_ctl doesn't need it anyway.
             "unix_socket_directories": "",
             "logging_collector": False,
-            "compute_query_id": "on",
             "track_io_timing": True,
             "track_functions": "all",
         }
+        if self.binary_major >= 14:
+            conf["compute_query_id"] = "on"
+        else:
+            # 13 has no compute_query_id (pg_stat_statements computes query
+            # ids itself) and hashes passwords with MD5 unless told, when our
+            # pg_hba.conf wants SCRAM.
+            conf["password_encryption"] = "scram-sha-256"
         if self._unix_socket:
             conf.update(listen_addresses="", unix_socket_directories=str(self._datadir))
         if self.throwaway:
@@ -673,7 +697,7 @@ class Cluster:
             if "pg_stat_statements" in self._preload:
                 conf["pg_stat_statements.track"] = "all"
         conf.update(self._settings)
-        lines = ["# Written by pgfleet.demo.cluster at every start: edits will be lost."]
+        lines = ["# Written by pgfleet.cluster at every start: edits will be lost."]
         lines += [f"{k} = {_conf_value(v)}" for k, v in conf.items()]
         self._write_file(self._datadir / _CONF_FILE, "\n".join(lines) + "\n")
 
