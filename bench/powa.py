@@ -47,6 +47,7 @@ import gzip
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -77,6 +78,9 @@ DEBIAN = ["postgresql-15", "postgresql-15-powa"] + [
     for e in ("pg_stat_kcache", "pg_qualstats", "pg_wait_sampling")
 ]
 POWA_VENV = Path.home() / ".cache" / "pgfleet-bench" / "powa-venv"
+# py-spy for --profile, in a venv of its own: not a dependency of pgfleet's.
+SPY_VENV = Path.home() / ".cache" / "pgfleet-bench" / "py-spy-venv"
+PY_SPY = SPY_VENV / "bin" / "py-spy"
 
 # PoWA's own code, unchanged: its worker's take_snapshot is wrapped to write
 # each snapshot's end time and duration to a file, then the collector runs
@@ -129,6 +133,43 @@ def install() -> Path:
             check=True,
         )
     return python
+
+
+def install_py_spy() -> None:
+    if not PY_SPY.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(SPY_VENV)], check=True)
+        subprocess.run(
+            [str(SPY_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "py-spy==0.4.3"],
+            check=True,
+        )
+
+
+def profile_summary(path: Path, top: int = 25) -> str:
+    """Where the sampled time went: each function's share of the samples it is on
+    the stack of (inclusive), and of those it is on top of (self)."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        # "frame;frame...": a frame is "function (file:line)"; lines apart.
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        for f in set(frames):
+            inclusive[f] = inclusive.get(f, 0) + count
+        if frames:
+            own[frames[-1]] = own.get(frames[-1], 0) + count
+    if not total:
+        return f"{path}: no samples"
+    out = [f"{path}: {total} samples"]
+    for title, d in (("inclusive", inclusive), ("self", own)):
+        out.append(f"  {title}:")
+        for f, c in sorted(d.items(), key=lambda kv: -kv[1])[:top]:
+            out.append(f"    {100 * c / total:5.1f}%  {f}")
+    return "\n".join(out)
 
 
 # -- The workload
@@ -283,7 +324,12 @@ def terminate(proc: subprocess.Popen[bytes]) -> None:
 
 
 def steady(
-    proc: subprocess.Popen[bytes], count: Any, warm: int, measured: int, timeout: float
+    proc: subprocess.Popen[bytes],
+    count: Any,
+    warm: int,
+    measured: int,
+    timeout: float,
+    on_warm: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
     """CPU seconds and snapshots between the ``warm``-th and the (warm+measured)-th snapshot."""
     deadline = time.monotonic() + timeout
@@ -291,6 +337,8 @@ def steady(
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit("the collector stopped or took no snapshot")
         time.sleep(0.05)
+    if on_warm is not None:
+        on_warm()
     n0, c0 = count(), cpu_seconds(proc.pid)
     while count() < n0 + measured:
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -360,6 +408,20 @@ def run_pgfleet(base: Path, repo_dsn: str, args: argparse.Namespace) -> Phase:
     with log_path.open("ab") as log:
         proc = subprocess.Popen([str(PGFLEET), "collector", "-c", str(cfg)], stdout=log, stderr=log)
     scraper.start()
+    profiler: subprocess.Popen[bytes] | None = None
+
+    def profile() -> None:
+        # Sampled from outside, without stopping the daemon (--nonblocking):
+        # the figures measured alongside stay the daemon's own.
+        nonlocal profiler
+        out = Path(args.profile) / f"pgfleet-{time.strftime('%H%M%S')}.txt"
+        profiler = subprocess.Popen(
+            [str(PY_SPY), "record", "--pid", str(proc.pid), "--nonblocking", "--rate", "250",
+             "--format", "raw", "--output", str(out),
+             "--duration", str(args.frequency * args.snapshots)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
     try:
         warm = 2
         cpu, n = steady(
@@ -368,6 +430,7 @@ def run_pgfleet(base: Path, repo_dsn: str, args: argparse.Namespace) -> Phase:
             warm,
             args.snapshots,
             args.frequency * (args.snapshots + 8) + 60,
+            profile if args.profile else None,
         )
         ph.cpu = cpu / n
         done = events()[warm : warm + n]
@@ -377,6 +440,10 @@ def run_pgfleet(base: Path, repo_dsn: str, args: argparse.Namespace) -> Phase:
             print(f"pgfleet: {len(bad)} snapshots with errors: see {log_path}", file=sys.stderr)
     finally:
         stop.set()
+        if profiler is not None:
+            profiler.wait(60)
+            for f in sorted(Path(args.profile).glob("pgfleet-*.txt"))[-1:]:
+                print(profile_summary(f), file=sys.stderr)
         terminate(proc)
     ph.growth(repo_dsn, size0, len(events()), (bytes0, points0), pgfleet_points)
     return ph
@@ -454,6 +521,12 @@ def main() -> None:
     ap.add_argument("--tables", type=int, default=500)
     ap.add_argument("--only", choices=("powa", "pgfleet"))
     ap.add_argument("--keep", help="use this directory, and leave it (clusters stopped)")
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="sample the daemon with py-spy over the measured snapshots; write the stacks"
+        " (py-spy's raw format) to DIR and print the functions where its time goes",
+    )
     args = ap.parse_args()
     # Fewer measured snapshots than --coalesce would leave the aggregation
     # (the p95, most of the CPU and all the history written) out of the
@@ -468,6 +541,9 @@ def main() -> None:
             file=sys.stderr,
         )
     python = install()
+    if args.profile:
+        install_py_spy()
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
 
     with contextlib.ExitStack() as stack:
         if args.keep:

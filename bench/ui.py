@@ -14,7 +14,7 @@ period comparisons compare the range with itself (``against=custom``): two
 whole ranges of history read, the worst case.  Index advice and plans ask a
 monitored server, so they are not measured here.  Bar: 300 ms.
 
-Usage: python bench/ui.py [--statements N] [--runs N]
+Usage: python bench/ui.py [--statements N] [--runs N] [--dsn DSN | --keep DIR]
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import asyncio
 import datetime
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from pgfleet.cluster import throwaway
+from pgfleet.cluster import Cluster, throwaway
 from pgfleet.repository import servers
 
 WINDOWS = 20  # of 100 snapshots, 500 minutes each: a week less the last 80 minutes
@@ -277,13 +278,35 @@ def main() -> None:
     ap.add_argument("--statements", type=int, default=2000)
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--dsn", help="use this repository (already filled) instead of a new one")
+    ap.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="fill a repository in DIR and leave it (stopped); a later --keep DIR measures it"
+        " again",
+    )
     args = ap.parse_args()
     if args.dsn:
         with psycopg.connect(args.dsn, autocommit=True) as conn:
             srvid = servers.get(conn, "bench").srvid
         report(asyncio.run(measure(args.dsn, srvid, args.runs)), args.statements, None)
         return
-    with throwaway() as tw:
+    if args.keep:
+        keep = Path(args.keep)
+        keep.mkdir(parents=True, exist_ok=True)
+        keep.chmod(0o755)
+        if (keep / "filled").exists():
+            # Filled by an earlier run: start it again and measure.
+            repo = Cluster.embedded(keep / "repository", name="repository")
+            repo.start()
+            try:
+                dsn = repo.dsn("repo")  # its port is new at every start
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    srvid = servers.get(conn, "bench").srvid
+                report(asyncio.run(measure(dsn, srvid, args.runs)), args.statements, None)
+            finally:
+                repo.stop()
+            return
+    with throwaway(args.keep) as tw:
         dsn = tw.new_repository()
         with psycopg.connect(dsn, autocommit=True) as conn:
             srv = servers.add(conn, "bench", host="127.0.0.1")
@@ -291,6 +314,8 @@ def main() -> None:
             fill(conn, srv.srvid, args.statements)
             conn.execute("VACUUM ANALYZE")
             filled = time.perf_counter() - t0
+        if args.keep:
+            (Path(args.keep) / "filled").write_text(f"{filled:.0f} s\n")
         report(asyncio.run(measure(dsn, srv.srvid, args.runs)), args.statements, filled)
 
 
