@@ -127,6 +127,23 @@ def wait_for(check: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def wait_backup_streaming(cluster: Cluster, timeout: float = 30.0) -> None:
+    """Until ``cluster`` is sending a base backup its files (past the starting checkpoint).
+
+    The server's word, rather than a guess of how long starting takes: a test
+    that breaks a backup "half-way" breaks it there.
+    """
+
+    def streaming() -> bool:
+        found = cluster.execute(
+            "SELECT count(*) FROM pg_stat_progress_basebackup"
+            " WHERE phase = 'streaming database files' AND backup_streamed > 0"
+        )
+        return bool(found[0][0])
+
+    wait_for(streaming, timeout, f"a base backup of {cluster.name} streaming its files")
+
+
 def switch_wal(cluster: Cluster, catalog: Catalog, timeout: float = 30.0) -> str:
     """End the current WAL segment and wait until the receiver has stored it; its name."""
     with cluster.connect() as conn:

@@ -25,7 +25,15 @@ meanwhile).  ``-X stream`` cannot write to standard output.
 
 Tablespaces other than pg_default and pg_global are refused: pg_basebackup
 writes one tar per tablespace and cannot send several to standard output, and
-a restore would need to be told where each goes.
+a restore would need to be told where each goes.  ``run()`` refuses before it
+begins a backup (one line naming them); a tablespace created after that check
+makes pg_basebackup refuse, and the backup is INVALID with a line saying so.
+
+The server going away mid-backup (a restart, a crash, a fast or immediate
+shutdown, the backup's session terminated) ends pg_basebackup: the backup is
+INVALID, and its error says the connection was lost, with pg_basebackup's
+reason.  A BaseBackup does not retry: a backup interrupted half-way is of no
+use, and the next one starts afresh once the server is back.
 
 Invariants: a backup is VALID only once ``finish()`` says so, after both files
 are fsynced and renamed into place and every file of the tar matched the
@@ -40,10 +48,13 @@ import collections
 import contextlib
 import dataclasses
 import os
+import re
 import secrets
+import select
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +69,10 @@ from pgfleet.backup.store import CHUNK_SIZE, Codec, StorageError, StoredFile, co
 from pgfleet.backup.tarstream import Digests, TarError
 from pgfleet.backup.tools import (
     Program,
+    ReplicationTarget,
     ToolError,
     find_program,
+    lost_connection,
     replication_target,
     worst_line,
 )
@@ -68,12 +81,21 @@ from pgfleet.connections import first_line, server_conninfo
 from pgfleet.errors import PgfleetError
 from pgfleet.repository.servers import Server
 
-__all__ = ["BackupError", "BaseBackup", "ServerFacts", "server_facts"]
+__all__ = ["BackupError", "BaseBackup", "ServerFacts", "parse_max_rate", "server_facts"]
 
 # PostgreSQL 17 brought incremental backups, WAL summaries and pg_combinebackup.
 INCREMENTAL_MAJOR = 17
 BASE_TAR = "base.tar"
 MANIFEST = "backup_manifest"
+# pg_basebackup's --max-rate bounds, in kB/s: 32 kB/s to 1 GB/s.
+MAX_RATE_MIN = 32
+MAX_RATE_MAX = 1024 * 1024
+_RATE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kM]?)\s*")
+# Said by the check before a backup and by pg_basebackup's refusal alike.
+_NO_TABLESPACES = (
+    "pgfleet backs up only servers whose data is all in pg_default and pg_global "
+    "(tablespaces are not supported yet)"
+)
 
 _FACTS_SQL = """\
 SELECT current_setting('server_version_num')::int,
@@ -130,11 +152,43 @@ def server_facts(conn: psycopg.Connection[Any]) -> ServerFacts:
     )
 
 
+def parse_max_rate(text: str) -> int:
+    """A transfer rate as pg_basebackup's ``--max-rate`` reads it, in kB/s.
+
+    ``500`` and ``500k`` are kB/s, ``20M`` MB/s; from 32 kB/s to 1 GB/s.
+    ValueError, saying what is expected, for what pg_basebackup would refuse.
+    """
+    m = _RATE_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(
+            f"invalid transfer rate {text!r}: kB/s, or with a k or M suffix (e.g. 500k, 20M)"
+        )
+    rate = float(m[1]) * (1024 if m[2] == "M" else 1)
+    if not MAX_RATE_MIN <= rate <= MAX_RATE_MAX:
+        raise ValueError(f"transfer rate {text!r} is out of range (32k to 1024M)")
+    return int(rate)
+
+
 class BaseBackup:
     """One base backup of ``server`` into ``catalog``; ``run()`` it (in a thread, if async).
 
     ``cancel()``, from any thread, stops pg_basebackup; ``run()`` then raises
     BackupError and the backup is INVALID.
+
+    :param incremental: an incremental backup against the latest valid one
+        (PostgreSQL 17+, ``summarize_wal = on``).
+    :param label: the backup's label (in its ``backup_label`` too); by default
+        ``pgfleet <alias> <ID>``.
+    :param bin_dir: where pg_basebackup is (``[backup] bin_dir``); by default
+        it is looked for (see :mod:`pgfleet.backup.tools`).
+    :param max_rate: the most the server sends per second, as pg_basebackup's
+        ``--max-rate`` reads it (``500k``, ``20M``; a bare number is kB/s;
+        32 kB/s to 1 GB/s); None or empty for no limit.  The server throttles
+        itself, so that a backup does not take the disk and network bandwidth
+        its clients need, at the price of a longer backup (and more WAL kept
+        for it meanwhile).  An invalid rate is refused before anything begins.
+    :param application_name: what the server's ``pg_stat_activity`` and
+        ``pg_stat_replication`` show for the backup's connections.
     """
 
     def __init__(
@@ -177,6 +231,10 @@ class BaseBackup:
     def run(self) -> BackupInfo:
         """Take the backup; the VALID BackupInfo, or BackupError (and an INVALID backup)."""
         try:
+            rate = parse_max_rate(self.max_rate) if self.max_rate else None
+        except ValueError as e:
+            raise self._error(f"max_rate: {e}") from None
+        try:
             conn = psycopg.connect(server_conninfo(self.server, self.collector), autocommit=True)
         except psycopg.OperationalError as e:
             raise self._error(f"cannot connect: {first_line(e)}") from None
@@ -213,7 +271,7 @@ class BaseBackup:
             self.info = info
             try:
                 with self._slot(conn):
-                    info = self._take(info, program, target.args(), target.env, facts, parent)
+                    info = self._take(info, program, target, facts, parent, rate, conn)
                 self.info = self.catalog.finish(info)
                 return self.info
             except BaseException as e:
@@ -229,8 +287,7 @@ class BaseBackup:
     def _check(self, facts: ServerFacts) -> None:
         if facts.tablespaces:
             raise self._error(
-                "has tablespaces (" + ", ".join(facts.tablespaces) + "): pgfleet backs up "
-                "servers whose data is all in pg_default and pg_global only"
+                f"has tablespaces ({', '.join(facts.tablespaces)}): {_NO_TABLESPACES}"
             )
         if not facts.can_replicate:
             raise self._error(
@@ -276,6 +333,11 @@ class BaseBackup:
         """Hold the server's WAL from now on with a temporary slot, for -X fetch."""
         name = f"pgfleet_backup_{os.getpid()}_{secrets.token_hex(4)}"
         try:
+            if conn.info.server_version >= 140000:
+                # The session stays idle for the whole backup, and its temporary
+                # slot goes with it: a server's idle_session_timeout shorter
+                # than the backup would let the WAL it needs be recycled.
+                conn.execute("SET idle_session_timeout = 0")
             conn.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (name,))
         except psycopg.Error as e:
             raise self._error(
@@ -294,27 +356,29 @@ class BaseBackup:
         self,
         info: BackupInfo,
         program: Program,
-        conn_args: list[str],
-        env: dict[str, str],
+        target: ReplicationTarget,
         facts: ServerFacts,
         parent: BackupInfo | None,
+        rate: int | None,
+        control: psycopg.Connection[Any],
     ) -> BackupInfo:
         d = self.catalog.backup_dir(info.id)
         args = [
-            *conn_args,
+            *target.args(),
             "-D", "-", "-Ft", "-X", "fetch",
             "--manifest-checksums=SHA256",
             "-c", "fast",
             "-l", info.label or f"pgfleet {self.server.alias} {info.id}",
             "-v",
         ]  # fmt: skip
-        if self.max_rate:
-            args += ["-r", self.max_rate]
+        if rate is not None:
+            args += ["-r", str(rate)]  # kB/s, as parsed: no locale or unit left to read
         with contextlib.ExitStack() as stack:
             if parent is not None:
                 old = stack.enter_context(self._parent_manifest(parent))
                 args.append(f"--incremental={old}")
-            stored, digests = self._stream(program, args, env, d / f"{BASE_TAR}{self.codec.suffix}")
+            dest = d / f"{BASE_TAR}{self.codec.suffix}"
+            stored, digests = self._stream(program, args, target.env, dest, control)
         info = info.with_file(stored)
         data = bytes(digests.kept.get(MANIFEST, b""))
         if not data:
@@ -342,9 +406,19 @@ class BaseBackup:
                 os.unlink(name)
 
     def _stream(
-        self, program: Program, args: list[str], env: dict[str, str], dest: Path
+        self,
+        program: Program,
+        args: list[str],
+        env: dict[str, str],
+        dest: Path,
+        control: psycopg.Connection[Any],
     ) -> tuple[StoredFile, Digests]:
-        """Run pg_basebackup, its output into ``dest`` and through the digests."""
+        """Run pg_basebackup, its output into ``dest`` and through the digests.
+
+        ``control`` is our own session with the server, idle meanwhile: when
+        pg_basebackup fails, whether the server ended it too tells a server
+        that went away from a backup that failed on its own.
+        """
         errors: collections.deque[str] = collections.deque(maxlen=40)
         with self._lock:
             if self._cancelled.is_set():
@@ -383,8 +457,15 @@ class BaseBackup:
                 if self._cancelled.is_set():
                     raise self._error("cancelled")
                 if rc != 0:
-                    why = worst_line("\n".join(errors)) if errors else f"exit code {rc}"
-                    raise self._error(f"{program.path.name} failed: {_hint(why)}")
+                    output = "\n".join(errors)
+                    why = worst_line(output) if errors else f"exit code {rc}"
+                    # One line, without the program's name said twice.
+                    why = " ".join(why.removeprefix(f"{program.path.name}: error: ").split())
+                    # pg_basebackup does not always say its server went away:
+                    # when the server's FATAL ends the stream, it reports
+                    # "COPY stream ended before last file was finished" only.
+                    lost = lost_connection(output) or _session_ended(control)
+                    raise self._error(f"{program.path.name} failed: {_hint(why, lost)}")
                 try:
                     digests.close()
                 except TarError as e:
@@ -452,8 +533,39 @@ def _with_wal(info: BackupInfo, manifest: manifests.Manifest, segment_size: int)
     )
 
 
-def _hint(why: str) -> str:
-    """pg_basebackup's complaint, with what to do about the usual ones."""
+def _session_ended(conn: psycopg.Connection[Any], wait: float = 1.0) -> bool:
+    """Whether the server ends ``conn`` (idle, ours) within ``wait`` seconds.
+
+    Watched, not queried: a query to a server that vanished from the network
+    could wait for TCP to give up, minutes later.  Its FATAL, then the end of
+    the stream, arrive at once when the server shuts down or crashes; the
+    wait only matters to a backup that failed for another reason.
+    """
+    deadline = time.monotonic() + wait
+    try:
+        fd = conn.fileno()
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([fd], [], [], left)[0]:
+                return False
+            # Reads what came (libpq parses it later); raises once it is the end.
+            conn.pgconn.consume_input()
+    except (psycopg.OperationalError, OSError, ValueError):
+        return True
+    return False
+
+
+def _hint(why: str, lost: bool = False) -> str:
+    """pg_basebackup's complaint, with what to do about the usual ones.
+
+    ``lost``: the server ended the connection (shut down, restarted, crashed).
+    """
+    if lost:
+        return (
+            "the connection to the server was lost (was the server shut down, restarted "
+            f"or crashed during the backup?): {why}"
+        )
+    if "can only write single tablespace to stdout" in why:
+        return f"{why} (the server has tablespaces: {_NO_TABLESPACES})"
     if "WAL summaries" in why or "summaries" in why:
         return (
             f"{why} (the parent backup predates the WAL summaries the server keeps: "

@@ -48,6 +48,7 @@ __all__ = [
     "ToolError",
     "candidate_dirs",
     "find_program",
+    "lost_connection",
     "replication_target",
 ]
 
@@ -236,6 +237,29 @@ def worst_line(text: str) -> str:
             if marker in line:
                 return line
     return lines[-1] if lines else "no output"
+
+
+# What libpq and the server say when an established connection dies under a
+# program: the server shut down (fast: SIGTERM; immediate: SIGQUIT), crashed
+# or restarted, the session was terminated, or the network went.  Not what a
+# refused connection says: that one never was established.
+_LOST_CONNECTION = (
+    "server closed the connection unexpectedly",
+    "terminating connection due to administrator command",
+    "terminating connection due to immediate shutdown command",
+    "terminating connection because of crash of another server process",
+    "terminating connection because of unexpected SIGQUIT signal",
+    "connection to server was lost",
+    "could not receive data from server",
+    "could not send data to server",
+    "SSL SYSCALL error: EOF detected",
+    "SSL connection has been closed unexpectedly",
+)
+
+
+def lost_connection(text: str) -> bool:
+    """Does a PostgreSQL program's output say its connection died under it?"""
+    return any(marker in text for marker in _LOST_CONNECTION)
 
 
 def run(program: Program, args: Sequence[str], *, env: dict[str, str] | None = None,
