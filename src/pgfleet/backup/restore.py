@@ -435,6 +435,13 @@ def _write_recovery(
     target_time: datetime | None,
     target_lsn: str | None,
 ) -> None:
+    if not restore_command:
+        # No WAL store to recover from: the backup's own WAL (-X fetch) makes
+        # it consistent by crash recovery, which a recovery.signal without a
+        # restore_command would stop (PostgreSQL refuses to start).
+        if target_time is not None or target_lsn is not None:
+            raise RestoreError("a recovery target needs a restore_command (the WAL store)")
+        return
     lines = [
         "",
         f"# Added by 'pgfleet backup restore': backup {info.id} of server {info.server!r}",
