@@ -14,7 +14,7 @@ from pgfleet.backup import schedule
 from pgfleet.cluster import Cluster
 from pgfleet.errors import ClusterError, ConfigError
 from tests.backup.helpers import KEY, register, start_cluster
-from tests.fix_repository import RunCli
+from tests.fix_repository import RunCli, connect
 
 # -- the [backup] section
 
@@ -157,7 +157,21 @@ def backed_up(repo: str, clusters_dir: Path, tmp_path: Path) -> Iterator[tuple[C
         cluster.kill()
 
 
-def test_commands(run_cli: RunCli, backed_up: tuple[Cluster, Path], tmp_path: Path) -> None:
+def copied(repo: str) -> list[tuple[str, str]]:
+    """The repository's copy of db1's catalog (for the web UI): (id, state)."""
+    with connect(repo) as conn:
+        return [
+            (str(r[0]), str(r[1]))
+            for r in conn.execute(
+                "SELECT backup_id, state FROM pgfleet.backups JOIN pgfleet.servers"
+                " USING (srvid) WHERE alias = 'db1' ORDER BY backup_id"
+            )
+        ]
+
+
+def test_commands(
+    run_cli: RunCli, repo: str, backed_up: tuple[Cluster, Path], tmp_path: Path
+) -> None:
     c = str(backed_up[1])
     res = run_cli("-c", c, "backup", "create", "db1", "--label", "first")
     assert res.rc == 0, res.err
@@ -171,6 +185,8 @@ def test_commands(run_cli: RunCli, backed_up: tuple[Cluster, Path], tmp_path: Pa
     res = run_cli("-c", c, "backup", "ls", "db1", "--json")
     listed = json.loads(res.out)
     assert [b["state"] for b in listed] == ["valid", "valid"] and listed[0]["label"] == "first"
+    # Copied into the repository as they were taken, for the web UI.
+    assert copied(repo) == [(b["id"], "valid") for b in listed]
     res = run_cli("-c", c, "backup", "ls", "db1")
     assert res.rc == 0 and second["id"] in res.out and second["start_wal"] in res.out
     res = run_cli("-c", c, "backup", "info", "db1")
@@ -209,7 +225,8 @@ def test_commands(run_cli: RunCli, backed_up: tuple[Cluster, Path], tmp_path: Pa
 
     # Deleting: not the only valid backup, unless forced.
     res = run_cli("-c", c, "backup", "delete", "db1", listed[0]["id"])
-    assert res.rc == 0 and "deleted" in res.out
+    assert res.rc == 0 and "deleted" in res.out and res.err == ""
+    assert copied(repo) == [(listed[1]["id"], "valid")]
     res = run_cli("-c", c, "backup", "delete", "db1", "latest")
     assert res.rc == 1 and "the only valid backup" in res.err
     res = run_cli("-c", c, "backup", "retain", "db1")
@@ -223,6 +240,15 @@ def test_commands(run_cli: RunCli, backed_up: tuple[Cluster, Path], tmp_path: Pa
     wrong.chmod(0o600)
     res = run_cli("-c", c, "backup", "verify", "db1", "--key-file", str(wrong))
     assert res.rc == 1 and "wrong key" in res.err and res.err.count("\n") == 1
+
+    # A repository that cannot take the copy: the deletion is done all the same.
+    down = {"PGFLEET_REPOSITORY": "host=127.0.0.1 port=1 dbname=pgfleet"}
+    res = run_cli("-c", c, "backup", "delete", "db1", "latest", "--force", env=down)
+    assert res.rc == 0 and "deleted" in res.out, res.err
+    assert res.err.startswith("pgfleet: warning: the repository's list of the backups of")
+    assert res.err.count("\n") == 1
+    assert run_cli("-c", c, "backup", "ls", "db1", "--json").out.strip() == "[]"
+    assert copied(repo) == [(listed[1]["id"], "valid")]  # as it was: the collector's to fix
 
 
 def test_command_errors(run_cli: RunCli, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -209,6 +210,19 @@ def valid(r: Running) -> list[BackupInfo]:
     return [b for b in r.backups() if b.state is State.VALID]
 
 
+def copied(repo: str) -> list[tuple[str, str]]:
+    """The repository's copy of the server's catalog (for the web UI): (id, state)."""
+    with psycopg.connect(repo, autocommit=True) as conn:
+        return [
+            (str(r[0]), str(r[1]))
+            for r in conn.execute(
+                "SELECT backup_id, state FROM pgfleet.backups JOIN pgfleet.servers"
+                " USING (srvid) WHERE alias = %s ORDER BY backup_id",
+                (ALIAS,),
+            )
+        ]
+
+
 # -- What the daemon runs
 
 
@@ -340,6 +354,7 @@ def test_stopped_or_killed_mid_backup(
     assert sorted(p.name for p in r.catalog.backup_dir(stopped.id).iterdir()) == ["backup.json"]
     assert r.d.find("backups cancelled: the collector stops")
     assert r.d.find("backup cancelled", backup=stopped.id)
+    assert copied(repo) == [(stopped.id, "invalid")]  # the copy says so before the exit
 
     # SIGKILL: the backup stays IN_PROGRESS (never VALID)...
     r.d.start()
@@ -364,6 +379,59 @@ def test_stopped_or_killed_mid_backup(
     wait_until(lambda: r.status()["job"] is None, 30, "the job to end")
     assert [b.state for b in r.backups()] == [State.VALID]
     assert r.d.find("retention applied", deleted=f"{stopped.id},{killed.id}")
+    assert r.d.stop() == 0
+
+
+def test_catalog_copied_into_the_repository(
+    repo: str,
+    repo_cluster: Cluster,
+    daemon: DaemonFactory,
+    tmp_path: Path,
+    sockdir: Path,
+    slow_bin: SlowBin,
+) -> None:
+    """The web UI's backups: the daemon copies the catalog into the repository,
+    a backup as it runs and once taken, a deletion; a backup taken while the
+    repository is down is copied once it is back."""
+    slow_bin.slow("10M")
+    r = start(daemon, repo, sockdir, tmp_path / "backups", schedule="", wal_streaming=False,
+              bin_dir=str(slow_bin.directory))  # fmt: skip
+    assert r.call("backup create", {"Server": ALIAS})["Started"] is True
+    wait_until(lambda: [s for _, s in copied(repo)] == ["in_progress"], 30, "a running backup")
+    wait_until(lambda: valid(r), 60, "the backup")
+    first = valid(r)[0]
+    wait_until(lambda: copied(repo) == [(first.id, "valid")], 30, "the backup copied")
+    with psycopg.connect(repo, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT kind, started, finished, start_lsn::text, end_lsn::text, timeline,"
+            " start_wal, end_wal, raw_bytes, stored_bytes, error FROM pgfleet.backups"
+        ).fetchone()
+    assert row == (str(first.kind), first.started, first.finished, first.start_lsn,
+                   first.end_lsn, first.timeline, first.start_wal, first.end_wal,
+                   first.raw_bytes, first.stored_bytes, None)  # fmt: skip
+
+    # The repository down: backups go on, the copy waits for it.
+    slow_bin.fast()
+    repo_cluster.stop()
+    try:
+        assert r.call("backup create", {"Server": ALIAS})["Started"] is True
+        wait_until(lambda: len(valid(r)) == 2, 60, "a backup while the repository is down")
+        wait_until(
+            lambda: r.d.find("backup lists not copied to the repository: tried again later"),
+            30,
+            "the copy's failure said",
+        )
+        assert r.status()["last_result"]["outcome"] == "valid"
+    finally:
+        repo_cluster.start()
+    second = valid(r)[1]
+    wait_until(lambda: copied(repo) == [(first.id, "valid"), (second.id, "valid")], 90,
+               "the copy once the repository is back")  # fmt: skip
+    assert r.d.find("backup lists copied to the repository again")
+
+    # Deleted: gone from the copy too.
+    assert r.call("backup delete", {"Server": ALIAS, "Backup": first.id})["Deleted"] is True
+    wait_until(lambda: copied(repo) == [(second.id, "valid")], 30, "the deletion copied")
     assert r.d.stop() == 0
 
 

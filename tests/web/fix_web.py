@@ -9,22 +9,27 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pytest
 import uvicorn
 from psycopg import sql
 
+from pgfleet.backup.catalog import BackupInfo, Kind, State
 from pgfleet.cluster import Cluster
 from pgfleet.config import Config, RepositoryConfig, WebConfig
+from pgfleet.repository import backups
 from pgfleet.web.app import create_app
 from tests.fix_clusters import NewDatabase
-from tests.fix_repository import RunCli, add_server, connect, scalar
+from tests.fix_repository import RunCli, add_server, connect, one_row, scalar
 
 # Names a monitored server may return: they must come out as text, never markup.
 HOSTILE_DB = '<img src=x onerror="window.__pwned=1">db'
 HOSTILE_COMMENT = "</script><script>window.__pwned=2</script><b>bold</b>"
 TOKEN = "test-token-0123456789"
+# What a backup catalog may hold (a label, an error text): text too.
+HOSTILE_BACKUP = '<img src=x onerror="window.__pwned=3">'
 
 
 @dataclass
@@ -111,3 +116,45 @@ def serving(cfg: Config) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=20)
+
+
+def record_backups(fleet: Fleet) -> list[BackupInfo]:
+    """Three backups of 'mon' in the repository's copy of its catalog, around its
+    snapshots: valid before them, invalid amid them (a hostile error text), and
+    one in progress since just after them (a hostile label).  Oldest first."""
+    with connect(fleet.repo) as conn:
+        lo, hi = one_row(
+            conn,
+            "SELECT min(ts), max(ts) FROM pgfleet.pg_stat_statements_rollup WHERE srvid = %s",
+            (fleet.srvid,),
+        )
+        s = timedelta(seconds=1)
+
+        def made(start: Any, state: State, **kw: Any) -> BackupInfo:
+            return BackupInfo(id=start.strftime("%Y%m%dT%H%M%SZ"), server="mon", state=state,
+                              started=start, timeline=1, **kw)  # fmt: skip
+
+        listed = [
+            made(
+                lo - 4 * s,
+                State.VALID,
+                finished=lo - s,
+                start_lsn="0/2000028",
+                end_lsn="0/2000138",
+                start_wal="000000010000000000000002",
+                end_wal="000000010000000000000002",
+                raw_bytes=31_457_280,
+                stored_bytes=4_194_304,
+            ),
+            made(
+                lo + s,
+                State.INVALID,
+                kind=Kind.INCREMENTAL,
+                finished=lo + 2 * s,
+                start_lsn="0/4000028",
+                error=f"pg_basebackup: error: {HOSTILE_BACKUP}",
+            ),
+            made(hi + s, State.IN_PROGRESS, label=HOSTILE_BACKUP, start_lsn="0/6000028"),
+        ]
+        backups.mirror(conn, fleet.srvid, listed)
+    return listed

@@ -18,7 +18,15 @@ from pgfleet.snapshot.model import MARKED
 from pgfleet.web.app import create_app
 from pgfleet.web.render import tilde_decode, tilde_encode
 from tests.fix_repository import RunCli
-from tests.web.fix_web import HOSTILE_COMMENT, HOSTILE_DB, TOKEN, Fleet, web_config
+from tests.web.fix_web import (
+    HOSTILE_BACKUP,
+    HOSTILE_COMMENT,
+    HOSTILE_DB,
+    TOKEN,
+    Fleet,
+    record_backups,
+    web_config,
+)
 
 T = TypeVar("T")
 
@@ -241,6 +249,44 @@ def test_server_page_says_what_its_history_costs(fleet: Fleet) -> None:
     assert points and usage["points"] == points[0] > 0
     assert usage["history_bytes"] > 0 and usage["week_bytes"] > 0
     assert " of history for this server, ~" in html and "per week at the current rate" in html
+
+
+def test_server_page_lists_backups(fleet: Fleet) -> None:
+    """The repository's copy of the server's backup catalog, newest first, in
+    the page and its JSON twin; what the catalog held shows as text."""
+
+    async def page(c: httpx.AsyncClient) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+        await login(c, fleet.reader[0], fleet.reader[1])  # pgfleet_read may read them
+        srv = f"/server/{fleet.srvid}"
+        only = (await c.get(f"{srv}.json?_only=backups")).json()["backups"]
+        return only, (await c.get(f"{srv}.json")).json(), (await c.get(srv)).text
+
+    listed, full, html = run(fleet, page)
+    assert listed == [] and full["backups"] == []
+    assert "No backups recorded for this server." in html
+
+    made = record_backups(fleet)
+    listed, full, html = run(fleet, page)
+    assert full["backups"] == listed
+    assert [b["id"] for b in listed] == [b.id for b in reversed(made)]
+    assert [b["state"] for b in listed] == ["in_progress", "invalid", "valid"]
+    running, failed, valid = listed
+    assert running["finished"] is None and running["duration_seconds"] is None
+    assert running["label"] == HOSTILE_BACKUP
+    assert failed["kind"] == "incremental" and HOSTILE_BACKUP in failed["error"]
+    assert valid["duration_seconds"] == 3.0 and valid["raw_bytes"] == 31_457_280
+    assert (valid["start_lsn"], valid["end_lsn"], valid["timeline"]) == ("0/2000028",
+                                                                       "0/2000138", 1)  # fmt: skip
+    assert valid["start_wal"] == valid["end_wal"] == "000000010000000000000002"
+
+    assert "No backups recorded" not in html
+    table = html.split('id="backups"')[1].split("</table>")[0]
+    assert table.count('<tr class="backup backup-') == 3
+    assert table.index(made[2].id) < table.index(made[1].id) < table.index(made[0].id)
+    assert "30.0 MB" in table and "4.0 MB" in table and "3 s" in table and "running" in table
+    assert "0/2000028 … 0/2000138 (timeline 1)" in table
+    assert HOSTILE_BACKUP not in html  # only escaped
+    assert table.count("&lt;img src=x onerror=&#34;window.__pwned=3&#34;&gt;") == 2
 
 
 def test_own_statements_are_hidden_unless_asked_for(fleet: Fleet) -> None:

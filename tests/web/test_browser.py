@@ -17,7 +17,16 @@ import pytest
 
 from pgfleet.web.render import tilde_encode
 from tests.advice.fix_advice import Shop
-from tests.web.fix_web import HOSTILE_COMMENT, HOSTILE_DB, Fleet, serving, web_config, web_roles
+from tests.web.fix_web import (
+    HOSTILE_BACKUP,
+    HOSTILE_COMMENT,
+    HOSTILE_DB,
+    Fleet,
+    record_backups,
+    serving,
+    web_config,
+    web_roles,
+)
 
 if TYPE_CHECKING:  # imported when the tests run, if it is installed (see `browser`)
     from playwright.sync_api import Browser, Page
@@ -58,6 +67,22 @@ def _series_drawn(page: Page, selector: str) -> bool:
                         if (Math.abs(d[i] - 47) < 12 && Math.abs(d[i + 1] - 111) < 12
                             && Math.abs(d[i + 2] - 223) < 12 && d[i + 3] > 200) return true;
                       return false; }"""
+        )
+    )
+
+
+def _colour_drawn(page: Page, selector: str, rgb: tuple[int, int, int]) -> bool:
+    """Whether the chart's canvas has opaque pixels of colour ``rgb`` (give or take a little)."""
+    canvas = page.query_selector(f"{selector} canvas")
+    assert canvas is not None, f"no canvas in {selector}"
+    return bool(
+        canvas.evaluate(
+            """(c, rgb) => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                      for (let i = 0; i < d.length; i += 4)
+                        if (Math.abs(d[i] - rgb[0]) < 12 && Math.abs(d[i + 1] - rgb[1]) < 12
+                            && Math.abs(d[i + 2] - rgb[2]) < 12 && d[i + 3] > 200) return true;
+                      return false; }""",
+            list(rgb),
         )
     )
 
@@ -234,4 +259,49 @@ def test_kcache_and_index_advice(shop: Shop, browser: Browser) -> None:
         assert "Over the range: CPU" in page.inner_text("#kcache-totals")
         assert "PostgreSQL 16 or later" in page.inner_text("#plan-unavailable")
         page.screenshot(path=str(ARTIFACTS / "query_kcache.png"), full_page=True)
+    assert problems == []
+
+
+# The marks' colours in pgfleet.js (BACKUP_COLORS).
+VALID, INVALID, IN_PROGRESS = (0, 166, 81), (200, 16, 46), (240, 165, 0)
+
+
+def test_server_page_backups(fleet: Fleet, browser: Browser) -> None:
+    """The server page's backups: the table, newest first, hostile texts as
+    text; each backup marked on the charts from its start to its end,
+    coloured by state."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    span = _snapshot_span(fleet)
+    with serving(web_config(fleet.repo)) as base:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        problems = _watch(page)
+        _log_in(page, base, fleet.reader, f"/server/{fleet.srvid}?{span}")
+        assert _charts_drawn(page) >= 6
+        assert "No backups recorded for this server." in page.inner_text("#backups")
+        assert page.get_attribute("body", "data-backups-marked") == "0"
+        assert not _colour_drawn(page, "[data-chart=load]", VALID)
+
+        made = record_backups(fleet)
+        page.goto(f"{base}/server/{fleet.srvid}?{span}")
+        assert _charts_drawn(page) >= 6
+        rows = page.query_selector_all("#backups tbody tr")
+        assert [r.inner_text().split()[0] for r in rows] == [b.id for b in reversed(made)]
+        text = page.inner_text("#backups")
+        assert text.count(HOSTILE_BACKUP) == 2  # the label and the error, as text
+        assert "in_progress" in text and "running" in text and "incremental" in text
+        assert page.get_attribute("body", "data-backups-marked") == "3"
+        for chart in ("load", "xacts"):
+            for colour in (VALID, INVALID, IN_PROGRESS):
+                assert _colour_drawn(page, f"[data-chart={chart}]", colour), (chart, colour)
+        page.screenshot(path=str(ARTIFACTS / "server_backups.png"), full_page=True)
+        # Close-ups: a chart's marks, and the table.
+        page.locator("[data-chart=load]").screenshot(path=str(ARTIFACTS / "backups_chart.png"))
+        page.locator("#backups").screenshot(path=str(ARTIFACTS / "backups_table.png"))
+        assert page.evaluate("window.__pwned") is None
+
+        # A range without them: nothing marked, the table still lists them all.
+        page.goto(f"{base}/server/{fleet.srvid}?from=1700000000&to=1700003600")
+        _charts_drawn(page)
+        assert page.get_attribute("body", "data-backups-marked") == "0"
+        assert len(page.query_selector_all("#backups tbody tr.backup")) == 3
     assert problems == []

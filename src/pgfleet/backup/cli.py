@@ -4,6 +4,11 @@ Only ``create`` and ``receive`` need the repository (the server's connection
 settings are there); every other command reads the backup directory alone,
 so that a restore works on a machine that has the backups and nothing else.
 Errors are PgfleetError: one line, exit 1.
+
+``create``, ``delete`` and ``retain`` change the catalog: when a repository
+is configured they copy it there too, for the web UI (as the daemon does, see
+:mod:`pgfleet.backup.mirror`).  A repository that cannot take it is a
+warning, never a failure of the backup work done.
 """
 
 from __future__ import annotations
@@ -80,6 +85,41 @@ def _server(repo_dsn: str, alias: str) -> Any:
         return servers.get(conn, alias)
 
 
+def _mirror(cfg: Config, repo_dsn: str, catalog: Catalog) -> None:
+    """Copy ``catalog`` into the repository, if one is configured; a warning if it fails."""
+    if not repo_dsn:
+        return
+    from psycopg import Error as DatabaseError
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from pgfleet.connections import connect_repository, first_line
+    from pgfleet.repository import backups, schema, servers
+
+    try:
+        listed = catalog.list()
+        dsn = repo_dsn
+        with contextlib.suppress(DatabaseError):  # a bad DSN: connect_repository says so
+            if "connect_timeout" not in conninfo_to_dict(dsn):
+                # The backup is done: a repository that does not answer must
+                # not hold the command for libpq's default (for ever).
+                timeout = max(1, round(cfg.collector.connect_timeout))
+                dsn = make_conninfo(dsn, connect_timeout=timeout)
+        with connect_repository(dsn) as conn:
+            schema.require_current(conn)
+            try:
+                server = servers.get(conn, catalog.server)
+            except ConfigError:
+                return  # not registered (any more): no rows to keep up to date
+            backups.mirror(conn, server.srvid, listed)
+    except (PgfleetError, DatabaseError, OSError) as e:
+        reason = str(e) if isinstance(e, PgfleetError) else first_line(e)
+        print(
+            f"pgfleet: warning: the repository's list of the backups of server "
+            f"{catalog.server!r} (for the web UI) is not updated: {reason}",
+            file=sys.stderr,
+        )
+
+
 # -- actions
 
 
@@ -97,7 +137,10 @@ def _create(args: argparse.Namespace, cfg: Config, catalog: Catalog, repo_dsn: s
         bin_dir=cfg.backup.bin_dir,
         max_rate=args.max_rate,
     )
-    info = job.run()
+    try:
+        info = job.run()
+    finally:
+        _mirror(cfg, repo_dsn, catalog)  # a failed backup too: INVALID, and why
     if args.json:
         print(json.dumps(_as_json(info), indent=2))
     else:
@@ -246,6 +289,7 @@ def _retain(args: argparse.Namespace, cfg: Config, catalog: Catalog, repo_dsn: s
     for line in catalog.cleanup():
         print(line)
     done = retention.retain(catalog, policy)
+    _mirror(cfg, repo_dsn, catalog)
     deleted = ", ".join(b.id for b in done.deleted) or "none"
     print(
         f"server {catalog.server!r}, retention {policy}: kept {len(done.kept)} backups, "
@@ -273,6 +317,7 @@ def _delete(args: argparse.Namespace, cfg: Config, catalog: Catalog, repo_dsn: s
             "--force to delete it all the same"
         )
     catalog.delete(info.id, force=args.force)
+    _mirror(cfg, repo_dsn, catalog)
     print(f"backup {info.id} of server {catalog.server!r} deleted")
     return 0
 

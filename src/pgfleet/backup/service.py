@@ -40,6 +40,9 @@ What must always hold:
 - A server's loop never dies: whatever fails in it is logged, and it carries on.
 - Reading the state (``pgfleet ctl``, /metrics) does no I/O: each catalog is
   summarised in a thread after every change made here and every 5 minutes.
+- Each summary's list of backups goes to the repository for the web UI (a
+  :class:`~pgfleet.backup.mirror.Mirror`, when the daemon gives one): a backup
+  begun shows there while it runs.  The repository never holds a backup up.
 
 Reload (SIGHUP, ``pgfleet ctl reload``, ``conf set``): every ``[backup]``
 setting applies at once but ``directory``, which needs a restart (receivers
@@ -69,6 +72,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pgfleet.backup import retention, schedule
 from pgfleet.backup.base import BackupError, BaseBackup
 from pgfleet.backup.catalog import BackupInfo, Catalog, NotFound, State
+from pgfleet.backup.mirror import Mirror
 from pgfleet.backup.store import Codec, Compression, StorageError, load_key, strip_suffix
 from pgfleet.backup.verify import VerifyResult, verify
 from pgfleet.backup.wal import WalReceiver
@@ -194,6 +198,7 @@ class Summary:
     wal_segments: int
     wal_bytes: int
     at: float  # time.monotonic() when the reading began
+    backups: tuple[BackupInfo, ...] = ()  # every backup, oldest first
 
 
 def summarize(catalog: Catalog) -> Summary:
@@ -225,6 +230,7 @@ def summarize(catalog: Catalog) -> Summary:
         wal_segments=segments,
         wal_bytes=wal_bytes,
         at=at,
+        backups=tuple(backups),
     )
 
 
@@ -529,6 +535,9 @@ class ServerBackups:
         self.summary = summary
         if summary.at >= self._taken_at:
             self.taken = None  # the summary has it (or it was deleted since)
+        mirror = self.service.mirror
+        if mirror is not None:
+            mirror.put(self.server.srvid, self.alias, summary.backups)
 
     # -- receiver
 
@@ -572,6 +581,7 @@ class ServerBackups:
                 self.log.info("backup starting", trigger=job.trigger, kind=job.kind)
                 thread = asyncio.ensure_future(asyncio.to_thread(self._take, job))
                 try:
+                    await self._begun(job, thread)
                     info = await asyncio.shield(thread)
                 except asyncio.CancelledError:
                     # The thread goes on until pg_basebackup is stopped and the
@@ -600,6 +610,15 @@ class ServerBackups:
         finally:
             # Only now: the schedule reads the summary this refresh made.
             self._job_done(job)
+
+    async def _begun(self, job: Job, thread: asyncio.Future[BackupInfo]) -> None:
+        """Once the backup is in the catalog (IN_PROGRESS), read it again: the
+        summary, /metrics and the repository's copy show it running."""
+        while job.base.info is None and not thread.done():
+            # asyncio.wait, not wait_for: the thread's future is never cancelled here.
+            await asyncio.wait({thread}, timeout=0.2)
+        if not thread.done():
+            await self.refresh()
 
     def _take(self, job: Job) -> BackupInfo:
         """In a thread: settle what dead processes left, then the backup."""
@@ -768,6 +787,7 @@ class BackupService:
         collector: str = "",
         max_concurrent: int = MAX_CONCURRENT,
         log: EventLogger | None = None,
+        mirror: Mirror | None = None,
     ) -> None:
         self.cfg = cfg
         self.stats = stats
@@ -777,6 +797,8 @@ class BackupService:
         # Read once: moving every catalog under running receivers and
         # backups is not something a reload does.
         self.directory = Path(cfg.backup.directory).expanduser() if cfg.backup.directory else None
+        # Where the catalogs are copied for the web UI (None: nowhere).
+        self.mirror = mirror if self.directory is not None else None
         self.setup: Setup | None = None
         self.closing = False
         self.servers: dict[int, ServerBackups] = {}
@@ -818,6 +840,8 @@ class BackupService:
     def start(self) -> None:
         """Load the configuration's key (ConfigError if it cannot be); servers come with rounds."""
         self.setup = self.prepare(self.cfg)
+        if self.mirror is not None:
+            self.mirror.start()
         if self.directory is not None:
             self.log.info(
                 "backups configured",
@@ -896,6 +920,17 @@ class BackupService:
                 "backup tasks still running at the shutdown deadline",
                 tasks=",".join(sorted(t.get_name() for t in pending)),
             )
+        if self.mirror is not None:
+            # The backups cancelled are INVALID now: the repository's copy says so too.
+            for job in running:
+                held = next((s for s in self.servers.values() if s.alias == job.alias), None)
+                if held is None:
+                    continue
+                with contextlib.suppress(TimeoutError, PgfleetError, OSError):
+                    async with asyncio.timeout(max(0.0, until - time.monotonic())):
+                        listed = await asyncio.to_thread(held.catalog.list)
+                    self.mirror.put(held.server.srvid, held.alias, listed)
+            await self.mirror.close(until)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)

@@ -13,7 +13,8 @@ One asyncio event loop runs:
   :class:`ManagementCommands` is what their commands do here;
 - the backups of the servers it holds (:mod:`pgfleet.backup.service`): WAL
   receivers, scheduled base backups (in threads, a few at once), retention,
-  told after every lease round which servers are ours.
+  told after every lease round which servers are ours; each server's catalog
+  copied into the repository for the web UI (:mod:`pgfleet.backup.mirror`).
 
 Signals: SIGTERM and SIGINT stop taking snapshots and exit within
 ``shutdown_timeout`` seconds, whatever the repository does meanwhile: the
@@ -55,6 +56,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from pgfleet import __version__, asgi, config, log
 from pgfleet.backup.metrics import BackupCollector
+from pgfleet.backup.mirror import Mirror
 from pgfleet.backup.service import BackupRequestError, BackupService
 from pgfleet.collector import commands, systemd
 from pgfleet.collector.discovery import Discovery
@@ -242,8 +244,22 @@ class Daemon:
         self.discovery = Discovery(cfg.discovery, cfg.source, self.stats)
         self.limiter = Limiter(cfg.collector.max_in_flight)
         self.requests = commands.Requests(self.channel)
+        # The backup catalogs' copy for the web UI, on a link of its own: a
+        # slow repository holds neither the snapshots nor the leases.
+        self.backups_link = RepositoryLink(
+            self.dsn,
+            "backups",
+            application_name=app,
+            statement_timeout=30,
+            connect_timeout=cfg.collector.connect_timeout,
+        )
+        backup_log = self.log.bind(component="backup")
         self.backups = BackupService(
-            cfg, self.stats, collector=self.name, log=self.log.bind(component="backup")
+            cfg,
+            self.stats,
+            collector=self.name,
+            log=backup_log,
+            mirror=Mirror(self.backups_link, backup_log),
         )
 
     async def _run(self) -> int:
@@ -504,7 +520,7 @@ class Daemon:
                 tasks=",".join(sorted(t.get_name() for t in left)),
             )
         self._command_totals()
-        for link in (self.control, self.writer_link):
+        for link in (self.control, self.writer_link, self.backups_link):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.05, deadline - _now())):
                     await link.close()

@@ -62,6 +62,68 @@
     };
   }
 
+  // Backups (the server page's "backups" part) as bands from their start to
+  // their end (now, for one in progress) under the series, edged with solid
+  // lines on top, coloured by state.  Only the part within the chart's range
+  // is drawn.
+  const BACKUP_COLORS = { valid: "#00a651", invalid: "#c8102e", in_progress: "#f0a500" };
+  const BACKUP_OTHER = "#8a8f98";
+
+  function backupColor(state) {
+    return Object.prototype.hasOwnProperty.call(BACKUP_COLORS, state) ? BACKUP_COLORS[state] : BACKUP_OTHER;
+  }
+
+  function backupEnd(b) {
+    return b.end === null ? Math.max(b.start, Date.now() / 1000) : b.end;
+  }
+
+  function backupWithin(b, min, max) {
+    return backupEnd(b) >= min && b.start <= max;
+  }
+
+  // The pixels [left, right] of a backup on the chart, or null when it lies outside.
+  function backupSpan(u, b) {
+    const min = u.scales.x.min, max = u.scales.x.max;
+    if (min === null || max === null || min === undefined || max === undefined) return null;
+    if (!backupWithin(b, min, max)) return null;
+    const end = backupEnd(b);
+    const left = Math.round(u.valToPos(Math.max(b.start, min), "x", true));
+    const right = Math.round(u.valToPos(Math.min(end, max), "x", true));
+    return [left, Math.max(right, left + 1)];
+  }
+
+  function backupsPlugin(backups) {
+    function each(u, fn) {
+      if (!backups.length) return;
+      const ctx = u.ctx;
+      ctx.save();
+      for (const b of backups) {
+        const span = backupSpan(u, b);
+        if (span) fn(ctx, b, span[0], span[1]);
+      }
+      ctx.restore();
+    }
+    return {
+      hooks: {
+        drawClear: [u => each(u, (ctx, b, left, right) => {
+          ctx.fillStyle = backupColor(b.state) + "26";
+          ctx.fillRect(left, u.bbox.top, right - left, u.bbox.height);
+        })],
+        draw: [u => each(u, (ctx, b, left, right) => {
+          ctx.strokeStyle = backupColor(b.state);
+          ctx.lineWidth = 2;
+          ctx.setLineDash([]);
+          for (const x of (right - left > 2 ? [left, right] : [left])) {
+            ctx.beginPath();
+            ctx.moveTo(x, u.bbox.top);
+            ctx.lineTo(x, u.bbox.top + u.bbox.height);
+            ctx.stroke();
+          }
+        })],
+      },
+    };
+  }
+
   // A y axis as wide as its longest label ("0.0010 cores"), 80 pixels at
   // least; uPlot's own autosize recipe, converging after one more cycle.
   function axisSize(u, values, axisIdx, cycleNum) {
@@ -84,7 +146,7 @@
     window.location.href = u.pathname + u.search;
   }
 
-  function drawChart(container, spec, x, markers) {
+  function drawChart(container, spec, x, markers, backups) {
     const box = el("div", "chart");
     box.dataset.chart = spec.id;
     box.appendChild(el("h3", null, spec.title));
@@ -113,7 +175,7 @@
         { scale: "y", size: axisSize, values: (u, vals) => vals.map(v => fmt(v, units[0])) },
       ],
       series: [{ value: (u, v) => (v === null ? "–" : new Date(v * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC") }],
-      plugins: [markersPlugin(markers)],
+      plugins: [backupsPlugin(backups), markersPlugin(markers)],
       hooks: {
         setSelect: [u => {
           if (u.select.width < 5) return;
@@ -144,7 +206,7 @@
   }
 
   async function loadCharts(section) {
-    const src = withParams(section.dataset.src, { _only: "charts,markers" });
+    const src = withParams(section.dataset.src, { _only: "charts,markers,backups" });
     let data;
     try {
       const resp = await fetch(src, { credentials: "same-origin", headers: { Accept: "application/json" } });
@@ -156,10 +218,18 @@
     }
     section.replaceChildren();
     const markers = (data.markers || []).map(m => ({ t: Date.parse(m.ts) / 1000, name: m.name }));
+    const backups = (data.backups || [])
+      .map(b => ({ start: Date.parse(b.started) / 1000,
+                   end: b.finished ? Date.parse(b.finished) / 1000 : null, state: String(b.state) }))
+      .filter(b => Number.isFinite(b.start) && (b.end === null || Number.isFinite(b.end)));
     let drawn = 0;
     for (const spec of data.charts || []) {
-      if (drawChart(section, spec, data.x, markers)) drawn++;
+      if (drawChart(section, spec, data.x, markers, backups)) drawn++;
     }
+    // What the charts mark (their x range is the buckets'), for whoever checks.
+    const x = data.x || [];
+    const marked = drawn && x.length ? backups.filter(b => backupWithin(b, x[0], x[x.length - 1])).length : 0;
+    document.body.dataset.backupsMarked = String(marked);
     document.body.dataset.chartsDrawn = String(drawn);
   }
 

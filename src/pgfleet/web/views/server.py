@@ -1,10 +1,10 @@
-"""A server: its workload over the range, top queries, databases, waits, errors."""
+"""A server: its workload over the range, top queries, databases, waits, errors, backups."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pgfleet.repository import reads, usage
+from pgfleet.repository import backups, reads, usage
 from pgfleet.web.page import INT4_MAX, Ctx, NotFound, Page, buckets_for, concurrently, path_int
 from pgfleet.web.views import kcache, workload
 
@@ -52,6 +52,9 @@ async def build(ctx: Ctx) -> dict[str, Any]:
         "errors": ctx.read(reads.errors, srvid),
         "repository": ctx.read(usage.server_summary, srvid),
         "kcache": kcache.part(ctx, srvid, own=own),
+        # Every backup the catalog's copy holds, not only the range's: the
+        # table lists them all, the charts mark those they show.
+        "backups": ctx.read(backups.listed, srvid),
     })  # fmt: skip
     return {
         "server": srv,
@@ -79,6 +82,7 @@ PAGE = Page(
             "markers",
             "repository",
             "kcache",
+            "backups",
         }
     ),
 )
