@@ -1,23 +1,29 @@
 """pg_stat_kcache as the UI reads it (repository.kcache): CPU seconds and
 bytes per server, database and query, as totals and as series whose rates
 add back up to the totals.  Real snapshots of PostgreSQL 15 with
-pg_stat_kcache, taken by the CLI; PostgreSQL 18 has no pg_stat_kcache."""
+pg_stat_kcache, taken by the CLI; PostgreSQL 18 has no pg_stat_kcache.
+
+A server's and a database's totals come from the rollup, a few rows per
+snapshot: they must be what the statements' window totals sum to, over
+ranges that cut aggregation windows, start or end on a snapshot, and reach
+the points not yet aggregated (a filled-in history, no server needed)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
-from typing import TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
 
 from pgfleet.cluster import Cluster
-from pgfleet.repository import kcache
+from pgfleet.repository import kcache, reads
 from pgfleet.repository.reads import Buckets, Conn
 from tests.fix_clusters import NewDatabase
-from tests.fix_repository import RunCli, add_server, scalar_int
+from tests.fix_repository import RunCli, add_server, connect, scalar_int
 
 T = TypeVar("T")
 CPU_QUERY = "SELECT sum(g) FROM generate_series($2, $1) g"  # psycopg's %s is $1
@@ -124,3 +130,109 @@ def test_a_server_without_pg_stat_kcache(
     assert _read(repo, lambda c: kcache.series(c, srvid, b)) == s
     assert _read(repo, lambda c: kcache.top_queries(c, srvid, start, end)) == []
     assert _read(repo, lambda c: kcache.databases(c, srvid, start, end)) == []
+
+
+# Three windows of 10 snapshots a minute apart, then 4 snapshots waiting in
+# _current: 34 minutes from BASE, all within the last day.
+BASE = "date_trunc('hour', now() - interval '3 hours', 'UTC')"
+# What the metrics are, written out here rather than taken from kcache: the
+# planning and execution columns summed, a missing value counting as zero.
+WINDOW_EXPRS = {
+    "cpu_user": "sum(coalesce(plan_user_time, 0) + coalesce(exec_user_time, 0))",
+    "cpu_system": "sum(coalesce(plan_system_time, 0) + coalesce(exec_system_time, 0))",
+    "cpu": "sum(coalesce(plan_user_time, 0) + coalesce(exec_user_time, 0)"
+    " + coalesce(plan_system_time, 0) + coalesce(exec_system_time, 0))",
+    "reads": "sum(coalesce(plan_reads, 0) + coalesce(exec_reads, 0))",
+    "writes": "sum(coalesce(plan_writes, 0) + coalesce(exec_writes, 0))",
+}
+
+
+def _fill(repo: str, srvid: int) -> None:
+    """Statement k's figures at snapshot i, different per statement and
+    snapshot; some without a database (NULL keys), some missing now and
+    then, some columns NULL (a zero delta, as stored)."""
+    insert = f"""
+        INSERT INTO pgfleet.pg_stat_kcache_current
+               (srvid, ts, datname, rolname, toplevel, queryid, plan_user_time, exec_user_time,
+                plan_system_time, exec_system_time, plan_reads, exec_reads, exec_writes)
+        SELECT %(srvid)s, {BASE} + i * interval '1 minute',
+               CASE WHEN k %% 7 = 0 THEN NULL ELSE 'db' || k %% 3 END, 'app', true, k,
+               nullif((k * i) %% 3, 0) / 1000.0, ((k * 37 + i * 11) %% 101) / 300.0 + k / 1024.0,
+               nullif(i %% 4, 0) / 700.0, (k %% 5 + 1) / 900.0,
+               nullif((k + i) %% 4, 0) * 8192, k * 8192 * (1 + i %% 3),
+               nullif((k * i) %% 6, 0) * 4096
+          FROM generate_series(1, 40) k, generate_series(%(lo)s::int, %(hi)s::int) i
+         WHERE (k + i) %% 3 <> 0 OR k < 10
+    """
+    with connect(repo) as conn:
+        for w in range(3):
+            conn.execute(insert, {"srvid": srvid, "lo": 10 * w, "hi": 10 * w + 9})
+            conn.execute("SELECT pgfleet.metric_aggregate('pg_stat_kcache', %s)", (srvid,))
+        conn.execute(insert, {"srvid": srvid, "lo": 30, "hi": 33})
+        # What the snapshots write as they go, made from the points.
+        conn.execute("SELECT pgfleet.metric_rollup_rebuild('pg_stat_kcache')")
+
+
+def _same(got: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert got.keys() == expected.keys()
+    for k, v in got.items():
+        want = expected[k]
+        # Sums of floats in another order may differ in the last bits.
+        exact = not (isinstance(v, float) and isinstance(want, float))
+        assert v == (want if exact else pytest.approx(want, rel=1e-12)), k
+
+
+def test_server_and_database_totals_from_the_rollup_are_the_window_totals(
+    repo: str, run_cli: RunCli
+) -> None:
+    res = run_cli("server", "add", "kcrollup", "--host", "kcrollup.invalid")
+    assert res.rc == 0, res.err
+    srvid = next(s["srvid"] for s in json.loads(run_cli("server", "list", "--json").out))
+    _fill(repo, srvid)
+    with connect(repo) as conn:
+        row = conn.execute(f"SELECT {BASE}").fetchone()
+    assert row is not None
+    base: datetime = row[0]
+    minute = timedelta(minutes=1)
+    ranges = [
+        (base + 4.5 * minute, base + 32 * minute),  # cuts a window, ends among the waiting points
+        (base + 4.5 * minute, base + 25.5 * minute),  # cuts the first and the last window
+        (base + 5 * minute, base + 20 * minute),  # starts and ends on a snapshot: both count
+        (base + 10 * minute, base + 10 * minute),  # one snapshot, the first of a window
+        (base - 30 * minute, base + 2.5 * minute),  # before any point, then into one
+        (base - 30 * minute, base - 10 * minute),  # nothing
+    ]
+
+    async def check(conn: Conn) -> None:
+        for start, end in ranges:
+            # The databases' ranking: the same figures, the largest first.
+            dbs = await kcache.databases(conn, srvid, start, end)
+            every = await reads.sums(
+                conn, "pg_stat_kcache", srvid, start, end, ["datname"], WINDOW_EXPRS
+            )
+            expected = {r["datname"]: r for r in every if any(r[m] for m in kcache.METRICS)}
+            assert [d["datname"] for d in dbs] == sorted(
+                expected, key=lambda n: -expected[n]["cpu"]
+            ), (start, end)
+            for d in dbs:
+                _same(d, expected[d["datname"]])
+            # Totals of the server and of each database.
+            for datname in (None, "db0", "db1", "nodb"):
+                where = {"datname": datname} if datname else None
+                got = await kcache.totals(conn, srvid, start, end, datname=datname)
+                [want] = await reads.sums(
+                    conn, "pg_stat_kcache", srvid, start, end, [], WINDOW_EXPRS, where=where
+                )
+                _same(got, {m: want[m] for m in kcache.METRICS})
+            assert (start, end) == ranges[-1] or dbs, "the range holds points"
+        # Statements without a database count as one.
+        dbs = await kcache.databases(conn, srvid, *ranges[0])
+        assert None in {d["datname"] for d in dbs}
+        # Read from the rollup indeed: without it, a server has no totals,
+        # its statements' window totals unchanged.
+        await conn.execute("DELETE FROM pgfleet.pg_stat_kcache_rollup WHERE srvid = %s", (srvid,))
+        assert await kcache.totals(conn, srvid, *ranges[0]) == dict.fromkeys(kcache.METRICS)
+        assert await kcache.databases(conn, srvid, *ranges[0]) == []
+        assert (await kcache.top_queries(conn, srvid, *ranges[0]))[0]["cpu"] > 0
+
+    _read(repo, check)

@@ -98,3 +98,45 @@ def test_two_pass_ranking_is_one_pass_ranking(repo: str, run_cli: RunCli) -> Non
     # Statements without a database rank too.
     two, one = asyncio.run(_both(repo, srvid, ranges[0][0], ranges[0][1], 200, None))
     assert any(r["datname"] is None for r in two)
+
+
+def test_rollup_sums_are_window_sums(repo: str, run_cli: RunCli) -> None:
+    """`reads.rollup_sums` (a server's or a database's sums from the rollup)
+    gives what `reads.sums` gives over every statement, on the same ranges."""
+    res = run_cli("server", "add", "rolled", "--host", "rolled.invalid")
+    assert res.rc == 0, res.err
+    srvid = next(s["srvid"] for s in json.loads(run_cli("server", "list", "--json").out))
+    _fill(repo, srvid)
+    with connect(repo) as conn:
+        conn.execute("SELECT pgfleet.metric_rollup_rebuild('pg_stat_statements')")
+        row = conn.execute(
+            f"SELECT {BASE} + interval '4 minutes 30 seconds', {BASE} + interval '32 minutes',"
+            f" {BASE} + interval '5 minutes', {BASE} + interval '20 minutes'"
+        ).fetchone()
+    assert row is not None
+    cut_start, in_current, on_start, on_end = row
+    exprs = {"calls": "sum(calls)", "time": "sum(total_exec_time)",
+             "reads": "sum(shared_blks_read)", "per_call": "sum(rows) / sum(calls)"}  # fmt: skip
+
+    async def both(start: datetime, end: datetime, group: list[str], where: Any) -> None:
+        async with await psycopg.AsyncConnection.connect(repo, autocommit=True) as conn:
+            rolled = await reads.rollup_sums(
+                conn, "pg_stat_statements", srvid, start, end, group, exprs, where=where,
+                order="time",
+            )  # fmt: skip
+            every = await reads.sums(
+                conn, "pg_stat_statements", srvid, start, end, group, exprs, where=where,
+                order="time",
+            )  # fmt: skip
+        assert [r.get("datname") for r in rolled] == [r.get("datname") for r in every]
+        for a, b in zip(rolled, every, strict=True):
+            assert a.keys() == b.keys()
+            for k, v in a.items():
+                exact = not isinstance(v, float)
+                assert v == (b[k] if exact else pytest.approx(b[k], rel=1e-12)), (start, end, k)
+
+    for start, end in ((cut_start, in_current), (on_start, on_end), (on_start, on_start)):
+        asyncio.run(both(start, end, [], None))
+        asyncio.run(both(start, end, ["datname"], None))
+        asyncio.run(both(start, end, [], {"datname": "db1"}))
+        asyncio.run(both(start, end, [], {"datname": None}))

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
 
 from pgfleet.cluster import Cluster
+from pgfleet.errors import RepositoryError
+from pgfleet.repository import servers
 from tests.fix_clusters import NewDatabase
 from tests.fix_repository import RunCli, add_server, connect, one_row, scalar
 
@@ -74,3 +82,32 @@ def test_local_server_cannot_be_removed(run_cli: RunCli) -> None:
     res = run_cli("server", "remove", "local")
     assert res.rc == 1
     assert "cannot be removed" in res.err
+
+
+def test_a_server_read_by_srvid_on_an_async_connection(repo: str, run_cli: RunCli) -> None:
+    """What the web UI reads before it asks a server for advice or a plan:
+    the same entry as the CLI's synchronous read, whatever the connection's
+    row factory, and RepositoryError for a srvid no server has."""
+    res = run_cli("server", "add", "srv1", "--host", "srv1.example", "--port", "6432",
+                  "--password-ref", "env:SRV1_PW", "--retention", "2d")  # fmt: skip
+    assert res.rc == 0, res.err
+    with connect(repo) as conn:
+        srvid = one_row(conn, "SELECT srvid FROM pgfleet.servers WHERE alias = 'srv1'")[0]
+        expected = servers.by_srvid(conn, srvid)
+
+    async def one(conn: psycopg.AsyncConnection[Any]) -> servers.Server:
+        with pytest.raises(RepositoryError, match="no server with srvid 424242"):
+            await servers.fetch_by_srvid(conn, 424242)
+        return await servers.fetch_by_srvid(conn, srvid)
+
+    async def read() -> list[servers.Server]:
+        async with await psycopg.AsyncConnection.connect(repo, autocommit=True) as tuples:
+            plain = await one(tuples)
+        async with await psycopg.AsyncConnection.connect(
+            repo, autocommit=True, row_factory=dict_row
+        ) as dicts:
+            return [plain, await one(dicts)]
+
+    assert asyncio.run(read()) == [expected, expected]
+    assert expected.alias == "srv1" and expected.port == 6432
+    assert expected.password_ref == "env:SRV1_PW"

@@ -2,12 +2,22 @@
 real repository, and not one traceback.
 
 Each request starts from a valid one (a page, its query string, the login
-form) and is mutated by a seeded generator: overlong values, control
-characters and NUL, invalid UTF-8 percent-escapes, huge and negative
-numbers, reversed ranges, nested brackets, markup, repeated and missing
-parameters, broken bodies and content types, tampered cookies.  Requests go
-straight to the ASGI app (no HTTP client normalises them on the way), with
-raw query strings and paths as uvicorn would pass them.
+form, the forms that start index advice and plans) and is mutated by a
+seeded generator: overlong values, control characters and NUL, invalid
+UTF-8 percent-escapes, huge and negative numbers, reversed ranges, nested
+brackets, markup, repeated and missing parameters, broken bodies and
+content types, tampered cookies.  Requests go straight to the ASGI app
+(no HTTP client normalises them on the way), with raw query strings and
+paths as uvicorn would pass them.
+
+Every page is fuzzed: the fleet, a server, a database (the hostile name's
+too), a query, the collector, index advice and period comparison of a
+server and of a database, with their JSON twins, and the parts of them
+(``_only=``) such as pg_stat_kcache's (figures put in the repository for
+the fuzz: the monitored PostgreSQL 18 has no pg_stat_kcache).  So is every
+POST: login, logout, the collector's, and those that start work on the
+monitored server (index advice, a generic plan), posted by a logged-in role
+with its CSRF token so that they go as deep as a real one.
 
 Every answer must be one a client can read (2xx/3xx, or 400/401/403/404/
 405/413/422 with a message), never a 500 or a 503 (hostile input is no
@@ -29,7 +39,7 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from pgfleet.repository import reads
+from pgfleet.repository import kcache, reads
 from pgfleet.web.app import create_app
 from pgfleet.web.render import tilde_encode
 from pgfleet.web.timerange import RANGES
@@ -194,8 +204,10 @@ class Mutator:
             elif op == 3 and params:  # drop one
                 params.pop(r.randrange(len(params)))
             else:  # one of ours, anything
-                params.append((r.choice(["range", "from", "to", "sort", "_only", "db", "next"]),
-                               self.text(r.choice(["1h", "1700000000", "calls", "charts"]))))  # fmt: skip
+                params.append((r.choice(["range", "from", "to", "sort", "_only", "db", "next",
+                                         "against", "a_from", "a_to", "ksort", "own"]),
+                               self.text(r.choice(["1h", "1700000000", "calls", "charts",
+                                                   "previous", "custom", "cpu", "1"]))))  # fmt: skip
         parts = [self.encode(k) + b"=" + self.encode(v) for k, v in params]
         if r.random() < 0.1:
             parts.append(r.choice([b"", b"=", b"&&", b"a", b";x=1", b"=%ff"]))
@@ -211,32 +223,48 @@ class Target:
     queryid: int
     query_db: str
     paths: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)  # the POSTs that start runs
 
     def __post_init__(self) -> None:
         s = f"/server/{self.srvid}"
-        pages = ["/fleet", s, f"{s}/database/{tilde_encode(self.datnames[0])}",
-                 f"{s}/database/{tilde_encode(HOSTILE_DB)}", f"{s}/query/{self.queryid}",
-                 "/collector"]  # fmt: skip
+        db = f"{s}/database/{tilde_encode(self.datnames[0])}"
+        hostile = f"{s}/database/{tilde_encode(HOSTILE_DB)}"
+        pages = ["/fleet", s, db, hostile, f"{s}/query/{self.queryid}", "/collector",
+                 f"{s}/advice", f"{db}/advice", f"{hostile}/advice",
+                 f"{s}/compare", f"{db}/compare", f"{hostile}/compare"]  # fmt: skip
         self.paths = pages + [p + ".json" for p in pages]
+        self.actions = [f"{s}/advice", f"{db}/advice", f"{s}/query/{self.queryid}/explain"]
+
+
+def range_params(rng: random.Random, prefix: str = "") -> list[tuple[str, str]]:
+    """A valid range: a preset, or `prefix`from and `prefix`to (seconds or ISO 8601)."""
+    if not prefix and rng.random() < 0.5:
+        return [("range", rng.choice(list(RANGES)))]
+    now = int(time.time()) - (rng.randint(0, 86400 * 7) if prefix else 0)
+    start = now - rng.randint(60, 86400 * 7)
+    if rng.random() < 0.5:
+        return [(f"{prefix}from", str(start)), (f"{prefix}to", str(now))]
+    iso = "%Y-%m-%dT%H:%M:%S"
+    return [(f"{prefix}from", time.strftime(iso, time.gmtime(start))),
+            (f"{prefix}to", time.strftime(iso, time.gmtime(now)))]  # fmt: skip
 
 
 def page_params(rng: random.Random, t: Target) -> list[tuple[str, str]]:
-    params: list[tuple[str, str]] = []
-    if rng.random() < 0.5:
-        params.append(("range", rng.choice(list(RANGES))))
-    else:
-        now = int(time.time())
-        start = now - rng.randint(60, 86400 * 7)
-        if rng.random() < 0.5:
-            params += [("from", str(start)), ("to", str(now))]
-        else:
-            iso = "%Y-%m-%dT%H:%M:%S"
-            params += [("from", time.strftime(iso, time.gmtime(start))),
-                       ("to", time.strftime(iso, time.gmtime(now)))]  # fmt: skip
+    params = range_params(rng)
     if rng.random() < 0.5:
         params.append(("sort", rng.choice(list(reads.QUERY_SORTS))))
+    if rng.random() < 0.3:
+        params.append(("ksort", rng.choice(list(kcache.SORTS))))
+    if rng.random() < 0.2:
+        params.append(("own", "1"))
+    if rng.random() < 0.3:  # what compare pages read; the others ignore it
+        against = rng.choice(["previous", "1d", "7d", "custom"])
+        params.append(("against", against))
+        if against == "custom":
+            params += range_params(rng, "a_")[: rng.choice([1, 2])]
     if rng.random() < 0.5:
-        parts = ["charts", "markers", "top_queries", "databases", "servers", "tables"]
+        parts = ["charts", "markers", "top_queries", "databases", "servers", "tables",
+                 "kcache", "run", "plan", "statements", "totals"]  # fmt: skip
         params.append(("_only", ",".join(rng.sample(parts, rng.randint(1, 3)))))
     if rng.random() < 0.3:
         params.append(("db", t.query_db))
@@ -273,6 +301,10 @@ class Creds:
     admin_csrf: str
     anon: Headers  # a session cookie, not logged in
     anon_csrf: str
+    # A reader's session that no generated request logs out: the POSTs that
+    # start runs go deep all along the fuzz.
+    actor: Headers
+    actor_csrf: str
 
 
 def auth_headers(rng: random.Random, m: Mutator, c: Creds) -> Headers:
@@ -319,6 +351,63 @@ def form_request(
     return "POST", path, headers, body
 
 
+def action_request(
+    rng: random.Random, m: Mutator, c: Creds, t: Target
+) -> tuple[str, bytes, Headers, bytes]:
+    """A POST of the forms that start index advice or a plan: its path (the
+    server, database or queryid in it hostile at times), its fields (CSRF
+    token, range, the plan's database), its session."""
+    path = rng.choice(t.actions)
+    raw = path.encode()
+    if rng.random() < 0.3:
+        segments = path.split("/")
+        # The srvid, the database or the queryid: what the handlers parse.
+        i = rng.choice([2, 4]) if len(segments) > 4 else 2
+        segments[i] = m.text(segments[i])
+        raw = on_the_wire(b"/".join(m.encode(seg) if seg else b"" for seg in segments))
+    fields = [("csrf", c.actor_csrf), *range_params(rng)]
+    if path.endswith("/explain") and rng.random() < 0.7:
+        fields.append(("db", rng.choice([t.query_db, t.query_db, HOSTILE_DB, "postgres"])))
+    body = m.query(fields)
+    k = rng.random()
+    if k < 0.75:
+        headers = list(c.actor)
+    elif k < 0.85:
+        headers = list(c.token)  # read-only: refused
+    elif k < 0.92:
+        headers = list(c.anon)
+    else:
+        cookie = c.actor[0][1]
+        i = rng.randrange(len(cookie))
+        headers = [(b"cookie", cookie[:i] + m.encode(m.text("x"))[:20] + cookie[i + 1 :])]
+    ctype = rng.choice([b"application/x-www-form-urlencoded"] * 8 + [
+        b"multipart/form-data; boundary=xyz", b"application/json", b"text/plain"])  # fmt: skip
+    return "POST", raw, [*headers, (b"content-type", ctype)], body
+
+
+def kcache_figures(repo: str, srvid: int, datname: str, queryid: int) -> None:
+    """pg_stat_kcache figures of the fleet's server, as snapshots would have
+    stored them, so that the kcache parts read something: a few minutes of
+    a statement's CPU time and I/O, and the rollup made from them."""
+    with connect(repo) as conn:
+        conn.execute(
+            """INSERT INTO pgfleet.pg_stat_kcache_current
+                      (srvid, ts, datname, rolname, toplevel, queryid, exec_user_time,
+                       exec_system_time, exec_reads, exec_writes)
+               SELECT %(srvid)s, now() - i * interval '1 minute', %(datname)s, 'app', true,
+                      %(queryid)s, 0.5 * i, 0.1 * i, 8192 * i, 4096 * i
+                 FROM generate_series(1, 5) i""",
+            {"srvid": srvid, "datname": datname, "queryid": queryid},
+        )
+        conn.execute(
+            """INSERT INTO pgfleet.pg_stat_kcache_last (srvid, ts, datname, rolname, toplevel,
+                                                      queryid)
+               VALUES (%s, now(), %s, 'app', true, %s)""",
+            (srvid, datname, queryid),
+        )
+        conn.execute("SELECT pgfleet.metric_rollup_rebuild('pg_stat_kcache')")
+
+
 def check(req: tuple[Any, ...], a: Answer) -> str | None:
     """What is wrong with this answer, if anything."""
     if a.crash:
@@ -347,6 +436,7 @@ def test_thousands_of_hostile_requests_and_no_traceback(
         ).fetchone()
     assert row is not None
     target = Target(fleet.srvid, [str(row[1])], int(row[0]), str(row[1]))
+    kcache_figures(fleet.repo, fleet.srvid, target.query_db, target.queryid)
     caplog.set_level(logging.WARNING)
 
     async def go() -> tuple[Counter[int], list[str], float]:
@@ -358,8 +448,12 @@ def test_thousands_of_hostile_requests_and_no_traceback(
             anon_cookie = [(b"cookie", cookie_of(anon))]
             admin = await login(app, *fleet.admin)
             page = await call(app, "GET", b"/collector", headers=admin)
+            actor = await login(app, *fleet.reader)
+            form = await call(app, "GET", f"/server/{fleet.srvid}/advice".encode(), b"", actor)
+            assert b"Suggest indexes" in form.body, form.body[:300]
             creds = Creds([(b"authorization", f"Bearer {TOKEN}".encode())], admin,
-                          csrf_of(page.body), anon_cookie, csrf_of(anon.body))  # fmt: skip
+                          csrf_of(page.body), anon_cookie, csrf_of(anon.body), actor,
+                          csrf_of(form.body))  # fmt: skip
 
             rng = random.Random(SEED)
             m = Mutator(rng)
@@ -375,8 +469,11 @@ def test_thousands_of_hostile_requests_and_no_traceback(
                     q = m.query(page_params(rng, target)) if rng.random() < 0.3 else b""
                     requests.append(("GET", path_variant(rng, m, target), q,
                                      auth_headers(rng, m, creds), b"", address))  # fmt: skip
-                elif k < 0.95:  # a form
+                elif k < 0.85:  # a form
                     method, path, headers, body = form_request(rng, m, creds, fleet)
+                    requests.append((method, path, b"", headers, body, address))
+                elif k < 0.95:  # a form that starts a run
+                    method, path, headers, body = action_request(rng, m, creds, target)
                     requests.append((method, path, b"", headers, body, address))
                 else:  # a method, a login page's next=
                     method = rng.choice(["PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "GET"])
@@ -402,12 +499,31 @@ def test_thousands_of_hostile_requests_and_no_traceback(
             await asyncio.gather(*(one(req) for req in requests))
             elapsed = time.perf_counter() - t
 
+            # The runs the forms started went as deep as real ones, and
+            # none failed for what a request held.
+            st = app.state.pgfleet
+            deadline = time.monotonic() + 120
+            while st.runs.get_stats()["running"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            stats = st.runs.get_stats()
+            assert stats["running"] == 0, stats
+            assert stats.get("started_advice", 0) >= 1 and stats.get("started_plan", 0) >= 1, stats
+            assert not stats.get("failed_advice") and not stats.get("failed_plan"), stats
+
             # Still serving, as usual.
             h = list(creds.token)
             a = await call(app, "GET", f"/server/{fleet.srvid}.json".encode(), b"range=1h", h)
             assert a.status == 200 and b'"charts"' in a.body
-            # (The fuzz may well have logged the admin out.)
-            a = await call(app, "GET", b"/fleet", b"", await login(app, *fleet.reader))
+            a = await call(app, "GET", f"/server/{fleet.srvid}.json".encode(),
+                           b"range=1h&_only=kcache", h)  # fmt: skip
+            assert a.status == 200 and b'"available":true' in a.body.replace(b" ", b""), a.body
+            a = await call(app, "GET", f"/server/{fleet.srvid}/compare.json".encode(),
+                           b"range=1h&against=previous", h)  # fmt: skip
+            assert a.status == 200 and b'"statements"' in a.body
+            # A role's session, the actor's: the fuzz may well have logged the
+            # admin out, and a new login as the reader may be throttled a
+            # while (the forms tried its name with wrong passwords).
+            a = await call(app, "GET", b"/fleet", b"", creds.actor)
             assert a.status == 200 and b"mon" in a.body
         return statuses, problems, elapsed
 

@@ -302,11 +302,11 @@ async def _predicates(
         ["datname", "queryid", "qualnodeid", "eval_type"],
         {"occurences": "sum(occurences)", "execution_count": "sum(execution_count)",
          "nbfiltered": "sum(nbfiltered)"},
-        where=where, condition=reads._NOT_OWN,
+        where=where, condition=reads.not_own_statements(),
     )  # fmt: skip
     if not rows:
         return {}
-    texts = await reads._fetch(repo, _PREDICATE_TEXTS, {"srvid": srvid, "datname": datname})
+    texts = await reads.fetch(repo, _PREDICATE_TEXTS, {"srvid": srvid, "datname": datname})
     by = {(t["datname"], t["queryid"], t["qualnodeid"], t["eval_type"]): t for t in texts}
     out: dict[str, list[Predicate]] = {}
     for r in rows:
@@ -356,7 +356,7 @@ async def _statements(
         condition=sql.SQL("queryid = ANY({})").format(sql.Literal(ids)),
     )  # fmt: skip
     by = {(f["datname"], f["queryid"]): f for f in figures}
-    texts = await reads._fetch(repo, _STATEMENT_TEXTS, {"srvid": srvid, "ids": ids})
+    texts = await reads.fetch(repo, _STATEMENT_TEXTS, {"srvid": srvid, "ids": ids})
     out: dict[str, dict[int, Statement]] = {}
     for t in texts:
         if t["datname"] not in preds:

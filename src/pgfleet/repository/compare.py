@@ -35,19 +35,17 @@ plain dicts and lists (times are datetimes) for the page and its JSON twin.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from psycopg import sql
 
 from pgfleet.repository import reads
-from pgfleet.repository.reads import Conn, Row
-from pgfleet.snapshot.model import MARKED
+from pgfleet.repository.reads import Conn, Row, StatementKey
 
 Range = tuple[datetime, datetime]
-Key = tuple[str | None, int]
+Key = StatementKey
 
 # A pass over every statement reads only these.
 _RANK_EXPRS = {"calls": "sum(calls)", "total_time": "sum(total_exec_time)"}
@@ -108,7 +106,7 @@ async def compare(
     """
     sa, sb = _seconds(a), _seconds(b)
     where = {"datname": datname} if datname is not None else None
-    condition = None if own else reads._NOT_OWN
+    condition = None if own else reads.not_own_statements()
     first: list[dict[Key, Row]] = []
     for start, end in (a, b):
         rows = await reads.sums(
@@ -124,7 +122,7 @@ async def compare(
     )[: max(limit, 0)]
     keys = [k for _, k in ranked]
     details = [await _details(conn, srvid, r, keys, where) for r in (a, b)]
-    texts = await statement_texts(conn, srvid, [k[1] for k in keys], text_chars)
+    texts = await reads.statement_texts(conn, srvid, [k[1] for k in keys], text_chars)
     statements = []
     for extra, key in ranked:
         fa, fb = details[0].get(key), details[1].get(key)
@@ -233,27 +231,3 @@ def _kind(
     if calls_change <= 1 / (1 + threshold) - 1:
         return "fewer_calls", mean_change, calls_change
     return "steady", mean_change, calls_change
-
-
-async def statement_texts(
-    conn: Conn, srvid: int, queryids: Iterable[int], chars: int = 160
-) -> dict[Key, Row]:
-    """The start of each statement's text per (datname, queryid):
-    ``{"query", "query_truncated", "own"}`` (top-level text first), as
-    ``reads.top_queries`` shows them."""
-    ids = sorted(set(queryids))
-    if not ids:
-        return {}
-    rows = await reads._fetch(
-        conn,
-        """SELECT DISTINCT ON (o.datname, o.queryid) o.datname, o.queryid,
-                  left(regexp_replace(o.query, '[[:space:]]+', ' ', 'g'), %(chars)s) AS query,
-                  length(o.query) > %(chars)s AS query_truncated
-             FROM pgfleet.pg_stat_statements_once o
-            WHERE o.srvid = %(srvid)s AND o.queryid = ANY (%(ids)s)
-            ORDER BY o.datname, o.queryid, o.toplevel DESC""",
-        {"srvid": srvid, "ids": ids, "chars": chars},
-    )
-    for r in rows:
-        r["own"] = bool(r["query"] and re.match(MARKED, r["query"]))
-    return {(r["datname"], r["queryid"]): r for r in rows}

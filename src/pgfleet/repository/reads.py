@@ -4,18 +4,22 @@ Everything is computed in SQL and comes back small: series are cut into a
 fixed number of buckets whatever the range (a rate is ``sum(delta)`` over the
 bucket's seconds), rankings are sums over the range read from window totals
 (``<module>_sums``), whole-server charts come from per-snapshot rollups
-(``<module>_rollup``): see migration 0004.
+(``<module>_rollup``), and so do sums over the range of a whole server or of
+the keys a rollup keeps (:func:`rollup_sums`): see migration 0004.
 
 Functions take an async connection (with any row factory) and return plain
 Python values; the views turn them into JSON and HTML.  Column names are
-ours, never a user's: they are composed as identifiers all the same.
+ours, never a user's: they are composed as identifiers all the same.  The
+modules reading the repository beside this one (compare, kcache, advice)
+run their own queries through :func:`fetch`, and leave pgfleet's own
+statements out with :func:`not_own_statements`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -67,17 +71,29 @@ def _ident(name: str) -> sql.Identifier:
     return sql.Identifier("pgfleet", name)
 
 
-async def _fetch(
+async def fetch(
     conn: Conn, query: sql.SQL | sql.Composed | str, params: Mapping[str, Any]
 ) -> list[Row]:
-    # Marked as pgfleet's own, as the snapshots' statements are: the
-    # repository may monitor itself (srvid 0), and its page then hides the
-    # UI's reading as it hides our collection elsewhere.
+    """Run one of pgfleet's own reads of the repository and return its rows.
+
+    What every read of the UI gets, so that the modules beside this one
+    (compare, kcache, advice) read as it does:
+
+    - the statement is marked as pgfleet's own (``snapshot.model.mark()``),
+      as the snapshots' statements are: the repository may monitor itself
+      (srvid 0), and its page then hides the UI's reading as it hides our
+      collection elsewhere;
+    - rows are dicts keyed by column name, whatever `conn`'s row factory;
+    - ``numeric`` values (what ``sum()`` of a bigint is) come back as
+      floats, which charts and JSON want; other types as psycopg gives them.
+
+    `query` must be ours (composed with ``psycopg.sql`` where it names
+    anything); values go in `params`, never into its text.
+    """
     text = mark(query if isinstance(query, str) else query.as_string(conn))
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(text, params)
         rows = await cur.fetchall()
-    # sum() of bigint is numeric: floats are what charts and JSON want.
     for r in rows:
         for k, v in r.items():
             if isinstance(v, Decimal):
@@ -120,18 +136,18 @@ SELECT s.srvid, s.alias, s.host, s.port, s.dbname, s.frequency, s.enabled,
 
 async def servers(conn: Conn) -> list[Row]:
     """Every server with its collection state, local (srvid 0) only if it was snapshotted."""
-    return await _fetch(
+    return await fetch(
         conn, _SERVERS + " WHERE s.srvid > 0 OR st.snapshots > 0 ORDER BY s.alias", {}
     )
 
 
 async def server(conn: Conn, srvid: int) -> Row | None:
-    rows = await _fetch(conn, _SERVERS + " WHERE s.srvid = %(srvid)s", {"srvid": srvid})
+    rows = await fetch(conn, _SERVERS + " WHERE s.srvid = %(srvid)s", {"srvid": srvid})
     return rows[0] if rows else None
 
 
 async def errors(conn: Conn, srvid: int, limit: int = 20) -> list[Row]:
-    return await _fetch(
+    return await fetch(
         conn,
         "SELECT ts, source, message FROM pgfleet.snapshot_errors"
         " WHERE srvid = %(srvid)s ORDER BY ts DESC LIMIT %(limit)s",
@@ -141,7 +157,7 @@ async def errors(conn: Conn, srvid: int, limit: int = 20) -> list[Row]:
 
 async def snapshot_state(conn: Conn) -> list[Row]:
     """The repository's side of the collector: what each server's last snapshot was."""
-    return await _fetch(
+    return await fetch(
         conn,
         """SELECT s.srvid, s.alias, s.enabled, s.frequency, st.snapshots, st.last_snapshot,
                   st.last_aggregate, st.last_purge, st.last_error,
@@ -154,7 +170,7 @@ async def snapshot_state(conn: Conn) -> list[Row]:
 
 async def fleet_load(conn: Conn, b: Buckets) -> dict[int, dict[str, list[float | None]]]:
     """Queries/s and time spent (ms/s) of every server, bucketed."""
-    rows = await _fetch(
+    rows = await fetch(
         conn,
         sql.SQL(
             """SELECT srvid, {b} AS b, sum(calls) AS calls, sum(total_exec_time) AS time
@@ -210,7 +226,7 @@ async def rollup_series(
             WHERE srvid = %(srvid)s AND ts > %(from)s AND ts <= %(to)s {cond}
             GROUP BY 1 {g}"""
     ).format(b=_bucket(), g=g, aggs=aggs, t=_ident(f"{module}_rollup"), cond=cond)
-    rows = await _fetch(conn, query, {**b.params(), **params, "srvid": srvid})
+    rows = await fetch(conn, query, {**b.params(), **params, "srvid": srvid})
     return _assemble(rows, b, columns, group, rate=not gauge)
 
 
@@ -238,7 +254,7 @@ async def series(
             WHERE ts > %(from)s {cond}
             GROUP BY 1 {g}"""
     ).format(b=_bucket(), g=g, aggs=aggs, f=_ident(f"{module}_series"), cond=cond)
-    rows = await _fetch(conn, query, {**b.params(), **params, "srvid": srvid})
+    rows = await fetch(conn, query, {**b.params(), **params, "srvid": srvid})
     return _assemble(rows, b, list(exprs), group, rate=rate)
 
 
@@ -289,7 +305,7 @@ async def gauge_series(
         f=f,
         b=_bucket(),
     )
-    rows = await _fetch(conn, query, {**b.params(), "srvid": srvid})
+    rows = await fetch(conn, query, {**b.params(), "srvid": srvid})
     out: dict[tuple[Any, ...], dict[str, list[float | None]]] = {}
     changed: dict[tuple[Any, ...], set[int]] = {}
     seed: dict[tuple[Any, ...], Row] = {}
@@ -360,9 +376,9 @@ async def sums(
         # not sum either.
         cond = sql.Composed([cond, sql.SQL(" AND ("), condition, sql.SQL(")")])
     if group and order and limit:
-        winners = await _fetch(
+        winners = await fetch(
             conn,
-            _sums_query(module, group, {order: exprs[order]}, cond, order, limit),
+            _sums_query(_window_sums(module), group, {order: exprs[order]}, cond, order, limit),
             params,
         )
         if not winners:
@@ -383,14 +399,22 @@ async def sums(
                 for i, col in enumerate(group)
             ]
         )
-        rows = await _fetch(conn, _sums_query(module, group, exprs, narrow, order, None), params)
+        query = _sums_query(_window_sums(module), group, exprs, narrow, order, None)
+        rows = await fetch(conn, query, params)
         # The filters above keep every combination of the winners' values.
         return [r for r in rows if tuple(r[c] for c in group) in keep][:limit]
-    return await _fetch(conn, _sums_query(module, group, exprs, cond, order, limit), params)
+    return await fetch(
+        conn, _sums_query(_window_sums(module), group, exprs, cond, order, limit), params
+    )
+
+
+def _window_sums(module: str) -> sql.Composed:
+    """``<module>_sums`` over the range, as a FROM item."""
+    return sql.SQL("{}(%(srvid)s, %(from)s, %(to)s)").format(_ident(f"{module}_sums"))
 
 
 def _sums_query(
-    module: str,
+    source: sql.Composable,
     group: Sequence[str],
     exprs: Mapping[str, str],
     cond: sql.Composable,
@@ -401,13 +425,11 @@ def _sums_query(
     aggs = sql.SQL(", ").join(
         sql.SQL("{} AS {}").format(sql.SQL(e), sql.Identifier(n)) for n, e in exprs.items()
     )
-    query = sql.SQL(
-        "SELECT {g}{sep}{aggs} FROM {f}(%(srvid)s, %(from)s, %(to)s) WHERE true {cond}"
-    ).format(
+    query = sql.SQL("SELECT {g}{sep}{aggs} FROM {source} WHERE true {cond}").format(
         g=gcols,
         sep=sql.SQL(", ") if group else sql.SQL(""),
         aggs=aggs,
-        f=_ident(f"{module}_sums"),
+        source=source,
         cond=cond,
     )
     if group:
@@ -417,6 +439,45 @@ def _sums_query(
     if limit:
         query += sql.SQL(" LIMIT {}").format(sql.Literal(limit))
     return query
+
+
+async def rollup_sums(
+    conn: Conn,
+    module: str,
+    srvid: int,
+    start: datetime,
+    end: datetime,
+    group: Sequence[str],
+    exprs: Mapping[str, str],
+    *,
+    where: Mapping[str, Any] | None = None,
+    order: str | None = None,
+    limit: int | None = None,
+) -> list[Row]:
+    """What :func:`sums` gives, read from ``<module>_rollup`` instead: for a
+    whole server, or per keys the rollup keeps (`group` and `where` among
+    them), a few rows per snapshot rather than every entry's windows.
+
+    The same range as :func:`sums` (the snapshots at `start` and at `end`
+    both count), and the same figures when `exprs` (ours) are sums of the
+    rollup's counter and delta columns, or expressions of such sums: the
+    rollup holds, per snapshot, each column summed over the entries written
+    then (NULL for zero, as the history does), so a sum over it is the sum
+    over the entries, in another order (floats may differ in the last bits).
+    Not for anything else: a ``count(*)``, or a gauge, is the rollup's own.
+
+    Only within the server's retention: the rollup drops each snapshot as
+    it goes out of retention, the history whole aggregation windows once
+    they are all out, so a range reaching back past the retention may find
+    a few snapshots fewer here than :func:`sums` does.
+    """
+    cond, params = _filters(where)
+    params.update(srvid=srvid, **{"from": start, "to": end})
+    bounds = sql.SQL(" AND srvid = %(srvid)s AND ts >= %(from)s AND ts <= %(to)s")
+    query = _sums_query(
+        _ident(f"{module}_rollup"), group, exprs, sql.Composed([bounds, cond]), order, limit
+    )
+    return await fetch(conn, query, params)
 
 
 # What "top queries" can be sorted by, as SQL over the sums of a statement.
@@ -455,6 +516,64 @@ _NOT_OWN = sql.SQL(
 ).format(sql.Literal(MARKED))
 
 
+def not_own_statements() -> sql.Composable:
+    """A `condition` for :func:`sums` that leaves out pgfleet's own statements.
+
+    For any source whose entries carry pg_stat_statements' ``queryid``
+    (pg_stat_statements itself, pg_stat_kcache, pg_qualstats,
+    pg_wait_sampling): an entry is kept unless pg_stat_statements stored its
+    queryid, on the same server, with a text marked as pgfleet's (MARKED),
+    in any database and for any role.  Guarantees:
+
+    - its only parameter is ``%(srvid)s``, which :func:`sums` passes;
+    - our statements are found once per query, and left out before any
+      window is decoded: the ranking's cost does not grow with them;
+    - texts stored before pgfleet marked its statements carry no marker:
+      those statements stay in;
+    - an entry without a queryid (NULL) is left out too, once any statement
+      of ours is known (NULL compares to nothing).
+    """
+    return _NOT_OWN
+
+
+StatementKey = tuple[str | None, int]  # (datname, queryid)
+
+# One text per database and queryid: pg_stat_statements_once keeps one per
+# role and nesting level too.  The top-level one wins, then the earliest
+# seen: every read picks the same.
+_STATEMENT_TEXTS = """
+SELECT DISTINCT ON (o.datname, o.queryid) o.datname, o.queryid,
+       left(regexp_replace(o.query, '[[:space:]]+', ' ', 'g'), %(chars)s) AS query,
+       length(o.query) > %(chars)s AS query_truncated
+  FROM pgfleet.pg_stat_statements_once o
+ WHERE o.srvid = %(srvid)s AND o.queryid = ANY (%(ids)s)
+ ORDER BY o.datname, o.queryid, o.toplevel DESC, o.first_seen
+"""
+
+
+async def statement_texts(
+    conn: Conn, srvid: int, queryids: Iterable[int], chars: int = 160
+) -> dict[StatementKey, Row]:
+    """The start of each statement's text, per (datname, queryid), as the
+    UI's lists show it.
+
+    Every (datname, queryid) pg_stat_statements kept a text for, among
+    `queryids`, maps to ``{"datname", "queryid", "query",
+    "query_truncated", "own"}``: ``query`` is the first `chars` characters
+    of the text, every run of whitespace made one space; ``query_truncated``
+    whether the text was longer; ``own`` whether it is one of pgfleet's
+    statements (marked: see MARKED).  A statement without a stored text has
+    no entry: callers show None.
+    """
+    ids = sorted(set(queryids))
+    if not ids:
+        return {}
+    rows = await fetch(conn, _STATEMENT_TEXTS, {"srvid": srvid, "ids": ids, "chars": chars})
+    for r in rows:
+        r["own"] = bool(r["query"] and re.match(MARKED, r["query"]))
+    return {(r["datname"], r["queryid"]): r for r in rows}
+
+
 async def top_queries(
     conn: Conn,
     srvid: int,
@@ -488,26 +607,15 @@ async def top_queries(
         where=where,
         order=QUERY_SORTS.get(sort, "total_time"),
         limit=limit,
-        condition=None if own else _NOT_OWN,
+        condition=None if own else not_own_statements(),
     )
     rows = [r for r in rows if r["calls"] or r["total_time"]]
-    if rows:
-        texts = await _fetch(
-            conn,
-            """SELECT DISTINCT ON (o.datname, o.queryid) o.datname, o.queryid,
-                      left(regexp_replace(o.query, '[[:space:]]+', ' ', 'g'), %(chars)s) AS query,
-                      length(o.query) AS query_length
-                 FROM pgfleet.pg_stat_statements_once o
-                WHERE o.srvid = %(srvid)s AND o.queryid = ANY (%(ids)s)
-                ORDER BY o.datname, o.queryid, o.toplevel DESC""",
-            {"srvid": srvid, "ids": [r["queryid"] for r in rows], "chars": text_chars},
-        )
-        by_key = {(t["datname"], t["queryid"]): t for t in texts}
-        for r in rows:
-            t = by_key.get((r["datname"], r["queryid"]))
-            r["query"] = t["query"] if t else None
-            r["query_truncated"] = bool(t and t["query_length"] > text_chars)
-            r["own"] = bool(r["query"] and re.match(MARKED, r["query"]))
+    texts = await statement_texts(conn, srvid, [r["queryid"] for r in rows], text_chars)
+    for r in rows:
+        t = texts.get((r["datname"], r["queryid"]))
+        r["query"] = t["query"] if t else None
+        r["query_truncated"] = bool(t and t["query_truncated"])
+        r["own"] = bool(t and t["own"])
     return rows
 
 
@@ -554,7 +662,7 @@ async def wait_events(
             order="samples",
             limit=limit,
         )
-    return await _fetch(
+    return await fetch(
         conn,
         """SELECT event_type, event, sum(count) AS samples
              FROM pgfleet.pg_wait_sampling_rollup
@@ -567,7 +675,7 @@ async def wait_events(
 async def sessions_waiting(conn: Conn, srvid: int, b: Buckets, datname: str | None) -> list[Row]:
     """Sampled sessions by state and wait event type (pg_stat_activity), averaged."""
     cond = " AND datname = %(datname)s" if datname is not None else ""
-    return await _fetch(
+    return await fetch(
         conn,
         f"""SELECT state, wait_event_type,
                    sum(count)::float8 / nullif(count(DISTINCT ts), 0) AS sessions
@@ -580,7 +688,7 @@ async def sessions_waiting(conn: Conn, srvid: int, b: Buckets, datname: str | No
 
 async def settings_changes(conn: Conn, srvid: int, start: datetime, end: datetime) -> list[Row]:
     """Settings whose value changed in the range, with the previous value."""
-    return await _fetch(
+    return await fetch(
         conn,
         """SELECT ts, name, setting, unit, previous FROM (
                SELECT ts, name, setting, unit,
@@ -594,7 +702,7 @@ async def settings_changes(conn: Conn, srvid: int, start: datetime, end: datetim
 
 
 async def database_names(conn: Conn, srvid: int) -> list[str]:
-    rows = await _fetch(
+    rows = await fetch(
         conn,
         "SELECT datname FROM pgfleet.pg_stat_database_last WHERE srvid = %(srvid)s"
         " AND datname IS NOT NULL ORDER BY 1",
@@ -627,7 +735,7 @@ async def tables(
         order="seq_tup_read",
         limit=limit,
     )
-    sizes = await _fetch(
+    sizes = await fetch(
         conn,
         """SELECT schemaname, relname, size, n_live_tup, n_dead_tup
              FROM pgfleet.pg_stat_user_tables_last
@@ -661,7 +769,7 @@ async def indexes(
         order="idx_scan",
         limit=limit,
     )
-    sizes = await _fetch(
+    sizes = await fetch(
         conn,
         """SELECT schemaname, relname, indexrelname, size
              FROM pgfleet.pg_stat_user_indexes_last
@@ -679,7 +787,7 @@ async def indexes(
 
 async def query_info(conn: Conn, srvid: int, queryid: int) -> list[Row]:
     """Every (database, role, toplevel) a queryid was seen with, and its full text."""
-    return await _fetch(
+    return await fetch(
         conn,
         """SELECT datname, rolname, toplevel, query, first_seen
              FROM pgfleet.pg_stat_statements_once
@@ -709,7 +817,7 @@ async def qualstats(
         limit=limit,
     )
     if rows:
-        texts = await _fetch(
+        texts = await fetch(
             conn,
             """SELECT DISTINCT ON (qualnodeid) qualnodeid, qual, constvalue
                  FROM pgfleet.pg_qualstats_once
@@ -726,13 +834,13 @@ async def qualstats(
 
 async def modules(conn: Conn) -> set[str]:
     """The metric sources this repository has storage for."""
-    rows = await _fetch(conn, "SELECT module FROM pgfleet.metric_sources", {})
+    rows = await fetch(conn, "SELECT module FROM pgfleet.metric_sources", {})
     return {r["module"] for r in rows}
 
 
 async def user_info(conn: Conn) -> Row:
     """Who this connection is and what it may do in the UI."""
-    rows = await _fetch(
+    rows = await fetch(
         conn,
         """SELECT current_user AS username,
                   has_schema_privilege('pgfleet', 'USAGE')
@@ -754,7 +862,7 @@ def since(seconds: float) -> timedelta:
 
 async def collectors(conn: Conn) -> list[Row]:
     """The collector daemons that renewed their leases lately, and what they hold."""
-    return await _fetch(
+    return await fetch(
         conn,
         """SELECT c.name, c.host, c.pid, c.started_at, c.heartbeat, c.expires_at,
                   c.expires_at > now() AS alive,
@@ -765,7 +873,7 @@ async def collectors(conn: Conn) -> list[Row]:
 
 
 async def leases(conn: Conn) -> dict[int, str]:
-    rows = await _fetch(
+    rows = await fetch(
         conn,
         "SELECT srvid, owner FROM pgfleet.collector_leases WHERE expires_at > now()",
         {},

@@ -25,6 +25,7 @@ from psycopg import sql
 from psycopg.rows import class_row
 
 from pgfleet.errors import ConfigError, RepositoryError
+from pgfleet.snapshot.model import mark
 
 # Matched whole (fullmatch): "$" would let a final newline through, which
 # the table's CHECK refuses.
@@ -149,15 +150,17 @@ def _fields() -> sql.Composable:
     return sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclasses.fields(Server))
 
 
+def _select(where: sql.Composable) -> sql.Composed:
+    return sql.SQL("SELECT {} FROM pgfleet.servers WHERE {} ORDER BY srvid").format(
+        _fields(), where
+    )
+
+
 def _fetch(
     conn: psycopg.Connection[Any], where: sql.Composable, args: tuple[Any, ...]
 ) -> list[Server]:
-    fields = _fields()
     with conn.cursor(row_factory=class_row(Server)) as cur:
-        cur.execute(
-            sql.SQL("SELECT {} FROM pgfleet.servers WHERE {} ORDER BY srvid").format(fields, where),
-            args,
-        )
+        cur.execute(_select(where), args)
         return cur.fetchall()
 
 
@@ -240,6 +243,20 @@ def by_srvid(conn: psycopg.Connection[Any], srvid: int) -> Server:
     if not found:
         raise RepositoryError(f"no server with srvid {srvid}")
     return found[0]
+
+
+async def fetch_by_srvid(conn: psycopg.AsyncConnection[Any], srvid: int) -> Server:
+    """:func:`by_srvid` on an async connection (the web UI's pools, whatever
+    their row factory): the server's entry, or RepositoryError if there is
+    none.  Marked as pgfleet's own statement, as the UI's other reads are
+    (see ``reads.fetch``): a repository monitoring itself hides it."""
+    query = mark(_select(sql.SQL("srvid = %s")).as_string(conn))
+    async with conn.cursor(row_factory=class_row(Server)) as cur:
+        await cur.execute(query, (srvid,))
+        found = await cur.fetchone()
+    if found is None:
+        raise RepositoryError(f"no server with srvid {srvid}")
+    return found
 
 
 # -- The collectors' side: discovery

@@ -50,11 +50,11 @@ def may_run(user: User) -> str | None:
     return None
 
 
-def server_entry(conninfo: str, srvid: int) -> Server:
-    """The server's registry entry (how to reach it), read as the user; in a thread."""
+async def server_entry(conn: psycopg.AsyncConnection[Any], srvid: int) -> Server:
+    """The server's registry entry (how to reach it), read on one of the
+    user's pool connections, so as the user; what went wrong in one line."""
     try:
-        with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
-            return servers.by_srvid(conn, srvid)
+        return await servers.fetch_by_srvid(conn, srvid)
     except psycopg.Error as e:
         raise PgfleetError(
             "cannot read the server's entry: " + (str(e).strip().splitlines() or ["?"])[0]
@@ -103,9 +103,8 @@ async def build(ctx: Ctx) -> dict[str, Any]:
 async def _advise(
     state: WebState, user: User, srvid: int, datname: str | None, start: datetime, end: datetime
 ) -> dict[str, Any]:
-    assert user.conninfo is not None
-    server = await state.sessions.blocking(server_entry, user.conninfo, srvid)
     async with state.sessions.connection(user) as conn:
+        server = await server_entry(conn, srvid)
         w = await indexes.workload(conn, srvid, start, end, datname=datname)
     # The connection is back in the pool: the server may take minutes.
     advice = await indexes.advise_workload(

@@ -56,24 +56,11 @@ async def charts(
 async def totals(
     ctx: Ctx, srvid: int, *, datname: str | None = None, queryid: int | None = None
 ) -> dict[str, float | None]:
-    """Seconds and bytes over the range.  A server's or a database's from
-    the per-database rollup, as one bucket the width of the range: the same
-    sums as ``kcache.totals`` (every statement, whatever the role), for a
-    few rows per snapshot instead of every statement's window totals (~5 ms
-    instead of ~600 over a day of 2,000 statements).  A query's from its
-    window totals."""
+    """Seconds and bytes over the range: a server's or a database's from the
+    per-database rollup, a query's from its window totals
+    (:func:`pgfleet.repository.kcache.totals`)."""
     tr = ctx.range
-    if queryid is not None:
-        return await ctx.read(
-            kcache.totals, srvid, tr.start, tr.end, datname=datname, queryid=queryid
-        )
-    one = Buckets.over(tr.start, tr.end, points=1, min_width=1.0)
-    rates = await ctx.read(kcache.series, srvid, one, datname=datname)
-    return {
-        m: (None if not v or v[0] is None else v[0] * one.width)
-        for m, v in rates.items()
-        if m in kcache.METRICS
-    }
+    return await ctx.read(kcache.totals, srvid, tr.start, tr.end, datname=datname, queryid=queryid)
 
 
 async def part(

@@ -62,11 +62,10 @@ def part(
 async def _explain(
     state: WebState, user: User, srvid: int, queryid: int, datname: str | None
 ) -> dict[str, Any]:
-    assert user.conninfo is not None
-    server = await state.sessions.blocking(server_entry, user.conninfo, srvid)
     # The repository connection is held while the server explains: a few
     # seconds at most (connect_timeout and TIMEOUT).
     async with state.sessions.connection(user) as conn:
+        server = await server_entry(conn, srvid)
         plan = await plans.explain_statement(
             conn, server, state.config.collector, queryid, datname=datname, fmt="text",
             timeout=TIMEOUT,
