@@ -408,7 +408,10 @@ def _backup_parser(sub: Any) -> None:
     )
     q.add_argument("--label", default="", help="the backup's label")
     q.add_argument(
-        "--max-rate", metavar="RATE", help="pg_basebackup's transfer limit, e.g. 100M (kB/s)"
+        "--max-rate",
+        metavar="RATE",
+        help="pg_basebackup's transfer limit, e.g. 100M (kB/s); "
+        "default [backup] max_rate, '' for none",
     )
     q.add_argument("--json", action="store_true")
     common(q)

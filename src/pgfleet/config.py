@@ -251,6 +251,7 @@ class BackupServer:
     schedule: str = ""
     retention: str = ""
     compression: str = field(default="", metadata={"choices": ("", *BACKUP_COMPRESSIONS)})
+    max_rate: str = ""
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,7 @@ class ServerBackupSettings:
     schedule: str
     retention: str
     compression: str
+    max_rate: str
 
 
 @dataclass(frozen=True)
@@ -285,6 +287,10 @@ class BackupConfig:
     compression: str = field(default="zstd", metadata={"choices": BACKUP_COMPRESSIONS})
     # 0 is the compression's own default level.
     compression_level: int = field(default=0, metadata={"range": (0, 22)})
+    # pg_basebackup's --max-rate: what the server sends a base backup at most
+    # per second, "500k", "20M" (a bare number is kB/s; 32k to 1024M); ""
+    # is no limit.  'pgfleet backup create --max-rate' overrides it.
+    max_rate: str = ""
     encryption: str = field(default="none", metadata={"choices": BACKUP_ENCRYPTIONS})
     # The AES-256-GCM key (32 bytes, raw or hex); restore needs it too.
     encryption_key_file: str = ""
@@ -298,7 +304,7 @@ class BackupConfig:
         entry = next((s for s in self.servers if s.alias == alias), None)
         if entry is None:
             return ServerBackupSettings(
-                alias, self.enabled, self.schedule, self.retention, self.compression
+                alias, self.enabled, self.schedule, self.retention, self.compression, self.max_rate
             )
         return ServerBackupSettings(
             alias,
@@ -306,6 +312,7 @@ class BackupConfig:
             entry.schedule or self.schedule,
             entry.retention or self.retention,
             entry.compression or self.compression,
+            entry.max_rate or self.max_rate,
         )
 
 
@@ -433,10 +440,11 @@ def check(cfg: Config, origin: str) -> None:
 
 
 def check_backup(b: BackupConfig, origin: str) -> None:
-    """[backup]'s rules: schedules and retentions parse, encryption has its key."""
+    """[backup]'s rules: schedules, retentions and rates parse, encryption has its key."""
     if b == BackupConfig():
         return  # valid, and every command is spared loading the backup modules
     from pgfleet.backup import retention, schedule
+    from pgfleet.backup.base import parse_max_rate
 
     def bad(key: str, message: str) -> NoReturn:
         raise ConfigError(f"invalid configuration {origin!r}: backup.{key}: {message}")
@@ -462,9 +470,17 @@ def check_backup(b: BackupConfig, origin: str) -> None:
             # "invalid retention '...': why": the key path says the first part.
             bad(key, str(e).partition(": ")[2] or str(e))
 
+    def check_max_rate(key: str, text: str) -> None:
+        try:
+            parse_max_rate(text)
+        except ValueError as e:
+            bad(key, str(e))
+
     if b.schedule:
         check_schedule("schedule", b.schedule)
     check_retention("retention", b.retention)
+    if b.max_rate:
+        check_max_rate("max_rate", b.max_rate)
     seen: set[str] = set()
     for i, s in enumerate(b.servers):
         if not s.alias or "/" in s.alias or s.alias.startswith(".") or "\x00" in s.alias:
@@ -476,6 +492,8 @@ def check_backup(b: BackupConfig, origin: str) -> None:
             check_schedule(f"servers[{i}].schedule", s.schedule)
         if s.retention:
             check_retention(f"servers[{i}].retention", s.retention)
+        if s.max_rate:
+            check_max_rate(f"servers[{i}].max_rate", s.max_rate)
 
 
 def setting(cfg: Config, dotted: str) -> Any:

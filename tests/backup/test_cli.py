@@ -11,6 +11,7 @@ import pytest
 
 from pgfleet import config
 from pgfleet.backup import schedule
+from pgfleet.backup.cli import max_rate_for
 from pgfleet.cluster import Cluster
 from pgfleet.errors import ClusterError, ConfigError
 from tests.backup.helpers import KEY, register, start_cluster
@@ -36,11 +37,13 @@ def test_backup_section_and_overrides(tmp_path: Path) -> None:
         encryption_key_file = "/etc/pgfleet/backup.key"
         retention = "7,4,12,-"
         schedule = "30 2 * * *"
+        max_rate = "20M"
 
         [[backup.servers]]
         alias = "db1"
         schedule = "6h"
         compression = "zstd"
+        max_rate = "500k"
 
         [[backup.servers]]
         alias = "db2"
@@ -50,15 +53,32 @@ def test_backup_section_and_overrides(tmp_path: Path) -> None:
     b = cfg.backup
     assert not b.enabled and b.wal_streaming and b.bin_dir == ""
     db1, db2, db3 = b.for_server("db1"), b.for_server("db2"), b.for_server("db3")
-    assert (db1.enabled, db1.schedule, db1.retention, db1.compression) == (
-        True, "6h", "7,4,12,-", "zstd",
+    assert (db1.enabled, db1.schedule, db1.retention, db1.compression, db1.max_rate) == (
+        True, "6h", "7,4,12,-", "zstd", "500k",
     )  # fmt: skip
     assert not db2.enabled and db2.schedule == "30 2 * * *" and db2.compression == "lz4"
+    assert db2.max_rate == db3.max_rate == "20M"
     assert not db3.enabled  # [backup] enabled = false: listed servers only
     assert "backup.schedule" in config.settings(cfg)
+    assert config.settings(cfg)["backup.max_rate"] == "20M"
     assert "backup.servers" not in config.settings(cfg)
     everyone = load(tmp_path, '[backup]\ndirectory = "/b"\nenabled = true\n').backup
     assert everyone.for_server("any").enabled and everyone.for_server("any").schedule == "1d"
+    assert everyone.max_rate == everyone.for_server("any").max_rate == ""  # no limit
+
+
+def test_create_max_rate(tmp_path: Path) -> None:
+    """``backup create``'s limit: --max-rate over the configuration's, "" for none."""
+    cfg = load(
+        tmp_path,
+        '[backup]\ndirectory = "/b"\nmax_rate = "20M"\n'
+        '[[backup.servers]]\nalias = "db1"\nmax_rate = "1M"\n',
+    )
+    assert max_rate_for(cfg, "db2", None) == "20M"
+    assert max_rate_for(cfg, "db1", None) == "1M"
+    assert max_rate_for(cfg, "db1", "64k") == max_rate_for(cfg, "db2", "64k") == "64k"
+    assert max_rate_for(cfg, "db1", "") is None  # given empty: none, whatever configured
+    assert max_rate_for(config.Config(), "db1", None) is None  # nothing configured: none
 
 
 @pytest.mark.parametrize(
@@ -74,6 +94,12 @@ def test_backup_section_and_overrides(tmp_path: Path) -> None:
         ('encryption = "aes-256-gcm"', "backup.encryption_key_file: encryption 'aes-256-gcm'"),
         ("enabled = true", "backup.directory: backups are enabled but have nowhere to go"),
         ("compression_level = 30", "backup.compression_level: 30 is not between 0 and 22"),
+        ('max_rate = "fast"', "backup.max_rate: invalid transfer rate 'fast': kB/s, or with"),
+        ('max_rate = "20G"', "backup.max_rate: invalid transfer rate '20G'"),
+        ('max_rate = "16k"', "backup.max_rate: transfer rate '16k' is out of range (32k to"),
+        ('max_rate = "2048M"', "backup.max_rate: transfer rate '2048M' is out of range"),
+        ("max_rate = 500", "backup.max_rate: expected str"),
+        ('\n[[backup.servers]]\nalias = "a"\nmax_rate = "0"', "servers[0].max_rate: transfer"),
         ('\n[[backup.servers]]\nalias = "a"\n[[backup.servers]]\nalias = "a"', "listed twice"),
         ('\n[[backup.servers]]\nalias = "a"\nretention = "-"', "servers[0].retention: days"),
         ('\n[[backup.servers]]\nalias = "../a"\nenabled = false', "cannot name a server"),
@@ -84,7 +110,7 @@ def test_backup_section_errors(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=r"invalid configuration .*: ") as e:
         directory = "" if "nowhere" in message else 'directory = "/b"\n'
         load(tmp_path, f"[backup]\n{directory}{text}\n")
-    assert message in str(e.value)
+    assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_conf_set_checks_backup_settings() -> None:
@@ -92,6 +118,16 @@ def test_conf_set_checks_backup_settings() -> None:
     assert config.with_setting(cfg, "backup.schedule", "@daily").backup.schedule == "@daily"
     with pytest.raises(ConfigError, match=r"backup\.schedule: invalid"):
         config.with_setting(cfg, "backup.schedule", "every day")
+    assert config.with_setting(cfg, "backup.max_rate", "100M").backup.max_rate == "100M"
+    assert config.with_setting(cfg, "backup.max_rate", '"500"').backup.max_rate == "500"
+    with pytest.raises(ConfigError) as e:
+        config.with_setting(cfg, "backup.max_rate", "1G")
+    assert str(e.value) == (
+        "invalid configuration 'conf set': backup.max_rate: invalid transfer rate '1G': "
+        "kB/s, or with a k or M suffix (e.g. 500k, 20M)"
+    )
+    with pytest.raises(ConfigError, match=r"backup\.max_rate: transfer rate '8' is out of range"):
+        config.with_setting(cfg, "backup.max_rate", '"8"')
 
 
 # -- schedules
@@ -148,6 +184,7 @@ def backed_up(repo: str, clusters_dir: Path, tmp_path: Path) -> Iterator[tuple[C
         encryption = "aes-256-gcm"
         encryption_key_file = "{key}"
         retention = "1"
+        max_rate = "1024M"
         """
     )
     yield cluster, path

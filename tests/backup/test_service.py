@@ -30,14 +30,17 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pgfleet import config
 from pgfleet.backup import schedule
 from pgfleet.backup.catalog import BackupInfo, Catalog, State
-from pgfleet.backup.service import next_due
+from pgfleet.backup.service import BackupService, ServerBackups, next_due
 from pgfleet.backup.verify import verify
 from pgfleet.cluster import Cluster
+from pgfleet.collector.stats import Stats
 from pgfleet.errors import ClusterError
 from pgfleet.management.client import Client, Unreachable
 from pgfleet.management.document import ManagementError
+from pgfleet.repository.servers import Server
 from tests.backup.helpers import BACKUP_PASSWORD, PASSWORD_ENV, register, start_cluster, switch_wal
 from tests.fix_clusters import NewDatabase
 from tests.fix_daemon import DaemonFactory, DaemonProcess, wait_until
@@ -595,3 +598,45 @@ def test_next_due() -> None:
     local = due.astimezone()
     assert (local.hour, local.minute, local.second) == (2, 30, 0)
     assert started < due <= started + timedelta(days=1, hours=1)
+
+
+# -- What a backup is asked to do, without running it
+
+
+def test_backups_get_the_configured_max_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[backup] max_rate and its overrides reach pg_basebackup's job; a reload, the next one."""
+
+    def backup_config(**settings: Any) -> config.Config:
+        return config.Config(
+            backup=config.BackupConfig(directory=str(tmp_path), wal_streaming=False, **settings)
+        )
+
+    cfg = backup_config(
+        max_rate="20M",
+        servers=(config.BackupServer("db1"), config.BackupServer("db2", max_rate="1M")),
+    )
+    service = BackupService(cfg, Stats())
+    service.setup = service.prepare(cfg)
+
+    def spawn(coro: Any, name: str) -> Any:
+        coro.close()  # never run: only the job's settings are looked at
+
+    monkeypatch.setattr(service, "spawn", spawn)
+    db1 = ServerBackups(service, Server(1, "db1"))
+    db2 = ServerBackups(service, Server(2, "db2"))
+    service.servers = {1: db1, 2: db2}
+
+    def rates() -> tuple[str | None, ...]:
+        jobs = [srv.create(trigger="manual") for srv in (db1, db2)]
+        db1.job = db2.job = None
+        return tuple(job.base.max_rate for job in jobs)
+
+    assert rates() == ("20M", "1M")
+    # Reloaded: the next backups take the new limits; none is no limit.
+    service.configure(service.prepare(backup_config(servers=(config.BackupServer("db1"),))))
+    assert rates() == (None, None)
+    new = backup_config(max_rate="500k", servers=(config.BackupServer("db2", max_rate="64k"),))
+    service.configure(service.prepare(new))
+    assert rates() == ("500k", "64k")

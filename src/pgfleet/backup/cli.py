@@ -31,7 +31,7 @@ from pgfleet.config import Config
 from pgfleet.errors import ConfigError, PgfleetError
 from pgfleet.repository.usage import human_bytes
 
-__all__ = ["codec_for", "run"]
+__all__ = ["codec_for", "max_rate_for", "run"]
 
 ENCRYPTED = "aes-256-gcm"
 
@@ -74,6 +74,16 @@ def codec_for(cfg: Config, alias: str, key_file: str = "") -> Codec:
             raise ConfigError(f"[backup] encryption {ENCRYPTED!r} needs encryption_key_file")
         key = load_key(path)
     return Codec(Compression(settings.compression), b.compression_level or None, key)
+
+
+def max_rate_for(cfg: Config, alias: str, given: str | None) -> str | None:
+    """The transfer limit of ``create``; None for none.
+
+    ``--max-rate`` (``given``) when given, "" meaning none; else the configuration's:
+    ``[backup] max_rate``, or ``alias``'s ``[[backup.servers]]`` override.
+    """
+    rate = cfg.backup.for_server(alias).max_rate if given is None else given
+    return rate or None
 
 
 def _server(repo_dsn: str, alias: str) -> Any:
@@ -135,7 +145,7 @@ def _create(args: argparse.Namespace, cfg: Config, catalog: Catalog, repo_dsn: s
         incremental=args.incremental,
         label=args.label,
         bin_dir=cfg.backup.bin_dir,
-        max_rate=args.max_rate,
+        max_rate=max_rate_for(cfg, server.alias, args.max_rate),
     )
     try:
         info = job.run()

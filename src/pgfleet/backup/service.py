@@ -48,7 +48,8 @@ Reload (SIGHUP, ``pgfleet ctl reload``, ``conf set``): every ``[backup]``
 setting applies at once but ``directory``, which needs a restart (receivers
 and backups in flight hold files in the old one).  A new compression or
 encryption applies to the files written from then on, WAL segments included;
-``bin_dir`` to the next start of each program; a server whose connection
+``bin_dir`` to the next start of each program; ``max_rate`` to the next base
+backup (one running keeps the rate it started with); a server whose connection
 settings changed has its receiver restarted; a server no longer enabled has
 its receiver stopped, and its backup, if one runs, finishes.  A key file
 that cannot be read fails the reload, and nothing changes.
@@ -433,6 +434,7 @@ class ServerBackups:
             self.codec,
             incremental=incremental,
             bin_dir=cfg.backup.bin_dir,
+            max_rate=self.settings.max_rate or None,
             label=f"pgfleet {self.alias} {trigger}",
             application_name=f"pgfleet backup {self.service.collector}".strip(),
         )
