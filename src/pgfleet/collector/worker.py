@@ -222,6 +222,11 @@ class Worker:
                         continue  # woken: forced, new settings or stopping
                     except TimeoutError:
                         pass
+                    if time.time() < due:
+                        # A timer may fire a little early (uvloop's round to the
+                        # millisecond): taken now, the snapshot would count for
+                        # the slot before, and the slot due be taken again.
+                        continue
                 if self._stopping:
                     break
                 forced, self._forced = self._forced, False
