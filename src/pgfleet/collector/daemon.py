@@ -283,7 +283,6 @@ class Daemon:
             spooled=len(self.spool),
             max_in_flight=cfg.collector.max_in_flight,
             lease_period=cfg.collector.lease_period,
-            loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         for coro, name in (
             (self._fleet_loop(), "fleet"),
@@ -1079,29 +1078,13 @@ def run(cfg: Config, *, config_path: str | None, dsn: str, serve_web: bool = Fal
     log.setup(cfg.logging.level, cfg.logging.format)
     daemon = Daemon(cfg, config_path=config_path, dsn=dsn, serve_web=serve_web)
     try:
-        # The runner's own way out (the tasks left, the executor's threads)
+        # asyncio.run's own way out (the tasks left, the executor's threads)
         # is under the shutdown's last resort too: disarmed only after it.
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(daemon.main())
+        return asyncio.run(daemon.main())
     except KeyboardInterrupt:  # a second Ctrl-C during the start
         return 130
     finally:
         daemon.disarm()
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop where it is installed (a dependency but on Windows).
-
-    The daemon is a few hundred short steps per snapshot (each psycopg wait,
-    each exporter request), much of their cost the loop's own: bench/powa.py
-    measured the daemon's CPU per snapshot a sixth lower on uvloop (33 and
-    36 ms against 41 and 41, alternating runs on one loaded machine).
-    """
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 def _iso(t: float) -> str:

@@ -223,7 +223,8 @@ class Worker:
                     except TimeoutError:
                         pass
                     if time.time() < due:
-                        # A timer may fire a little early (uvloop's round to the
+                        # Woken before the slot by the wall clock (the loop's
+                        # timers run on another clock, and uvloop's round to the
                         # millisecond): taken now, the snapshot would count for
                         # the slot before, and the slot due be taken again.
                         continue
