@@ -1,7 +1,8 @@
-"""The web UI's rankings (`reads.sums` with an order and a limit) read in two
-passes; they must rank and sum exactly as one pass over every column does,
+"""The web UI's rankings (`reads.sums` with an order and a limit) read in
+passes, the first on bounds from window totals when the order is a sum of
+counters; they must rank and sum exactly as one pass over every column does,
 over ranges that cut aggregation windows at both ends and reach the points
-not yet aggregated.
+not yet aggregated, whatever the order.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from pgfleet.repository import reads
 from tests.fix_repository import RunCli, connect
@@ -44,23 +46,39 @@ def _fill(repo: str, srvid: int) -> None:
         conn.execute(insert, {"srvid": srvid, "lo": 30, "hi": 33})
 
 
+EXPRS = {
+    "calls": "sum(calls)",
+    "time": "sum(total_exec_time)",
+    "rows": "sum(rows)",
+    "reads": "sum(shared_blks_read)",
+    # A sum of counters as kcache's are written: ranked on bounds too.
+    "busy": "sum(coalesce(total_exec_time, 0) + coalesce(shared_blks_read, 0))",
+    # Not a sum: ranked without bounds.
+    "per_call": "sum(total_exec_time) / sum(calls)",
+}
+GROUP = ["datname", "queryid"]
+
+
 async def _both(
-    repo: str, srvid: int, start: datetime, end: datetime, limit: int, datname: str | None
+    repo: str,
+    srvid: int,
+    start: datetime,
+    end: datetime,
+    limit: int,
+    datname: str | None,
+    order: str = "time",
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     where = {"datname": datname} if datname else None
-    exprs = {"calls": "sum(calls)", "time": "sum(total_exec_time)", "rows": "sum(rows)",
-             "reads": "sum(shared_blks_read)"}  # fmt: skip
-    group = ["datname", "queryid"]
     async with await psycopg.AsyncConnection.connect(repo, autocommit=True) as conn:
         two = await reads.sums(
-            conn, "pg_stat_statements", srvid, start, end, group, exprs,
-            where=where, order="time", limit=limit,
+            conn, "pg_stat_statements", srvid, start, end, GROUP, EXPRS,
+            where=where, order=order, limit=limit,
         )  # fmt: skip
         # One pass, every column of every statement, ranked here.
         every = await reads.sums(
-            conn, "pg_stat_statements", srvid, start, end, group, exprs, where=where
+            conn, "pg_stat_statements", srvid, start, end, GROUP, EXPRS, where=where
         )
-    every.sort(key=lambda r: -r["time"] if r["time"] is not None else float("inf"))
+    every.sort(key=lambda r: -r[order] if r[order] is not None else float("inf"))
     return two, every[:limit]
 
 
@@ -83,11 +101,12 @@ def test_two_pass_ranking_is_one_pass_ranking(repo: str, run_cli: RunCli) -> Non
     ]
     for start, end in ranges:
         for datname in (None, "db1"):
-            for limit in (1, 10, 200):
-                two, one = asyncio.run(_both(repo, srvid, start, end, limit, datname))
+            for limit, order in ((1, "time"), (10, "time"), (200, "time"), (10, "busy"),
+                                 (3, "busy"), (10, "per_call")):  # fmt: skip
+                two, one = asyncio.run(_both(repo, srvid, start, end, limit, datname, order))
                 assert [(r["datname"], r["queryid"]) for r in two] == [
                     (r["datname"], r["queryid"]) for r in one
-                ], (start, end, datname, limit)
+                ], (start, end, datname, limit, order)
                 # Sums of floats in another order may differ in the last bit.
                 for a, b in zip(two, one, strict=True):
                     assert a.keys() == b.keys()
@@ -98,6 +117,34 @@ def test_two_pass_ranking_is_one_pass_ranking(repo: str, run_cli: RunCli) -> Non
     # Statements without a database rank too.
     two, one = asyncio.run(_both(repo, srvid, ranges[0][0], ranges[0][1], 200, None))
     assert any(r["datname"] is None for r in two)
+
+    # On bounds: the winners, and the same as ranking every entry exactly.
+    async def bounded(start: datetime, end: datetime, order: str) -> set[tuple[Any, ...]] | None:
+        async with await psycopg.AsyncConnection.connect(repo, autocommit=True) as conn:
+            params: dict[str, Any] = {"srvid": srvid, "from": start, "to": end}
+            return await reads._bounded(
+                conn, "pg_stat_statements", GROUP, order, EXPRS[order], 10, sql.SQL(""),
+                params,
+            )  # fmt: skip
+
+    for start, end in ranges[:2]:
+        for order in ("time", "busy"):
+            kept = asyncio.run(bounded(start, end, order))
+            two, one = asyncio.run(_both(repo, srvid, start, end, 10, None, order))
+            assert kept == {(r["datname"], r["queryid"]) for r in one}, (start, end, order)
+    assert asyncio.run(bounded(*ranges[0], "per_call")) is None
+    # No window inside the range: nothing to bound on.
+    assert asyncio.run(bounded(*ranges[2], "time")) is None
+
+
+def test_summed_columns() -> None:
+    assert reads._summed_columns("sum(calls)") == {"calls"}
+    assert reads._summed_columns(
+        "coalesce(sum(a), 0) + coalesce(sum(b), 0) + sum(coalesce(c, 0) + d)"
+    ) == {"a", "b", "c", "d"}
+    for expr in ("sum(a) / nullif(sum(b), 0)", "sum(a) - sum(b)", "max(a)", "sum(a * 2)",
+                 "count(*)", "sum(a) + 1"):  # fmt: skip
+        assert reads._summed_columns(expr) is None, expr
 
 
 def test_rollup_sums_are_window_sums(repo: str, run_cli: RunCli) -> None:
