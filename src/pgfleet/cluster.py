@@ -36,7 +36,7 @@ from psycopg.conninfo import make_conninfo
 
 from pgfleet.errors import ClusterError
 
-__all__ = ["DEFAULT_OS_USER", "Cluster", "ClusterOptions", "Throwaway", "throwaway"]
+__all__ = ["DEFAULT_OS_USER", "Cluster", "ClusterOptions", "Throwaway", "pid_alive", "throwaway"]
 
 #: The OS user the servers run as when we are root.
 DEFAULT_OS_USER = "pgfleet"
@@ -362,7 +362,7 @@ class Cluster:
         {"synchronous_commit": "on"}`` if a test needs what it committed.
         """
         pid = self._pidfile_pid()
-        if pid is None or not _pid_alive(pid):
+        if pid is None or not pid_alive(pid):
             return
         # Freeze the postmaster first so it can't fork a child we'd miss.
         with contextlib.suppress(ProcessLookupError):
@@ -372,14 +372,14 @@ class Cluster:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + timeout
-        while any(_pid_alive(p) for p in victims):
+        while any(pid_alive(p) for p in victims):
             if time.monotonic() > deadline:
                 raise ClusterError(f"cluster {self.name!r}: processes survived SIGKILL")
             time.sleep(0.02)
 
     def is_running(self) -> bool:
         pid = self._pidfile_pid()
-        return pid is not None and _pid_alive(pid)
+        return pid is not None and pid_alive(pid)
 
     def destroy(self) -> None:
         """Stop the server (kill it if it won't stop) and remove its data and log."""
@@ -756,7 +756,7 @@ class Cluster:
         succeeds on it and the new server would refuse to start.
         """
         pid = self._pidfile_pid()
-        if pid is None or _pid_alive(pid):
+        if pid is None or pid_alive(pid):
             return
         if leftovers := self._processes():
             raise ClusterError(
@@ -780,7 +780,7 @@ class Cluster:
                     continue
             except OSError:
                 continue
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 found.add(pid)
         return found
 
@@ -900,14 +900,21 @@ def _proc_pids() -> Iterator[int]:
                 yield int(entry.name)
 
 
-def _pid_alive(pid: int) -> bool:
-    """Is `pid` a live process? Zombies are dead, whatever kill(pid, 0) says."""
+def pid_alive(pid: int) -> bool:
+    """Is ``pid`` a live process?
+
+    A zombie counts as dead, whatever ``kill(pid, 0)`` says: it has exited and
+    holds nothing but its exit status until its parent (or a lazy PID 1 in a
+    container) reaps it, which may be never.  Waiting for a killed server to
+    go must not wait for that, nor may a collector that died keep its name
+    (:meth:`pgfleet.collector.lease.Leases.name_taken`) meanwhile.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except FileNotFoundError:
-        return False
     except OSError:
+        # No /proc, or one mounted with hidepid that hides other users'
+        # processes (ENOENT, not EACCES): kill(pid, 0) still knows.
         pass
     else:
         # The state follows the command name, which may contain anything.
@@ -918,6 +925,7 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
+        # It exists, under another user.
         return True
     return True
 

@@ -9,8 +9,6 @@ before TLS.  psql, when installed, must fail cleanly with our message.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import logging
 import os
 import shutil
@@ -27,7 +25,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from scramp import ScramClient
 from scramp.core import CBindData
 
@@ -35,6 +32,7 @@ from pgfleet.errors import ConfigError
 from pgfleet.management import auth, frame, users
 from pgfleet.management.auth import Peer
 from pgfleet.management.document import ErrorCode, ManagementError
+from tests.management.helpers import Pki, make_pki
 
 PASSWORD = "s3cret-pässword"
 MB = 1 << 20
@@ -44,53 +42,8 @@ MB = 1 << 20
 
 
 @dataclass(frozen=True)
-class Certs:
-    ca: Path
-    cert: Path
-    key: Path
+class Certs(Pki):
     other_ca: Path  # a CA that signed nothing we serve
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _write_pem(path: Path, data: bytes, mode: int = 0o644) -> Path:
-    path.write_bytes(data)
-    path.chmod(mode)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -101,45 +54,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     own algorithm, and a wrong choice would only show with another one.
     """
     tmp = tmp_path_factory.mktemp("certs")
-    ca_key, ca_cert = _ca("pgfleet test CA")
-    key = ec.generate_private_key(ec.SECP384R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("localhost"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA384())
-    )
-    pem = serialization.Encoding.PEM
-    _, other = _ca("some other CA")
-    return Certs(
-        ca=_write_pem(tmp / "ca.crt", ca_cert.public_bytes(pem)),
-        cert=_write_pem(tmp / "server.crt", cert.public_bytes(pem)),
-        key=_write_pem(
-            tmp / "server.key",
-            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-            0o600,
-        ),
-        other_ca=_write_pem(tmp / "other.crt", other.public_bytes(pem)),
-    )
+    pki = make_pki(tmp / "ours", signed_with=hashes.SHA384, curve=ec.SECP384R1)
+    other = make_pki(tmp / "other", ca_name="some other CA")
+    return Certs(pki.ca, pki.cert, pki.key, other_ca=other.ca)
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,17 @@ from typing import Any
 import pytest
 
 from pgfleet.backup.catalog import Catalog, State
-from pgfleet.cluster import Cluster, _free_port
+from pgfleet.cluster import Cluster
 from pgfleet.errors import ClusterError
-from pgfleet.management import frame, handlers, users
+from pgfleet.management import handlers
 from pgfleet.management.document import ErrorCode, ManagementError
 from pgfleet.management.handlers import Caller
 from tests.backup.helpers import BACKUP_PASSWORD, PASSWORD_ENV, register, start_cluster
 from tests.fix_clusters import NewDatabase
 from tests.fix_daemon import DaemonFactory, wait_until
 from tests.fix_repository import new_repository
-from tests.management.test_server import PASSWORD, USER, Mgmt, make_pki, wait_for
+from tests.management.helpers import USER, Mgmt, start_daemon
+from tests.management.helpers import call as management_call
 
 LOCAL = Caller(local=True, user="uid 0")
 REMOTE = Caller(local=False, user=USER)
@@ -127,37 +128,19 @@ def repo(repo_cluster: Cluster, new_database: NewDatabase, server: Cluster) -> s
 
 def start(daemon: DaemonFactory, repo: str, workdir: Path, sockdir: Path, **backup: Any) -> Mgmt:
     """A collector with its socket, TLS port and admins (in ``workdir``), [backup] ``backup``."""
-    pki = make_pki(workdir / "pki")
-    admins = workdir / "admins"
-    users.add(admins, USER, PASSWORD)
-    key_file = workdir / "frames.key"
-    frame.write_key(key_file)
-    port = _free_port()
-    d = daemon(
+    return start_daemon(
+        daemon,
         repo,
+        workdir,
+        sockdir,
         env={PASSWORD_ENV: BACKUP_PASSWORD},
-        management={
-            "unix_socket_dir": str(sockdir),
-            "port": port,
-            "tls_cert_file": str(pki.cert),
-            "tls_key_file": str(pki.key),
-            "admins_file": str(admins),
-            "encryption_key_file": str(key_file),
-        },
-        backup=backup,
+        sections={"backup": backup},
     )
-    m = Mgmt(d, sockdir / "pgfleet.sock", port, pki, frame.load_key(key_file), key_file, admins)
-    wait_for(m)
-    return m
 
 
 def call(m: Mgmt, command: str, args: dict[str, Any] | None = None, *, remote: bool = False
          ) -> dict[str, Any]:  # fmt: skip
-    async def go() -> dict[str, Any]:
-        async with await (m.remote() if remote else m.local()) as c:
-            return await c.call(command, args)
-
-    return asyncio.run(go())
+    return asyncio.run(management_call(m, command, args, remote=remote))
 
 
 def error(m: Mgmt, command: str, args: dict[str, Any], *, remote: bool = False

@@ -1,6 +1,6 @@
 """``pgfleet ctl`` and ``pgfleet user``: the command lines, their output and exit codes.
 
-The daemon is a real process (see test_server.py); the CLI runs in-process,
+The daemon is a real process (see helpers.py); the CLI runs in-process,
 but for the password prompt, which needs a terminal (a pty).
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from pgfleet.management import users
 from tests.fix_daemon import PGFLEET, DaemonFactory
 from tests.fix_repository import RunCli
-from tests.management.test_server import PASSWORD, USER, Mgmt, start_daemon
+from tests.management.helpers import PASSWORD, USER, Mgmt, start_daemon
 
 
 def ctl(run_cli: RunCli, m: Mgmt, *args: str, password: str | None = None) -> tuple[int, str, str]:

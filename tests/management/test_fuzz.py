@@ -35,7 +35,7 @@ import zstandard
 from pgfleet.management import frame
 from pgfleet.management.document import request
 from tests.fix_daemon import DaemonFactory
-from tests.management.test_server import Mgmt, start_daemon
+from tests.management.helpers import Mgmt, start_daemon
 
 SEED = int(os.environ.get("PGFLEET_FUZZ_SEED", "20261207"))
 FRAMES = 20_000

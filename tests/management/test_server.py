@@ -1,7 +1,7 @@
 """The management protocol against a real ``pgfleet collector`` process.
 
 Real sockets throughout: the daemon's local socket and its TCP port, TLS
-with a CA and a certificate made here, SCRAM logins against an admins file,
+with a CA and a certificate made for it, SCRAM logins against an admins file,
 ``psql`` pointed at the port.  One daemon per test, and loops over the ten
 compression x encryption combinations inside it, keep the module to seconds.
 """
@@ -9,235 +9,29 @@ compression x encryption combinations inside it, keep the module to seconds.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import os
 import shutil
 import struct
 import subprocess
 import sys
 import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from scramp import ScramClient
 
-from pgfleet.cluster import Cluster, _free_port
-from pgfleet.management import auth, frame, users
-from pgfleet.management.client import Client, Unreachable
+from pgfleet.cluster import Cluster
+from pgfleet.management import auth, frame
+from pgfleet.management.client import Unreachable
 from pgfleet.management.document import ErrorCode, ManagementError, request
 from pgfleet.management.frame import Compression, Encryption
-from tests.fix_daemon import DaemonFactory, DaemonProcess, wait_until
+from tests.fix_daemon import DaemonFactory, wait_until
 from tests.fix_repository import RunCli, add_server
+from tests.management.helpers import PASSWORD, USER, Mgmt, call, start_daemon, wait_for
 
 PSQL = Path("/usr/lib/postgresql/15/bin/psql")
-PASSWORD = "Tr0ub4dor&3-management"  # must never reach the daemon's log
-USER = "admin"
 COMBOS = [(c, e) for c in Compression for e in Encryption]
-
-
-# -- A CA, a server certificate, an admins file, a frame key
-
-
-@dataclass
-class Pki:
-    ca: Path
-    cert: Path
-    key: Path
-
-
-def make_pki(directory: Path, host: str = "localhost") -> Pki:
-    """A CA and a certificate it signed for ``host`` and 127.0.0.1, as PEM files (key 0600)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("pgfleet test CA"))
-        .issuer_name(name("pgfleet test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name(host))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(host), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pki = Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    pki.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    pki.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    fd = os.open(pki.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return pki
-
-
-@dataclass
-class Mgmt:
-    """A running daemon with its management socket and TLS port."""
-
-    d: DaemonProcess
-    socket: Path
-    port: int
-    pki: Pki
-    key: bytes
-    key_file: Path
-    admins: Path
-
-    def metrics(self) -> dict[str, float]:
-        """The daemon's management families from /metrics: 'name{labels}' -> value."""
-        with urllib.request.urlopen(self.d.exporter_url + "/metrics", timeout=10) as r:
-            text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line.startswith("pgfleet_management_"):
-                series, _, value = line.rpartition(" ")
-                out[series] = float(value)
-        return out
-
-    def refusals(self, interface: str, reason: str) -> float:
-        series = f'pgfleet_management_refusals_total{{interface="{interface}",reason="{reason}"}}'
-        return self.metrics().get(series, 0.0)
-
-    async def local(self, timeout: float = 10.0) -> Client:
-        return await Client.local(self.socket, key=self.key, timeout=timeout)
-
-    async def remote(
-        self,
-        user: str = USER,
-        password: str = PASSWORD,
-        *,
-        tls: bool = True,
-        timeout: float = 10.0,
-    ) -> Client:
-        return await Client.remote(
-            "localhost",
-            self.port,
-            user=user,
-            password=password,
-            ssl_context=auth.client_ssl_context(self.pki.ca) if tls else None,
-            require_tls=tls,
-            key=self.key,
-            timeout=timeout,
-        )
-
-
-def start_daemon(
-    daemon: DaemonFactory,
-    repo: str,
-    directory: Path,
-    sockdir: Path,
-    name: str = "d",
-    **management: Any,
-) -> Mgmt:
-    pki = make_pki(directory / "pki")
-    admins = directory / "admins"
-    if not admins.exists():
-        users.add(admins, USER, PASSWORD)
-    key_file = directory / "frames.key"
-    if not key_file.exists():
-        frame.write_key(key_file)
-    port = _free_port()
-    settings: dict[str, Any] = {
-        "unix_socket_dir": str(sockdir),
-        "host": "127.0.0.1",
-        "port": port,
-        "tls_cert_file": str(pki.cert),
-        "tls_key_file": str(pki.key),
-        "admins_file": str(admins),
-        "encryption_key_file": str(key_file),
-        "timeout": 5,
-        **management,
-    }
-    d = daemon(repo, name=name, management=settings)
-    m = Mgmt(d, sockdir / "pgfleet.sock", port, pki, frame.load_key(key_file), key_file, admins)
-    wait_for(m)
-    return m
-
-
-def wait_for(m: Mgmt) -> None:
-    """Until the daemon answers a ping on its socket."""
-
-    def ping() -> bool:
-        assert m.d.alive(), m.d.text()[-3000:]
-        if not m.socket.exists():
-            return False
-        try:
-            return asyncio.run(call(m, "ping")) == {}
-        except Unreachable:
-            return False
-
-    wait_until(ping, 20, "the management socket")
-
-
-async def _call(c: Client, command: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-    async with c:
-        return await c.call(command, args)
-
-
-async def call(
-    m: Mgmt, command: str, args: dict[str, Any] | None = None, *, remote: bool = False
-) -> dict[str, Any]:
-    c = await (m.remote() if remote else m.local())
-    return await _call(c, command, args)
 
 
 def error_of(m: Mgmt, command: str, args: dict[str, Any] | None = None, **kw: Any) -> ErrorCode:
@@ -552,9 +346,7 @@ async def replay(port: int, user: str, first: str, final: str) -> dict[str, str]
 
 def counted(m: Mgmt, interface: str, reason: str, n: int) -> None:
     """Wait for the daemon's count of ``reason`` refusals to reach ``n``."""
-    wait_until(
-        lambda: m.refusals(interface, reason) == n, 5, f"{n} {interface} {reason} refusals"
-    )
+    wait_until(lambda: m.refusals(interface, reason) == n, 5, f"{n} {interface} {reason} refusals")
 
 
 def test_refusals_are_counted_and_logged_without_secrets(

@@ -215,20 +215,19 @@ class Daemon:
         self.log = self.log.bind(collector=self.name)
         app = f"{cfg.collector.application_name} {self.name}"
         self.channel = cfg.collector.command_channel
-        self.control = RepositoryLink(
-            self.dsn,
-            "control",
-            application_name=app,
-            statement_timeout=30,
-            connect_timeout=cfg.collector.connect_timeout,
-        )
-        self.writer_link = RepositoryLink(
-            self.dsn,
-            "writer",
-            application_name=app,
-            statement_timeout=cfg.collector.store_timeout,
-            connect_timeout=cfg.collector.connect_timeout,
-        )
+
+        def link(role: str, statement_timeout: float = 30) -> RepositoryLink:
+            # retry_max stays at its default: lease.RECONNECT counts on it.
+            return RepositoryLink(
+                self.dsn,
+                role,
+                application_name=app,
+                statement_timeout=statement_timeout,
+                connect_timeout=cfg.collector.connect_timeout,
+            )
+
+        self.control = link("control")
+        self.writer_link = link("writer", cfg.collector.store_timeout)
         self.leases = Leases(self.name, cfg.collector.lease_period)
         self.writer = Writer(
             self.writer_link,
@@ -246,13 +245,7 @@ class Daemon:
         self.requests = commands.Requests(self.channel)
         # The backup catalogs' copy for the web UI, on a link of its own: a
         # slow repository holds neither the snapshots nor the leases.
-        self.backups_link = RepositoryLink(
-            self.dsn,
-            "backups",
-            application_name=app,
-            statement_timeout=30,
-            connect_timeout=cfg.collector.connect_timeout,
-        )
+        self.backups_link = link("backups")
         backup_log = self.log.bind(component="backup")
         self.backups = BackupService(
             cfg,

@@ -49,6 +49,7 @@ from typing import Any
 
 import psycopg
 
+from pgfleet.cluster import pid_alive
 from pgfleet.repository import leases
 from pgfleet.repository.leases import Fence
 
@@ -141,7 +142,8 @@ class Leases:
         host, pid = found
         if host != self.host:
             return f"host {host}"
-        if pid != self.pid and _alive(pid):
+        # One that exited but is not reaped yet (a zombie) collects nothing: the name is free.
+        if pid != self.pid and pid_alive(pid):
             return f"process {pid} on this host"
         return None
 
@@ -170,13 +172,3 @@ class Leases:
 
     async def leave(self, conn: psycopg.AsyncConnection[Any], keep: set[int]) -> None:
         await leases.leave(conn, self.owner, keep)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
