@@ -181,6 +181,8 @@ def test_kept_lines_say_what_prometheus_client_says() -> None:
         for v, r in zip(VIEWS, made_up("", 0, entries=4).rows, strict=True)
     )
     assert rendered.get_stats()["series"] < 2 * 2 * series
+    # Made from templates, not rendered by prometheus_client one by one.
+    assert rendered.get_stats()["templated"] == rendered.get_stats()["series"]
 
     # Several servers: the same samples, each family together.
     for seed in range(3):
@@ -205,6 +207,21 @@ def test_an_encoder_writing_otherwise_gets_whole_renders() -> None:
         pieces = b"".join(asyncio.run(rendered.pieces("terse", terse)))
         assert pieces == whole(terse, views)
     assert rendered.get_stats().get("series", 0) == 0
+
+
+def test_an_encoder_escaping_otherwise_gets_new_series_rendered() -> None:
+    def quirky(registry: Collector) -> bytes:
+        # A backslash in a label value written otherwise than the templates assume.
+        return generate_latest(registry).replace(b"\\\\", b"\\x5c")
+
+    views = Views()
+    rendered = Rendered(views)
+    for seed in range(4):
+        views.put(made_up("s", seed, entries=2 + seed % 3))
+        pieces = b"".join(asyncio.run(rendered.pieces("quirky", quirky)))
+        assert pieces == whole(quirky, views)
+    assert rendered.get_stats()["series"] > 0
+    assert rendered.get_stats().get("templated", 0) == 0
 
 
 def test_nothing_rendered_until_a_scrape_and_unchanged_servers_not_again() -> None:

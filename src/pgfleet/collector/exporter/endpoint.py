@@ -3,7 +3,8 @@
 A plain ASGI callable rather than a routed framework app: there are two
 paths, and everything else must be refused the same way.  ``/metrics`` is
 built by prometheus_client from the daemon's memory only (no query at
-scrape time): the collector's health from its registry, the fleet's
+scrape time): the collector's health from its registry (its families' lines
+kept between scrapes, see own.py), the fleet's
 statistics from :class:`~pgfleet.collector.exporter.rendered.Rendered` (parsed and
 rendered per server at the scrape that first finds it changed).  The format follows
 the scraper's Accept header (OpenMetrics when asked, text 0.0.4 otherwise).
@@ -33,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from pgfleet.collector.exporter.own import Own
 from pgfleet.collector.exporter.rendered import EOF_LINE, Rendered
 
 CHUNK = 64 * 1024
@@ -101,6 +103,7 @@ class Endpoint:
         fleet: Rendered | None = None,
     ) -> None:
         self.registry = registry
+        self.own = Own(registry)
         self.overview = overview
         self.fleet = fleet
 
@@ -127,7 +130,7 @@ class Endpoint:
     async def body(self, accept: str) -> tuple[bytes, str]:
         """The scrape's body in the format `accept` asks for, and its content type."""
         encoder, content_type = choose_encoder(accept)
-        own = encoder(self.registry)
+        own = self.own.render(content_type, encoder)
         if self.fleet is None:
             return own, content_type
         fleet = await self.fleet.pieces(content_type, encoder)
