@@ -69,6 +69,20 @@ def test_slower_statement_ranks_first(
     t3 = _now()
 
     got = _compare(repo, srvid, (t1, t2), (t2, t3), datname=dbname)
+
+    # As the web page reads it: each range's pass on its own connection first.
+    async def read_first() -> dict[str, Any]:
+        async def one(r: compare.Range) -> dict[compare.Key, Any]:
+            async with await psycopg.AsyncConnection.connect(repo, autocommit=True) as conn:
+                return await compare.per_statement(conn, srvid, r, datname=dbname)
+
+        ra, rb = await asyncio.gather(one((t1, t2)), one((t2, t3)))
+        async with await psycopg.AsyncConnection.connect(repo, autocommit=True) as conn:
+            return await compare.compare(
+                conn, srvid, (t1, t2), (t2, t3), datname=dbname, first=(ra, rb)
+            )
+
+    assert asyncio.run(read_first()) == got
     by = {next(t for t in TABLES if f"FROM {t}" in (s["query"] or "")): s
           for s in got["statements"] if any(f"FROM {t}" in (s["query"] or "") for t in TABLES)}  # fmt: skip
     assert set(by) == set(TABLES)

@@ -28,8 +28,8 @@ What a regression is, here:
   ``new``, ``slower`` or ``more_calls``.
 
 Reads happen in two passes, as ``reads.sums`` ranks: calls and time of
-every statement of both ranges, then every column of the `limit` winners
-only (``<m>_sums`` decodes only the columns read).  Everything comes back as
+every statement of both ranges (:func:`per_statement`), then every column of
+the `limit` winners only (``<m>_sums`` decodes only the columns read).  Everything comes back as
 plain dicts and lists (times are datetimes) for the page and its JSON twin.
 """
 
@@ -81,9 +81,14 @@ async def compare(
     threshold: float = 0.2,
     text_chars: int = 160,
     own: bool = False,
+    first: tuple[Mapping[Key, Row], Mapping[Key, Row]] | None = None,
 ) -> dict[str, Any]:
     """Statements of `srvid` (or of its database `datname`) in range `a`
     against range `b`, the biggest regressions first (see the module).
+
+    `first`: :func:`per_statement` of `a` and of `b` with the same `datname`
+    and `own`, when the caller read them already: they are the longest
+    reads, and the web page runs them at once, on two connections.
 
     Returns ``{"a": RANGE, "b": RANGE, "datname", "min_calls",
     "threshold", "totals": {"a": TOTALS, "b": TOTALS}, "regressed": N,
@@ -106,14 +111,11 @@ async def compare(
     """
     sa, sb = _seconds(a), _seconds(b)
     where = {"datname": datname} if datname is not None else None
-    condition = None if own else reads.not_own_statements()
-    first: list[dict[Key, Row]] = []
-    for start, end in (a, b):
-        rows = await reads.sums(
-            conn, "pg_stat_statements", srvid, start, end, ["datname", "queryid"],
-            _RANK_EXPRS, where=where, condition=condition,
-        )  # fmt: skip
-        first.append({(r["datname"], r["queryid"]): r for r in rows if r["calls"]})
+    if first is None:
+        first = (
+            await per_statement(conn, srvid, a, datname=datname, own=own),
+            await per_statement(conn, srvid, b, datname=datname, own=own),
+        )
     ra, rb = first
     scale = sb / sa
     ranked = sorted(
@@ -151,6 +153,20 @@ async def compare(
         "regressed": sum(1 for s in statements if s["regressed"]),
         "statements": statements,
     }
+
+
+async def per_statement(
+    conn: Conn, srvid: int, r: Range, *, datname: str | None = None, own: bool = False
+) -> dict[Key, Row]:
+    """Calls and time (``calls``, ``total_time``) of every statement of
+    `srvid` (or of `datname`) that was called in `r`, by (datname, queryid):
+    what :func:`compare` ranks on.  pgfleet's own are left out unless `own`."""
+    rows = await reads.sums(
+        conn, "pg_stat_statements", srvid, r[0], r[1], ["datname", "queryid"], _RANK_EXPRS,
+        where={"datname": datname} if datname is not None else None,
+        condition=None if own else reads.not_own_statements(),
+    )  # fmt: skip
+    return {(row["datname"], row["queryid"]): row for row in rows if row["calls"]}
 
 
 def _seconds(r: Range) -> float:

@@ -492,6 +492,9 @@ async def _bounded(
         # Nothing cut (one exact pass is as cheap), or no window inside
         # the range: no L worth anything.
         return None
+    cut = sum((last - first).total_seconds() for first, last in cuts)
+    if cut > MOST_CUT * (inner_to - inner_from).total_seconds():
+        return None
 
     def key(r: Row) -> tuple[Any, ...]:
         return tuple(r[c] for c in group)
@@ -525,6 +528,12 @@ async def _bounded(
                 exact[key(r)] += float(r[order] or 0)
     return set(sorted(exact, key=lambda k: -exact[k])[:limit])
 
+
+# Bounds are worth reading when the cut windows are short beside the rest of
+# the range: over a week, cut windows of 8 hours left ~8% of 2,000
+# statements to decode; over a day (cut 8 hours, 16 inside) ~40%, and
+# reading the bounds then cost more than they saved.
+MOST_CUT = 0.25
 
 # The next instant after a timestamp: timestamptz counts microseconds.
 _TICK = timedelta(microseconds=1)
@@ -773,7 +782,11 @@ async def databases(conn: Conn, srvid: int, start: datetime, end: datetime) -> l
 async def wait_events(
     conn: Conn, srvid: int, b: Buckets, *, queryid: int | None = None, limit: int = 20
 ) -> list[Row]:
-    """Wait event samples over the range (pg_wait_sampling), or for one query."""
+    """Wait event samples over the range (pg_wait_sampling), or for one query.
+
+    Both count the snapshots at the range's start and end, as :func:`sums`
+    and :func:`rollup_sums` do (a series' bucket does not count the one at
+    its start: its delta is the time before)."""
     if queryid is not None:
         return await sums(
             conn,
@@ -791,7 +804,7 @@ async def wait_events(
         conn,
         """SELECT event_type, event, sum(count) AS samples
              FROM pgfleet.pg_wait_sampling_rollup
-            WHERE srvid = %(srvid)s AND ts > %(from)s AND ts <= %(to)s
+            WHERE srvid = %(srvid)s AND ts >= %(from)s AND ts <= %(to)s
             GROUP BY 1, 2 HAVING sum(count) > 0 ORDER BY 3 DESC LIMIT %(limit)s""",
         {**b.params(), "srvid": srvid, "limit": limit},
     )
