@@ -304,12 +304,14 @@ def _top(cv: _Compiled, lines: list[bytes], cap: int) -> list[list[bytes]]:
     while True:
         out: list[list[bytes]] = []
         for n in heapq.nlargest(want, rows, key=ranks.__getitem__):
-            f = lines[n].split(b"\t")
+            line = lines[n]
             if cv.where is not None:
                 i, value, equal = cv.where
-                if (f[i] == value) is not equal:
+                # Split as far as the filter's column first: a row left out
+                # (a nested statement) is not worth splitting whole.
+                if (line.split(b"\t", i + 1)[i] == value) is not equal:
                     continue
-            out.append(f)
+            out.append(line.split(b"\t"))
             if len(out) == cap:
                 return out
         if want >= len(lines):
