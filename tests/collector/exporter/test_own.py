@@ -3,6 +3,7 @@ what prometheus_client says of it, byte for byte, in both formats."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from collections.abc import Iterator
@@ -119,3 +120,38 @@ def test_only_changed_families_go_to_prometheus_client() -> None:
     own.render(content_type, counting)  # another server shows, another version
     changed = {b"up", b"errors", b"made", b"duration_seconds", b"build", b"stamped"}
     assert {text.split(b" ")[2] for text in given} == changed
+
+
+def test_rendered_with_breaks_for_the_event_loop() -> None:
+    """render_async() says the same, and lets other tasks run between
+    families (a fleet's own families held the loop for most of a second)."""
+
+    async def scrape(own: Own, changing: Changing, step: int) -> tuple[bytes, bytes, int]:
+        ticks = 0
+        done = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        start = ticks
+        got = await own.render_async(OPENMETRICS, encoder, step=step)
+        during = ticks - start
+        done = True
+        await task
+        changing.round -= 1
+        return got, encoder(changing), during
+
+    encoder, _ = choose_encoder(OPENMETRICS)
+    changing = Changing()
+    own = Own(changing)
+    for _ in range(3):
+        got, expected, during = asyncio.run(scrape(own, changing, step=1))
+        assert got == expected
+        assert during >= 5  # a break per family with samples, at step 1
+    got, expected, during = asyncio.run(scrape(own, changing, step=10**6))
+    assert got == expected and during == 0

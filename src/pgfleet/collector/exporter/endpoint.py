@@ -130,7 +130,7 @@ class Endpoint:
     async def body(self, accept: str) -> tuple[bytes, str]:
         """The scrape's body in the format `accept` asks for, and its content type."""
         encoder, content_type = choose_encoder(accept)
-        own = self.own.render(content_type, encoder)
+        own = await self.own.render_async(content_type, encoder)
         if self.fleet is None:
             return own, content_type
         fleet = await self.fleet.pieces(content_type, encoder)
