@@ -389,7 +389,11 @@ def test_idle_session_timeout_keeps_the_slot(clusters_dir: Path) -> None:
         catalog = Catalog(clusters_dir / "bk-idle-store", "srv")
         job = backup(server, catalog, Codec(Compression.NONE), max_rate="4M")
         t, errors = _in_background(job)
-        wait_backup_streaming(server)
+        try:
+            wait_backup_streaming(server)
+        except AssertionError:
+            t.join(10)
+            raise AssertionError(f"no backup streaming; the backup raised {errors}") from None
         time.sleep(1.0)  # five times the timeout
         held = server.execute(
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgfleet_backup_%'"

@@ -240,6 +240,13 @@ class BaseBackup:
             raise self._error(f"cannot connect: {first_line(e)}") from None
         with conn:
             try:
+                if conn.info.server_version >= 140000:
+                    # This session holds the backup's temporary slot, and is
+                    # idle throughout (from here: checks, pg_basebackup's
+                    # version, the catalog's fsyncs); a server's
+                    # idle_session_timeout shorter than that would end it, and
+                    # the slot with it, letting the WAL it needs be recycled.
+                    conn.execute("SET idle_session_timeout = 0")
                 facts = server_facts(conn)
             except psycopg.Error as e:
                 raise self._error(first_line(e)) from None
@@ -333,11 +340,6 @@ class BaseBackup:
         """Hold the server's WAL from now on with a temporary slot, for -X fetch."""
         name = f"pgfleet_backup_{os.getpid()}_{secrets.token_hex(4)}"
         try:
-            if conn.info.server_version >= 140000:
-                # The session stays idle for the whole backup, and its temporary
-                # slot goes with it: a server's idle_session_timeout shorter
-                # than the backup would let the WAL it needs be recycled.
-                conn.execute("SET idle_session_timeout = 0")
             conn.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (name,))
         except psycopg.Error as e:
             raise self._error(
