@@ -396,9 +396,11 @@ class Daemon:
             app = Endpoint(registry, self._overview, rendered)
             sock = asgi.bind(cfg.exporter.listen, cfg.exporter.port, "the exporter")
             self.log.info("exporter listening", url=f"http://{_hostport(sock)}/metrics")
-            # Nothing is parsed or rendered for the exporter until a scrape asks
-            # (see exporter/latest.py and rendered.py): no warm-up task.
             out.append((self._serving(asgi.serve(app, sock), "exporter"), "exporter"))
+            # Nothing is parsed or rendered for the exporter until a scrape asks
+            # (see exporter/latest.py); then, between scrapes, the servers that
+            # changed are rendered ahead of the next one (rendered.py).
+            out.append((self._serving(rendered.ahead(), "exporter's rendering"), "render-ahead"))
         if self.serve_web:
             from pgfleet import web
 

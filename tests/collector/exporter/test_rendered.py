@@ -242,6 +242,65 @@ def test_nothing_rendered_until_a_scrape_and_unchanged_servers_not_again() -> No
     assert b'server="s3"' not in text and b'server="s4"' in text
 
 
+def test_rendered_ahead_of_the_scrape_once_per_scrape_at_most() -> None:
+    views = Views()
+    rendered = Rendered(views)
+    encoder, content_type = choose_encoder(OPENMETRICS)
+
+    async def until(what: str, count: int) -> None:
+        for _ in range(500):
+            if rendered.get_stats().get(what, 0) >= count:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{what}: {rendered.get_stats()}")
+
+    async def scrape() -> bytes:
+        text = b"".join(await rendered.pieces(content_type, encoder)) + b"# EOF\n"
+        expected = whole(encoder, views)
+        assert samples(text) == samples(expected) and len(text) == len(expected)
+        return text
+
+    async def run() -> None:
+        ahead = asyncio.create_task(rendered.ahead(period=0.005, rest=0.0))
+        try:
+            for i in range(3):
+                views.put(made_up(f"s{i}", i))
+            await asyncio.sleep(0.05)
+            # No format scraped yet: nothing is rendered for nobody.
+            assert rendered.get_stats() == {}
+            await scrape()
+            assert rendered.get_stats()["renders"] == 3
+            # A server's new snapshot is rendered before the scrape asks...
+            views.put(made_up("s0", 10))
+            await until("ahead", 1)
+            await scrape()  # ... and the scrape renders nothing.
+            assert rendered.get_stats()["renders"] == 4
+            # One changing twice between scrapes is rendered once ahead, then
+            # left to the scrape while it changes faster than it is scraped.
+            views.put(made_up("s1", 11))
+            await until("ahead", 2)
+            views.put(made_up("s1", 12))
+            await asyncio.sleep(0.05)
+            assert rendered.get_stats()["ahead"] == 2
+            await scrape()
+            assert rendered.get_stats()["renders"] == 6
+            views.put(made_up("s1", 13))
+            views.put(made_up("s2", 14))
+            await until("ahead", 3)  # s2
+            await asyncio.sleep(0.05)
+            assert rendered.get_stats()["ahead"] == 3
+            await scrape()  # s1
+            assert rendered.get_stats()["renders"] == 8
+            # Back to once between scrapes: rendered ahead again.
+            await scrape()
+            views.put(made_up("s1", 15))
+            await until("ahead", 4)
+        finally:
+            ahead.cancel()
+
+    asyncio.run(run())
+
+
 def with_users(view: ServerView, seed: int) -> ServerView:
     """``view`` with two users' sources, one of them with awkward label values."""
     queue = CustomView(
