@@ -6,7 +6,10 @@ answers a query about it; a removed server's series leave the next scrape.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import gzip
+import random
 import re
 import shutil
 import subprocess
@@ -18,6 +21,7 @@ import psycopg
 import pytest
 
 from pgfleet.cluster import Cluster
+from pgfleet.collector.exporter.endpoint import stream
 from tests.collector.exporter import (
     PROMETHEUS,
     get,
@@ -108,11 +112,30 @@ def test_large_scrape_is_chunked_and_compressed(
     assert headers.get("transfer-encoding") == "chunked" and "content-length" not in headers
     status, headers, zipped = get(url, "/metrics", headers={"Accept-Encoding": "gzip"})
     assert headers.get("content-encoding") == "gzip"
-    import gzip
-
     assert len(zipped) < len(body) / 4
     assert gzip.decompress(zipped).count(b"\n") > 1000
     assert d.stop() == 0
+
+
+def test_a_large_body_streams_in_parts_plain_or_gzipped() -> None:
+    """The parts as one body, never joined whole: chunks of about 64 kB, or gzip
+    of a megabyte at a time that decompresses to the very body."""
+    rnd = random.Random(7)
+    parts = [
+        "".join(rnd.choice("abc{}=\"\n ") for _ in range(rnd.choice((10, 3000, 300_000)))).encode()
+        for _ in range(40)
+    ] + [b"", b"# EOF\n"]
+    body = b"".join(parts)
+
+    async def read(gzipped: bool) -> list[bytes]:
+        return [chunk async for chunk in stream(parts, gzipped)]
+
+    chunks = asyncio.run(read(False))
+    assert b"".join(chunks) == body
+    assert all(len(c) < 64 * 1024 + 300_000 for c in chunks) and len(chunks) > 10
+    zipped = asyncio.run(read(True))
+    assert gzip.decompress(b"".join(zipped)) == body
+    assert len(zipped) > 2  # a megabyte at a time, then the end
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package prometheus)")

@@ -11,7 +11,10 @@ the scraper's Accept header (OpenMetrics when asked, text 0.0.4 otherwise).
 Bodies larger than one chunk go out with ``Transfer-Encoding: chunked``
 (uvicorn does so for a response without a length), gzip-compressed when
 the scraper accepts it, as Prometheus does -- in a thread, as zlib lets go
-of the GIL and a fleet's body is megabytes.
+of the GIL and a fleet's body is megabytes.  Such a body is never joined
+whole: it is sent, or compressed, a megabyte of the kept pieces at a time,
+so that a scrape does not add a fleet's body (24 MB for 1,000 servers) and
+its compressed copy to the collector's peak memory.
 
 Everything but gzip runs on the event loop, between the workers' awaits:
 the collectors read state the loop mutates, and the fleet's servers are
@@ -24,7 +27,8 @@ import asyncio
 import gzip
 import html
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +42,10 @@ from pgfleet.collector.exporter.own import Own
 from pgfleet.collector.exporter.rendered import EOF_LINE, Rendered
 
 CHUNK = 64 * 1024
+# Bytes of a large body joined, or compressed, at a time.
+BATCH = 1 << 20
+# Level 1: most of the gain on such repetitive text, at the least CPU.
+GZIP_LEVEL = 1
 
 
 @dataclass(frozen=True)
@@ -51,12 +59,38 @@ class Row:
     last_error: str | None
 
 
-def _chunks(body: bytes) -> AsyncIterator[bytes]:
-    async def gen() -> AsyncIterator[bytes]:
-        for i in range(0, len(body), CHUNK):
-            yield body[i : i + CHUNK]
+def _batches(parts: Sequence[bytes], size: int) -> Iterator[list[bytes]]:
+    """``parts`` in runs of about ``size`` bytes (a part longer than that alone)."""
+    run: list[bytes] = []
+    held = 0
+    for part in parts:
+        run.append(part)
+        held += len(part)
+        if held >= size:
+            yield run
+            run, held = [], 0
+    if run:
+        yield run
 
-    return gen()
+
+def _pack(packer: Any, run: list[bytes]) -> bytes:
+    data: bytes = packer.compress(b"".join(run))
+    return data
+
+
+async def stream(parts: Sequence[bytes], gzipped: bool) -> AsyncIterator[bytes]:
+    """The body made of ``parts``, in chunks of about CHUNK bytes, or gzip-compressed
+    a BATCH at a time in a thread; never joined whole."""
+    if not gzipped:
+        for run in _batches(parts, CHUNK):
+            yield b"".join(run)
+        return
+    packer = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip's wrapping
+    for run in _batches(parts, BATCH):
+        out = await asyncio.to_thread(_pack, packer, run)
+        if out:
+            yield out
+    yield packer.flush()
 
 
 def _age(t: float | None, now: float) -> str:
@@ -127,24 +161,27 @@ class Endpoint:
             response = PlainTextResponse("forbidden: see /metrics\n", status_code=403)
         await response(scope, receive, send)
 
-    async def body(self, accept: str) -> tuple[bytes, str]:
-        """The scrape's body in the format `accept` asks for, and its content type."""
+    async def parts(self, accept: str) -> tuple[list[bytes], str]:
+        """The scrape's body in the format `accept` asks for, in parts, and its content type."""
         encoder, content_type = choose_encoder(accept)
         own = await self.own.render_async(content_type, encoder)
         if self.fleet is None:
-            return own, content_type
+            return [own], content_type
         fleet = await self.fleet.pieces(content_type, encoder)
         if own.endswith(EOF_LINE):
-            return b"".join((own[: -len(EOF_LINE)], *fleet, EOF_LINE)), content_type
-        return b"".join((own, *fleet)), content_type
+            return [own[: -len(EOF_LINE)], *fleet, EOF_LINE], content_type
+        return [own, *fleet], content_type
 
     async def metrics(self, accept: str, accept_encoding: str) -> Response:
-        body, content_type = await self.body(accept)
+        parts, content_type = await self.parts(accept)
+        size = sum(map(len, parts))
         headers: dict[str, Any] = {"Content-Type": content_type, "Vary": "Accept-Encoding"}
-        if len(body) > CHUNK // 4 and "gzip" in accept_encoding.lower():
-            # Level 1: most of the gain on such repetitive text, at the least CPU.
-            body = await asyncio.to_thread(gzip.compress, body, 1)
+        gzipped = size > CHUNK // 4 and "gzip" in accept_encoding.lower()
+        if gzipped:
             headers["Content-Encoding"] = "gzip"
-        if len(body) <= CHUNK:
-            return Response(body, headers=headers)
-        return StreamingResponse(_chunks(body), headers=headers)
+        if size > CHUNK:
+            return StreamingResponse(stream(parts, gzipped), headers=headers)
+        body = b"".join(parts)
+        if gzipped:
+            body = await asyncio.to_thread(gzip.compress, body, GZIP_LEVEL)
+        return Response(body, headers=headers)
