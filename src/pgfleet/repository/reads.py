@@ -374,8 +374,7 @@ async def sums(
     One pass reading ten columns of 2,000 statements took ~4x as long as
     the last two.
     """
-    cond, params = _filters(where)
-    params.update(srvid=srvid, **{"from": start, "to": end})
+    cond, params = _range_filters(where, srvid, start, end)
     if condition is not None:
         # In every pass: it may leave out some of a winner's entries (a
         # condition on a column not grouped by), which the last pass must
@@ -401,6 +400,15 @@ async def sums(
     rows = await fetch(conn, query, params)
     # The filters keep every combination of the chosen entries' values.
     return [r for r in rows if tuple(r[c] for c in group) in chosen][:limit]
+
+
+def _range_filters(
+    where: Mapping[str, Any] | None, srvid: int, start: datetime, end: datetime
+) -> tuple[sql.Composable, dict[str, Any]]:
+    """`where`'s filters, and the parameters of a ranking over the range."""
+    cond, params = _filters(where)
+    params.update(srvid=srvid, **{"from": start, "to": end})
+    return cond, params
 
 
 def _narrow(
@@ -605,8 +613,7 @@ async def rollup_sums(
     they are all out, so a range reaching back past the retention may find
     a few snapshots fewer here than :func:`sums` does.
     """
-    cond, params = _filters(where)
-    params.update(srvid=srvid, **{"from": start, "to": end})
+    cond, params = _range_filters(where, srvid, start, end)
     bounds = sql.SQL(" AND srvid = %(srvid)s AND ts >= %(from)s AND ts <= %(to)s")
     query = _sums_query(
         _ident(f"{module}_rollup"), group, exprs, sql.Composed([bounds, cond]), order, limit
