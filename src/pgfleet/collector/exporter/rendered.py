@@ -213,9 +213,10 @@ class _Server:
     # The prefixes are not kept apart from the pieces, which hold them
     # already: they are cut out again at the next render (see _recover).
     layout: _Layout
-    # Those of series without a sample now (a NULL), not in the pieces.
-    hidden: dict[_Key, tuple[bytes | None, ...]]
-    # Entries laid out before, not now, that may come back.
+    # Entries laid out before, not now, that may come back.  (The prefixes
+    # of series without a sample now, a NULL, are not kept: a fleet's were
+    # 17 MB, most of them series that never show; one that shows again has
+    # its prefix made again from a template, see _mend.)
     spare: dict[_Key, _Lines]
 
 
@@ -269,8 +270,9 @@ class Rendered:
 
     def get_stats(self) -> dict[str, int]:
         """Servers rendered (``renders``; ``ahead``: of those, between scrapes), series
-        whose lines were first made (``series``), and of those, the ones made from
-        templates rather than by prometheus_client."""
+        whose lines were made (``series``), of those, the ones made from templates
+        rather than by prometheus_client (``templated``), and among these, of known
+        entries, series that had no sample at the server's last render (``mended``)."""
         return dict(self._stats)
 
     async def pieces(self, content_type: str, encoder: Encoder) -> list[bytes]:
@@ -357,7 +359,7 @@ class Rendered:
                 except (StopIteration, ValueError) as e:  # pieces not as laid out
                     raise _Mismatch(str(e)) from e
                 shown = self._lines(fmt, view, lines)
-                pieces, layout, hidden = _compose(fmt, view, shown)
+                pieces, layout = _compose(fmt, view, shown)
                 if view.custom:
                     # After the built-in ones: _recover reads those alone.
                     pieces += _render(fmt.encoder, view, custom=True)
@@ -370,40 +372,44 @@ class Rendered:
                         break
                     if key not in shown:
                         spare[key] = got
-                return _Server(generation, pieces, layout, hidden, spare)
+                return _Server(generation, pieces, layout, spare)
             except _Mismatch as e:
                 log.warning("rendering whole servers from now on", reason=str(e))
                 fmt.exact = False
-        return _Server(generation, _render(fmt.encoder, view), (), {}, {})
+        return _Server(generation, _render(fmt.encoder, view), (), {})
 
     def _lines(self, fmt: _Format, view: ServerView, old: dict[_Key, _Lines]) -> dict[_Key, _Lines]:
         """The prefixes of every series of ``view``: known ones, and the others rendered."""
         lines: dict[_Key, _Lines] = {}
         new: list[list[Row]] = [[] for _ in view.rows]
+        # Known entries with a series to show whose line is not known.
+        gaps: list[tuple[int, Row, _Lines]] = []
         for vi, rows in enumerate(view.rows):
             for row in rows:
                 key = (vi, row.labels)
                 got = old.get(key)
-                if (
-                    got is None
-                    or got.info_text != row.info
-                    or (None in got.prefixes and _unknown(got.prefixes, row.values))
-                ):
+                if got is None or got.info_text != row.info:
                     new[vi].append(row)
+                elif None in got.prefixes and _unknown(got.prefixes, row.values):
+                    gaps.append((vi, row, got))
                 else:
                     lines[key] = got
         server = old.get(_SERVER)
-        if server is not None and not any(new):
+        if server is not None and not any(new) and not gaps:
             lines[_SERVER] = server
             return lines
         if not fmt.checked:
             fmt.templates = _templates(fmt)
             fmt.checked = True
         if fmt.templates is not None:
-            made = _fill(fmt.templates, view.alias, new, lines)
+            mended = _mend(fmt.templates, view.alias, gaps, lines)
+            made = _fill(fmt.templates, view.alias, new, lines) + mended
+            self._stats["mended"] += mended
             self._stats["series"] += made
             self._stats["templated"] += made
             return lines
+        for vi, row, _ in gaps:
+            new[vi].append(row)
         # Render the others with every value 0.0, so that every series shows.
         zeros = tuple(
             [Row(r.labels, array("d", bytes(8 * len(r.values))), None, None, r.info, 0.0)
@@ -472,9 +478,6 @@ def _recover(old: _Server) -> dict[_Key, _Lines]:
                 if text is not None:
                     infos[i] = next(lines) + b"\n"
         for (labels, _, text), p, info in zip(entries, prefixes, infos, strict=True):
-            hidden = old.hidden.get((vi, labels))
-            if hidden is not None:
-                p = [q if q is not None else h for q, h in zip(p, hidden, strict=True)]
             out[(vi, labels)] = _Lines(tuple(p), info, text)
     for key, got in old.spare.items():
         out.setdefault(key, got)
@@ -643,9 +646,30 @@ def _fill(
     return count
 
 
+def _mend(
+    templates: _Templates,
+    alias: str,
+    gaps: list[tuple[int, Row, _Lines]],
+    lines: dict[_Key, _Lines],
+) -> int:
+    """The known entries of ``gaps`` into ``lines``, with the prefixes they lack made; how many."""
+    count = 0
+    server = [_escape(alias)]
+    for vi, row, got in gaps:
+        targets, _ = templates.views[vi]
+        values = server + [_escape(label) for label in row.labels]
+        prefixes = tuple(
+            _apply(t, values) if p is None else p
+            for t, p in zip(targets, got.prefixes, strict=True)
+        )
+        count += got.prefixes.count(None)
+        lines[(vi, row.labels)] = _Lines(prefixes, got.info, got.info_text)
+    return count
+
+
 def _compose(
     fmt: _Format, view: ServerView, lines: dict[_Key, _Lines]
-) -> tuple[list[Piece], _Layout, dict[_Key, tuple[bytes | None, ...]]]:
+) -> tuple[list[Piece], _Layout]:
     """``view``'s families, as prometheus_client would render them, from the prefixes."""
     # Many values repeat (0, sizes, settings): each is formatted once.  Keyed
     # so that 0.0 and -0.0, equal as floats, are told apart.
@@ -653,7 +677,6 @@ def _compose(
     headers = fmt.headers
     out: list[Piece] = []
     layout: list[tuple[tuple[tuple[str, ...], int, str | None], ...]] = []
-    hidden: dict[_Key, tuple[bytes | None, ...]] = {}
     server = lines[_SERVER].prefixes
     for k, fact in enumerate((view.version_num, view.in_recovery)):
         name, header = headers[(-1, k)]
@@ -667,7 +690,6 @@ def _compose(
         entries: list[tuple[tuple[str, ...], int, str | None]] = []
         plan = PLANS[vi]
         fis = [target[0] for target in plan.targets]
-        every = (1 << len(fis)) - 1
         samples: list[list[bytes]] = [[] for _ in plan.families]
         appends = [s.append for s in samples]
         infos: list[bytes] = []
@@ -688,15 +710,10 @@ def _compose(
             if kept.info is not None:
                 infos.append(kept.info)
             entries.append((row.labels, mask, row.info))
-            if mask != every:
-                # A NULL now: keep what is known of that series for later.
-                shade = tuple(None if mask >> t & 1 else p for t, p in enumerate(kept.prefixes))
-                if any(shade):
-                    hidden[(vi, row.labels)] = shade
         layout.append(tuple(entries))
         for fi, got in enumerate(samples):
             if got:
                 out.append((*headers[(vi, fi)], b"".join(got)))
         if infos:
             out.append((*headers[(vi, len(plan.families))], b"".join(infos)))
-    return out, tuple(layout), hidden
+    return out, tuple(layout)
