@@ -4,8 +4,8 @@ Starts a repository and a few monitored clusters (embedded PostgreSQL 18),
 registers ``--servers`` servers spread over the monitored clusters (every
 entry is its own server to pgfleet: its own connection, schedule, lease and
 data), runs ``pgfleet collector`` as a real process at ``--frequency``, lets
-it warm up for one period, then measures for ``--duration`` seconds and
-prints one line:
+it warm up for one period (scraped from the start, as Prometheus would), then
+measures for ``--duration`` seconds and prints one line:
 
   achieved snapshots/s (and the expected rate), the collector's CPU as a
   percentage of one core, its peak RSS, and the p50 and p99 lag of
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import os
 import signal
 import statistics
@@ -74,10 +75,15 @@ def scrape_loop(
     )
     while not stop.wait(every):
         t0 = time.perf_counter()
-        with urllib.request.urlopen(request, timeout=60) as r:
-            body = r.read()
-            if r.headers.get("Content-Encoding") == "gzip":
-                body = gzip.decompress(body)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                body = r.read()
+                if r.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+        except OSError as e:  # counted as a warning, and the next scrape goes on
+            print(f"scrape failed: {e}", file=sys.stderr, flush=True)
+            out.append((math.nan, 0))
+            continue
         out.append(((time.perf_counter() - t0) * 1000, len(body)))
 
 
@@ -150,22 +156,27 @@ def main() -> None:
                 proc = subprocess.Popen(
                     [str(PGFLEET), "collector", "-c", str(cfg)], stdout=log, stderr=log
                 )
-            time.sleep(warmup)
-            if proc.poll() is not None:
-                raise SystemExit(f"the collector died: {log_path.read_text()[-2000:]}")
-            offset = log_path.stat().st_size
+            # Scraped from the start, as Prometheus does: the first scrape
+            # renders the whole fleet (start-up, like the first snapshots),
+            # the measured ones what changed since the last.
             scrapes: list[tuple[float, int]] = []
             stop = threading.Event()
             scraper = threading.Thread(
                 target=scrape_loop, args=(port, args.scrape, stop, scrapes), daemon=True
             )
-            c0, w0 = cpu_seconds(proc.pid), time.monotonic()
             if args.scrape:
                 scraper.start()
+            time.sleep(warmup)
+            if proc.poll() is not None:
+                raise SystemExit(f"the collector died: {log_path.read_text()[-2000:]}")
+            offset = log_path.stat().st_size
+            c0, w0 = cpu_seconds(proc.pid), time.monotonic()
+            warm = len(scrapes)
             time.sleep(args.duration)
             stop.set()
             c1, w1 = cpu_seconds(proc.pid), time.monotonic()
             rss = peak_rss_mb(proc.pid)
+            del scrapes[:warm]
             with log_path.open("rb") as f:
                 f.seek(offset)
                 events = [json.loads(line) for line in f if line.startswith(b"{")]
@@ -179,6 +190,8 @@ def main() -> None:
     done = [e for e in events if e.get("msg", "").startswith("snapshot ")]
     lags = [e["lag"] for e in done if "lag" in e]
     problems = sum(1 for e in events if e.get("level") in ("warning", "error"))
+    problems += sum(1 for ms, _ in scrapes if math.isnan(ms))
+    scrapes = [s for s in scrapes if not math.isnan(s[0])]
     rate = len(done) / (w1 - w0)
     cpu = 100 * (c1 - c0) / (w1 - w0)
     p50, p99 = percentile(lags, 0.50), percentile(lags, 0.99)
