@@ -6,7 +6,8 @@ built by prometheus_client from the daemon's memory only (no query at
 scrape time): the collector's health from its registry (its families' lines
 kept between scrapes, see own.py), the fleet's
 statistics from :class:`~pgfleet.collector.exporter.rendered.Rendered` (parsed and
-rendered per server at the scrape that first finds it changed).  The format follows
+rendered per server between scrapes, or by the scrape that first finds it changed).
+The format follows
 the scraper's Accept header (OpenMetrics when asked, text 0.0.4 otherwise).
 Bodies larger than one chunk go out with ``Transfer-Encoding: chunked``
 (uvicorn does so for a response without a length), gzip-compressed when

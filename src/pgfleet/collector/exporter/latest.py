@@ -6,10 +6,11 @@ before the spools go to the repository; the exporter reads
 :data:`~pgfleet.collector.exporter.views.VIEWS` exports is parsed and kept.
 
 Work is done only when someone looks: ``update`` keeps the bytes of the
-sources the exporter reads, as they are, and the snapshot is parsed when a
-scrape first asks for the server.  A snapshot followed by another before any
-scrape is never parsed at all (a server snapshotted every 5 s and scraped
-every 15 s is parsed once in three).  The bytes waiting so are bounded by
+sources the exporter reads, as they are, and the snapshot is parsed when the
+renderer first asks for the server (ahead of the next scrape, or at it: see
+rendered.py).  A snapshot followed by another before the renderer asks is
+never parsed at all (a server snapshotted every 5 s and scraped every 15 s,
+left to the scrape, is parsed once in three).  The bytes waiting so are bounded by
 ``max_pending``: past it, ``update`` parses at once, as if asked.  Every
 change of what a server shows bumps its generation (:meth:`Latest.generations`),
 so that the renderer knows what changed without parsing anything.
