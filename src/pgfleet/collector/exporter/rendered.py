@@ -315,6 +315,8 @@ class Rendered:
         failed = ""
         while True:
             await asyncio.sleep(period)
+            if not self._formats:
+                continue  # nobody scrapes: nothing is parsed or rendered
             try:
                 now = time.monotonic()
                 generations = self.latest.generations()
