@@ -268,6 +268,9 @@ def _agg_template(module: str) -> str:
     # concat_ws builds each row in one allocation (|| makes one per column);
     # no field is NULL, which it would skip.  The running sum of the rows'
     # lengths cuts them into runs of AGG_CHUNK bytes, each joined in a value.
+    # OFFSET 0 keeps the planner from pulling the rows' text up into both
+    # the sum and the join, which made each twice (measured: 5 ms of 3,000
+    # rows in one value, 10 in values of 4 kB, 7 with it).
     return (
         sql.SQL(
             mark(
@@ -275,7 +278,7 @@ def _agg_template(module: str) -> str:
                 "SELECT l, pg_catalog.sum(pg_catalog.octet_length(l))"
                 " OVER (ROWS UNBOUNDED PRECEDING) / {{chunk}} AS c"
                 " FROM (SELECT pg_catalog.concat_ws(E'\\t', {{srvid}}, {}) AS l"
-                " FROM ({{query}}) s) t) r GROUP BY r.c"
+                " FROM ({{query}}) s OFFSET 0) t) r GROUP BY r.c"
             )
         )
         .format(sql.SQL(", ").join(fields))
