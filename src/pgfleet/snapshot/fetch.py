@@ -250,37 +250,18 @@ def _field(name: str, type_: str) -> sql.Composable:
     return sql.SQL("COALESCE({}, {})").format(col, _NULL)
 
 
-# Bytes of rows joined into one value, about (a row longer than that alone).
-# libpq's input buffer grows to hold the largest message it receives, and
-# keeps that size as long as the connection lives: one value per source
-# left every connection of a fleet holding its largest source (64 kB for
-# a small server's settings, megabytes for 2,000 statements).  Values
-# under 8 kB keep it at its first 16 kB.
-AGG_CHUNK = 4096
-
-
 @functools.cache
 def _agg_template(module: str) -> str:
-    """A built-in source's rows as COPY-text values of some AGG_CHUNK bytes each,
-    made by the server (see agg_stmt)."""
+    """A built-in source's rows as one COPY-text value, made by the server (see agg_stmt)."""
     ds = builtin()[module]
     fields = [_field("ts", "timestamptz")] + [_field(c.name, c.type) for c in ds.columns]
     # concat_ws builds each row in one allocation (|| makes one per column);
-    # no field is NULL, which it would skip.  The running sum of the rows'
-    # lengths cuts them into runs of AGG_CHUNK bytes, each joined in a value.
-    # OFFSET 0 keeps the planner from pulling the rows' text up into both
-    # the sum and the join, which made each twice (measured: 5 ms of 3,000
-    # rows in one value, 10 in values of 4 kB, 7 with it).  The values come in
-    # the rows' order, so that an unchanged source gives the same bytes and
-    # is not stored again (the store compares it with the last snapshot's).
+    # no field is NULL, which it would skip.
     return (
         sql.SQL(
             mark(
-                "SELECT pg_catalog.string_agg(r.l, E'\\n') FROM ("
-                "SELECT l, pg_catalog.sum(pg_catalog.octet_length(l))"
-                " OVER (ROWS UNBOUNDED PRECEDING) / {{chunk}} AS c"
-                " FROM (SELECT pg_catalog.concat_ws(E'\\t', {{srvid}}, {}) AS l"
-                " FROM ({{query}}) s OFFSET 0) t) r GROUP BY r.c ORDER BY r.c"
+                "SELECT pg_catalog.string_agg(pg_catalog.concat_ws(E'\\t', {{srvid}}, {}), E'\\n')"
+                " FROM ({{query}}) s"
             )
         )
         .format(sql.SQL(", ").join(fields))
@@ -289,20 +270,20 @@ def _agg_template(module: str) -> str:
 
 
 def agg_stmt(srvid: int, ds: Datasource, query: str) -> sql.Composed:
-    """The same rows as ``_copy_stmt``, in COPY's text format, as a few values.
+    """The same rows as ``_copy_stmt``, in COPY's text format, as ONE value.
 
     A ``COPY ... TO STDOUT`` sends each row as its own message, which the
     collector handles one by one in Python: ~1 microsecond a row, so a server
     with 2,000 statements, 500 tables and 1,000 indexes cost more CPU in the
     collector than all the rest of a snapshot.  Here the server formats each
     row as COPY would (the text of each column, ``\\N`` for NULL, backslash
-    escapes in the types that may need them) and joins them: a value per
-    AGG_CHUNK bytes of rows, in the rows' order, written to the spool as
-    they come.  The column order is the transient table's (``ts``, then the
-    datasource's columns), as the datasource tests check.
+    escapes in the types that may need them) and joins them: one value
+    per source, written to the spool as it comes.  The column order is the
+    transient table's (``ts``, then the datasource's columns), as the
+    datasource tests check.
     """
     return sql.SQL(_agg_template(ds.module)).format(
-        srvid=sql.Literal(str(srvid)), query=sql.SQL(query), chunk=sql.Literal(AGG_CHUNK)
+        srvid=sql.Literal(str(srvid)), query=sql.SQL(query)
     )
 
 

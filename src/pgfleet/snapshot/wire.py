@@ -108,14 +108,12 @@ def _copy_many(
             done += 1
             marks.append(time.perf_counter())
         elif status == pq.ExecStatus.TUPLES_OK:
-            # A source's rows aggregated by the server into COPY-text values
-            # of a few kB each (see fetch.agg_stmt).
-            out = outs[done]
-            for row in range(res.ntuples):
-                value = res.get_value(row, 0)
-                if value is not None:
-                    out.write(value)
-                    out.write(b"\n")
+            # A source's rows aggregated by the server into one COPY-text
+            # value (see fetch.agg_stmt): one call, whatever the row count.
+            value = res.get_value(0, 0) if res.ntuples else None
+            if value is not None:
+                outs[done].write(value)
+                outs[done].write(b"\n")
             done += 1
             marks.append(time.perf_counter())
         elif error is None:
